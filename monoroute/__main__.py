@@ -1,0 +1,5 @@
+import sys
+
+from monoroute.cli import main
+
+sys.exit(main())

@@ -1,0 +1,187 @@
+"""The `monoroute` command line: train, eval, sample, data, toy, bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from monoroute.errors import MonorouteError
+
+# (flag, config key, type): flags that override a preset field; anything else goes through --set.
+OVERRIDE_FLAGS = [
+    ("--ffn", "ffn", str), ("--n-units", "n_units", int), ("--k", "k", int), ("--router", "router", str),
+    ("--activation", "activation", str), ("--d-model", "d_model", int), ("--n-layer", "n_layer", int),
+    ("--n-head", "n_head", int), ("--block-size", "block_size", int), ("--d-ff", "d_ff", int),
+    ("--impl", "impl", str), ("--aux-coef", "aux_coef", float), ("--l1-coef", "l1_coef", float),
+    ("--dead-window", "dead_window", int),
+    ("--data", "data", str), ("--tokenizer", "tokenizer", str), ("--bpe-vocab-size", "bpe_vocab_size", int),
+    ("--max-bytes", "max_bytes", int), ("--text-column", "text_column", str),
+    ("--steps", "steps", int), ("--batch-size", "batch_size", int), ("--grad-accum", "grad_accum", int),
+    ("--lr", "lr", float), ("--min-lr", "min_lr", float), ("--warmup", "warmup", int),
+    ("--weight-decay", "weight_decay", float), ("--grad-clip", "grad_clip", float),
+    ("--eval-every", "eval_every", int), ("--eval-batches", "eval_batches", int), ("--log-every", "log_every", int),
+    ("--ckpt-every", "ckpt_every", int), ("--seed", "seed", int), ("--device", "device", str), ("--dtype", "dtype", str),
+]
+
+
+def parse_set(item: str) -> tuple[str, object]:
+    """`key=value` with value parsed as JSON when it parses (numbers, true/false, null), else a string."""
+    if "=" not in item:
+        raise MonorouteError(f"--set takes key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    try:
+        return key.strip(), json.loads(raw)
+    except json.JSONDecodeError:
+        return key.strip(), raw
+
+
+def collect_overrides(args) -> dict:
+    """Config file, then --set, then the named flags (later wins)."""
+    from monoroute.train.config import load_config_file
+
+    overrides = load_config_file(args.config) if args.config else {}
+    overrides.update(parse_set(item) for item in args.set)
+    for flag, key, _ in OVERRIDE_FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            overrides[key] = value
+    if args.sparse_rows:
+        overrides["sparse_rows"] = True
+    return overrides
+
+
+def cmd_train(args) -> int:
+    from monoroute.train.checkpoint import CONFIG_FILE, read_json
+    from monoroute.train.config import RunConfig, build_run_config, with_train_overrides
+    from monoroute.train.trainer import train
+
+    overrides = collect_overrides(args)
+    if args.resume:
+        saved = read_json(Path(args.resume) / CONFIG_FILE, "run config")
+        cfg = with_train_overrides(RunConfig.from_dict(saved["run"]), overrides)
+        cfg.out = args.resume
+    else:
+        preset = overrides.pop("preset", args.preset)
+        if args.out:
+            overrides["out"] = args.out
+        cfg = build_run_config(preset, overrides)
+    summary = train(cfg, resume=bool(args.resume), until=args.until, overwrite=args.overwrite,
+                    show_progress=not args.no_progress)
+    if summary.get("ranks_in_sync") is False:
+        raise MonorouteError("data-parallel ranks ended with different weights; report this as a bug")
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from monoroute.data import prepare_data
+    from monoroute.train.trainer import evaluate, load_run
+
+    cfg, model = load_run(args.run, args.device)
+    if args.batches:
+        cfg.train.eval_batches = args.batches
+    store = prepare_data(cfg.data)
+    val_loss = evaluate(model, store, cfg, next(model.parameters()).device)
+    report = {
+        "val_loss": val_loss,
+        "perplexity": math.exp(val_loss),
+        "params": model.n_params(),
+        "active_params": model.n_active_params(),
+        "flops_per_token": model.flops_per_token()["total"],
+        "flops_by_component": model.flops_per_token(),
+    }
+    if cfg.data.tokenizer == "byte":
+        report["bits_per_byte"] = val_loss / math.log(2)
+    if model.routed_layers():
+        report["dead_fraction"] = model.dead_fraction()
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for key, value in report.items():
+            print(f"{key:>20}: {value:,.4f}" if isinstance(value, float) else f"{key:>20}: {value}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from monoroute.data import load_tokenizer
+    from monoroute.models.gpt import generate
+    from monoroute.train.trainer import load_run
+
+    cfg, model = load_run(args.run, args.device)
+    tokenizer = load_tokenizer(Path(args.run) / "tokenizer.json")
+    device = next(model.parameters()).device
+    ids = tokenizer.encode(args.prompt) or [0]
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    out = generate(model, idx, args.max_new_tokens, args.temperature, args.top_k, gen)
+    print(tokenizer.decode(out[0].tolist()))
+    return 0
+
+
+def add_train_parser(sub) -> None:
+    from monoroute.train.config import PRESETS
+
+    p = sub.add_parser("train", help="train a GPT with dense or routed FFNs")
+    p.add_argument("--preset", default="tiny", help=f"one of {', '.join(PRESETS)}")
+    p.add_argument("--config", help="YAML/TOML/JSON file of overrides (flat keys or model/data/train sections)")
+    p.add_argument("--out", help="run directory (default runs/PRESET); must be empty unless --overwrite")
+    p.add_argument("--resume", metavar="OUT", help="continue the run in OUT (only training settings may change)")
+    p.add_argument("--until", type=int, help="stop (with a checkpoint) at this step; the schedule still spans --steps")
+    p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--sparse-rows", action="store_true", help="lazy row-wise AdamW for the routed unit tables")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+    for flag, _, kind in OVERRIDE_FLAGS:
+        p.add_argument(flag, type=kind, default=None)
+    p.set_defaults(func=cmd_train)
+
+
+def add_run_parsers(sub) -> None:
+    p = sub.add_parser("eval", help="validation loss, sizes, FLOPs and dead units of a run")
+    p.add_argument("run")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--batches", type=int, help="validation batches (default: the run's eval_batches)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("sample", help="generate text from a run")
+    p.add_argument("run")
+    p.add_argument("--prompt", default="def ")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_sample)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from monoroute import data
+
+    parser = argparse.ArgumentParser(prog="monoroute", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_parser(sub)
+    add_run_parsers(sub)
+    data.add_parser(sub)
+    for module in ("monoroute.toy.cli", "monoroute.bench.cli"):
+        __import__(module, fromlist=["add_parser"]).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MonorouteError as exc:
+        print(f"monoroute: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("monoroute: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""RoutedFFN: a feed-forward layer with N hidden units of which at most k run per token.
+
+Dimensions: T tokens (any leading shape is flattened), d = d_model, N = n_units, k active.
+
+    idx, s = router(x)                                  # (T, k) unit ids, (T, k) routing scores
+    pre_i  = w_in[i] · x + b_i          for i in idx    # (T, k)   -> hook_pre
+    h_i    = gate(s_i) * act(pre_i)                     # (T, k)   -> hook_post (SparseActivations)
+    y      = sum_i h_i * w_out[i]                       # (T, d)
+
+How score and pre-activation combine, and why: the unit's own pre-activation decides *whether and
+how strongly* it fires (with ReLU a selected unit may stay at zero, so k is a cap, not a quota:
+forcing exactly k units on makes the extra activity noise and hurts monosemanticity); the router
+score decides *which* units are candidates. For the product-key router the score also enters as a
+per-unit sigmoid gate, which is how the router's keys and query get a gradient. We use a sigmoid
+rather than PEER's softmax over the k scores so that a unit's activation depends on the input and
+that unit alone, not on which competitors were picked, which keeps activations readable. The dense
+router's score *is* the pre-activation, so it has no gate (gate="none": the "TopK MLP").
+
+Sparse compute: only the two primitives of `compute.py` touch the unit tables, so activation
+memory is O(T·k) and only the selected rows of w_in/w_out receive gradient.
+
+Dead units: the layer records, per unit, the token count at which it last fired (h != 0) and
+calls it dead when it has not fired in the last `dead_window` tokens. In training it adds a
+revival loss (on by default): for up to `aux_units` dead units, on the token where each scores
+highest, pull its routing score up to that token's selection threshold (and, for ReLU, its
+pre-activation above zero). Like AuxK (Gao et al. 2024) it gives dead units gradient on the inputs
+they are closest to, and it touches only the sampled units' rows.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from monoroute.errors import MonorouteError
+from monoroute.hooks import HookPoint, SparseActivations
+from monoroute.layers.compute import ACTIVATIONS, available_impls, resolve_impl, unit_activation
+from monoroute.layers.routers import DenseRouter, build_router
+
+GATES = ("sigmoid", "none")
+
+
+def check_choice(kind: str, value: str, choices) -> None:
+    if value not in choices:
+        raise MonorouteError(f"unknown {kind} {value!r}; choose one of {', '.join(choices)}")
+
+
+class RoutedFFN(nn.Module):
+    def __init__(
+        self,
+        d_model: int,
+        n_units: int,
+        k: int,
+        router: str = "product_key",
+        activation: str = "relu",
+        bias: bool = True,
+        gate: str | None = None,
+        d_key: int | None = None,
+        aux_coef: float = 0.1,
+        aux_units: int = 256,
+        l1_coef: float = 0.0,
+        dead_window: int = 200_000,
+        impl: str = "auto",
+        sparse_grad: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 1 <= k <= n_units:
+            raise MonorouteError(f"k must be between 1 and n_units={n_units}, got k={k}; lower k or raise n_units")
+        check_choice("activation", activation, ACTIVATIONS)
+        gate = gate or ("none" if router == "dense" else "sigmoid")
+        check_choice("gate", gate, GATES)
+        check_choice("impl", impl, available_impls())
+        self.d_model, self.n_units, self.k = d_model, n_units, k
+        self.activation, self.gate, self.impl = activation, gate, impl
+        # sparse_grad: w_in/w_out get row-sparse COO gradients (touched rows only), for a row-sparse optimizer.
+        self.sparse_grad = sparse_grad
+        self.aux_coef, self.aux_units, self.l1_coef, self.dead_window = aux_coef, aux_units, l1_coef, dead_window
+        self.router = build_router(router, d_model, n_units, k, d_key)
+        self.router_name = router
+        self.w_in = nn.Parameter(torch.empty(n_units, d_model).uniform_(-1, 1) / math.sqrt(d_model))
+        self.b_in = nn.Parameter(torch.zeros(n_units)) if bias else None
+        self.w_out = nn.Parameter(torch.randn(n_units, d_model) / math.sqrt(k * d_model))
+        self.hook_pre = HookPoint()
+        self.hook_post = HookPoint()
+        # Firing statistics: token count at each unit's last firing (-1: never), and total firings.
+        self.register_buffer("last_fired", torch.full((n_units,), -1, dtype=torch.int64))
+        self.register_buffer("fire_count", torch.zeros(n_units, dtype=torch.int64))
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.int64))
+        self.aux_loss: Tensor | None = None
+        self.last_activations: SparseActivations | None = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, n_units={self.n_units}, k={self.k}, router={self.router_name}, "
+            f"activation={self.activation}, gate={self.gate}"
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        xt = x.reshape(-1, self.d_model)  # (T, d)
+        routing = self.router(xt, self.w_in, self.b_in)  # (T, k) ids and scores
+        idx = routing.indices
+        gate_logits = routing.scores if self.gate == "sigmoid" else None
+        compute = resolve_impl(self.impl, xt.device)
+        if compute.unit_ffn is not None and not (self.hook_pre.active or self.hook_post.active):
+            # No hook needs to see or change pre/h: one op, whose backward sorts idx once for both tables.
+            y, h = compute.unit_ffn(
+                xt, self.w_in, self.b_in, idx, gate_logits, self.w_out, self.activation, self.sparse_grad
+            )  # (T, d), (T, k)
+            acts = SparseActivations(idx.view(*lead, self.k), h.view(*lead, self.k), self.n_units)
+        else:
+            pre = compute.sampled_dot(xt, self.w_in, idx, self.sparse_grad)  # (T, k)
+            if self.b_in is not None:
+                pre = pre + self.b_in[idx]
+            pre = self.hook_pre(pre.view(*lead, self.k)).reshape(-1, self.k)
+            h = unit_activation(pre, gate_logits, self.activation)  # (T, k)
+            acts = self.hook_post(SparseActivations(idx.view(*lead, self.k), h.view(*lead, self.k), self.n_units))
+            k_out = acts.indices.shape[-1]  # a hook may add units (steering)
+            y = compute.weighted_gather_sum(
+                acts.values.reshape(-1, k_out), acts.indices.reshape(-1, k_out), self.w_out, self.sparse_grad
+            )
+        self.last_activations = acts.detach()
+        if self.training:
+            self.record_firing(idx, h)
+            self.aux_loss = self.auxiliary_loss(xt, routing.scores, h)
+        else:
+            self.aux_loss = None
+        return y.view(*lead, self.d_model)
+
+    @torch.no_grad()
+    def record_firing(self, idx: Tensor, h: Tensor) -> None:
+        fired = idx[h != 0]
+        self.tokens_seen += idx.shape[0]
+        self.last_fired[fired] = self.tokens_seen
+        self.fire_count.index_add_(0, fired, torch.ones_like(fired))
+
+    def dead_mask(self) -> Tensor:
+        """(N,) True for units with no firing in the last `dead_window` tokens (or never)."""
+        never = self.last_fired < 0
+        return never | (self.last_fired <= self.tokens_seen - self.dead_window)
+
+    def dead_fraction(self) -> float:
+        return self.dead_mask().float().mean().item()
+
+    def auxiliary_loss(self, xt: Tensor, selected_scores: Tensor, h: Tensor) -> Tensor:
+        """Dead-unit revival (weighted by aux_coef) plus an L1 pressure on unit activations."""
+        loss = self.l1_coef * h.abs().sum(-1).mean()
+        if self.aux_coef > 0:
+            loss = loss + self.aux_coef * self.revival_loss(xt, selected_scores)
+        return loss
+
+    def revival_loss(self, xt: Tensor, selected_scores: Tensor) -> Tensor:
+        dead = self.dead_mask().nonzero().squeeze(1)
+        if dead.numel() == 0:
+            return xt.new_zeros(())
+        units = dead[torch.randperm(dead.numel(), device=dead.device)[: self.aux_units]]  # (U,)
+        scores = self.router.score_units(xt, units, self.w_in, self.b_in)  # (T, U)
+        best_token = scores.detach().argmax(0)  # (U,) where each dead unit is closest to selection
+        best_score = scores.gather(0, best_token.unsqueeze(0)).squeeze(0)  # (U,)
+        threshold = selected_scores.detach().min(-1).values[best_token]  # (U,)
+        if self.activation == "relu" and isinstance(self.router, DenseRouter):
+            threshold = threshold.clamp(min=0)  # selected but not positive is still not firing
+        loss = F.relu(threshold - best_score).mean()
+        if self.activation == "relu" and not isinstance(self.router, DenseRouter):
+            pre = (xt[best_token] * self.w_in[units]).sum(-1)
+            if self.b_in is not None:
+                pre = pre + self.b_in[units]
+            loss = loss + F.relu(-pre).mean()
+        return loss

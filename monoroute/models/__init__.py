@@ -1,0 +1,4 @@
+from monoroute.models.config import GPTConfig
+from monoroute.models.gpt import GPT
+
+__all__ = ["GPT", "GPTConfig"]

@@ -1,0 +1,75 @@
+"""GPTConfig: everything needed to rebuild a model, JSON-serialisable."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from monoroute.errors import MonorouteError
+
+FFN_KINDS = ("dense", "routed")
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 256
+    block_size: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    dropout: float = 0.0
+    bias: bool = True
+    tie_weights: bool = True
+    # FFN per block: "dense", "routed", or a comma list with one entry per layer ("dense,routed,...").
+    ffn: str = "dense"
+    d_ff: int | None = None  # dense FFN width; None = 4 * d_model
+    # RoutedFFN settings (used by routed blocks only)
+    n_units: int = 16384
+    k: int = 32
+    router: str = "product_key"
+    activation: str = "relu"
+    d_key: int | None = None
+    aux_coef: float = 0.1
+    l1_coef: float = 0.0
+    dead_window: int = 200_000
+    impl: str = "auto"
+
+    @property
+    def ffn_width(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+    def ffn_kinds(self) -> list[str]:
+        kinds = [kind.strip() for kind in self.ffn.split(",")]
+        if len(kinds) == 1:
+            kinds = kinds * self.n_layer
+        if len(kinds) != self.n_layer:
+            raise MonorouteError(
+                f"ffn lists {len(kinds)} layers but n_layer={self.n_layer}; give one kind or one per layer"
+            )
+        for kind in kinds:
+            if kind not in FFN_KINDS:
+                raise MonorouteError(f"unknown ffn {kind!r}; choose one of {', '.join(FFN_KINDS)} (or a comma list)")
+        return kinds
+
+    def validate(self) -> "GPTConfig":
+        self.ffn_kinds()
+        if self.d_model % self.n_head:
+            raise MonorouteError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
+            if getattr(self, name) < 1:
+                raise MonorouteError(f"{name} must be at least 1, got {getattr(self, name)}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "GPTConfig":
+        return cls(**check_keys(cls, values, "model config"))
+
+
+def check_keys(cls, values: dict, what: str) -> dict:
+    """Refuse unknown keys with the list of valid ones (a typo must not pass silently)."""
+    valid = [f.name for f in fields(cls)]
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise MonorouteError(f"unknown {what} key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
+    return values

@@ -1,0 +1,36 @@
+"""Analytic forward FLOPs per token, by component (a multiply-add counts 2).
+
+Conventions match `torch.utils.flop_counter.FlopCounterMode`: matrix products only (norms,
+activations, softmax and the product-key candidate sums are negligible and not counted), and
+attention scores over the full T x T context (a causal kernel may skip half of that work).
+Training costs about 3x these forward numbers.
+"""
+from __future__ import annotations
+
+import math
+
+from monoroute.models.config import GPTConfig
+
+
+def flops_per_token(cfg: GPTConfig) -> dict[str, int]:
+    d, T = cfg.d_model, cfg.block_size
+    counts = {"attention": 0, "dense_ffn": 0, "router": 0, "active_units": 0}
+    for kind in cfg.ffn_kinds():
+        counts["attention"] += 2 * d * 3 * d + 2 * d * d + 2 * 2 * T * d  # qkv, out proj, QK^T and AV
+        if kind == "dense":
+            counts["dense_ffn"] += 2 * 2 * d * cfg.ffn_width
+        else:
+            counts["router"] += router_flops(cfg)
+            counts["active_units"] += 2 * 2 * cfg.k * d  # k dot products in, k rows out
+    counts["unembedding"] = 2 * d * cfg.vocab_size
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def router_flops(cfg: GPTConfig) -> int:
+    d = cfg.d_model
+    if cfg.router == "dense":
+        return 2 * cfg.n_units * d  # every unit's pre-activation
+    d_key = cfg.d_key or d
+    n_sub = math.isqrt(cfg.n_units)
+    return 2 * d * d_key + 2 * n_sub * d_key  # query projection, both halves against sqrt(N) sub-keys

@@ -1,0 +1,221 @@
+"""A pre-LN decoder-only transformer (nanoGPT-shaped) whose FFN is dense or routed per block.
+
+Dimensions: B batch, T context, d = d_model, V vocab, H heads, N routed units, k active units.
+Every activation passes through a named HookPoint (TransformerLens names), so caching,
+patching, ablation and steering need no surgery:
+
+    hook_embed, hook_pos_embed                        (B, T, d)
+    blocks.{i}.hook_resid_pre / hook_attn_out / hook_resid_mid / hook_mlp_out / hook_resid_post  (B, T, d)
+    blocks.{i}.mlp.hook_pre    dense: (B, T, d_ff) pre-activations; routed: (B, T, k) selected pre-activations
+    blocks.{i}.mlp.hook_post   dense: (B, T, d_ff) activations;     routed: SparseActivations (B, T, k)
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from monoroute.hooks import HookFn, HookPoint, name_hook_points
+from monoroute.layers import RoutedFFN
+from monoroute.models.config import GPTConfig
+from monoroute.models.flops import flops_per_token
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, dh)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)  # (B, H, T, dh)
+        return self.proj(y.transpose(1, 2).reshape(B, T, d))
+
+
+class DenseMLP(nn.Module):
+    """The standard transformer FFN: d -> d_ff -> GELU -> d."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.up = nn.Linear(cfg.d_model, cfg.ffn_width, bias=cfg.bias)
+        self.down = nn.Linear(cfg.ffn_width, cfg.d_model, bias=cfg.bias)
+        self.hook_pre, self.hook_post = HookPoint(), HookPoint()
+
+    def forward(self, x: Tensor) -> Tensor:
+        pre = self.hook_pre(self.up(x))  # (B, T, d_ff)
+        return self.down(self.hook_post(F.gelu(pre)))
+
+
+def build_ffn(cfg: GPTConfig, kind: str) -> nn.Module:
+    if kind == "dense":
+        return DenseMLP(cfg)
+    return RoutedFFN(
+        cfg.d_model, cfg.n_units, cfg.k, router=cfg.router, activation=cfg.activation, bias=cfg.bias,
+        d_key=cfg.d_key, aux_coef=cfg.aux_coef, l1_coef=cfg.l1_coef, dead_window=cfg.dead_window, impl=cfg.impl,
+    )
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, ffn_kind: str) -> None:
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias), nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.mlp = build_ffn(cfg, ffn_kind)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.hook_resid_pre, self.hook_attn_out, self.hook_resid_mid = HookPoint(), HookPoint(), HookPoint()
+        self.hook_mlp_out, self.hook_resid_post = HookPoint(), HookPoint()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.hook_resid_pre(x)
+        x = self.hook_resid_mid(x + self.hook_attn_out(self.drop(self.attn(self.ln_1(x)))))
+        return self.hook_resid_post(x + self.hook_mlp_out(self.drop(self.mlp(self.ln_2(x)))))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, kind) for kind in cfg.ffn_kinds())
+        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_weights:
+            self.lm_head.weight = self.wte.weight
+        self.hook_embed, self.hook_pos_embed = HookPoint(), HookPoint()
+        self.apply(self._init_weights)
+        self._init_residual_projections()
+        self.hook_points = name_hook_points(self)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def _init_residual_projections(self) -> None:
+        # GPT-2: layers writing into the residual stream get std 0.02/sqrt(2L) so its variance
+        # does not grow with depth. A routed unit's w_in reads like a dense FFN's up-projection.
+        std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.proj.weight, std=std)
+            if isinstance(block.mlp, RoutedFFN):
+                nn.init.normal_(block.mlp.w_in, std=0.02)
+                nn.init.normal_(block.mlp.w_out, std=std)
+            else:
+                nn.init.normal_(block.mlp.down.weight, std=std)
+
+    # --- forward ---------------------------------------------------------------------------
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """idx (B, T) token ids -> logits (B, T, V), and the mean cross-entropy if targets are given.
+
+        The routed layers' auxiliary losses are not included: see `aux_loss()`."""
+        B, T = idx.shape
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.hook_embed(self.wte(idx)) + self.hook_pos_embed(self.wpe(pos)))  # (B, T, d)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return logits, loss
+
+    def routed_layers(self) -> list[RoutedFFN]:
+        return [block.mlp for block in self.blocks if isinstance(block.mlp, RoutedFFN)]
+
+    def aux_loss(self) -> Tensor:
+        """Sum of the routed layers' auxiliary losses from the last training forward pass."""
+        zero = self.wte.weight.new_zeros(())
+        return sum((layer.aux_loss for layer in self.routed_layers() if layer.aux_loss is not None), zero)
+
+    def dead_fraction(self) -> float | None:
+        layers = self.routed_layers()
+        if not layers:
+            return None
+        return sum(layer.dead_mask().sum().item() for layer in layers) / sum(layer.n_units for layer in layers)
+
+    # --- sizes -----------------------------------------------------------------------------
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def n_active_params(self) -> int:
+        """Parameters a token actually uses: all, minus the rows of the N - k routed units it skips."""
+        skipped = 0
+        for layer in self.routed_layers():
+            per_unit = 2 * layer.d_model + (layer.b_in is not None)
+            skipped += (layer.n_units - layer.k) * per_unit
+        return self.n_params() - skipped
+
+    def flops_per_token(self) -> dict[str, int]:
+        return flops_per_token(self.cfg)
+
+    # --- hooks -----------------------------------------------------------------------------
+    @contextmanager
+    def hooks(self, fwd_hooks: Iterable[tuple[str, HookFn]]):
+        """Attach (name, fn) hooks for the duration of the block; always removes them."""
+        attached = []
+        try:
+            for name, fn in fwd_hooks:
+                if name not in self.hook_points:
+                    raise KeyError(f"unknown hook point {name!r}; see model.hook_points for valid names")
+                self.hook_points[name].fns.append(fn)
+                attached.append((self.hook_points[name], fn))
+            yield self
+        finally:
+            for point, fn in attached:
+                point.fns.remove(fn)
+
+    def run_with_hooks(self, tokens: Tensor, fwd_hooks: Iterable[tuple[str, HookFn]] = ()) -> Tensor:
+        with self.hooks(fwd_hooks):
+            return self(tokens)[0]
+
+    def run_with_cache(
+        self, tokens: Tensor, names_filter: str | list[str] | Callable[[str], bool] | None = None
+    ) -> tuple[Tensor, dict]:
+        """Logits and a dict of detached activations by hook name (routed hook_post: SparseActivations)."""
+        keep = _name_predicate(names_filter)
+        cache: dict = {}
+
+        def store(activation, hook: HookPoint):
+            cache[hook.name] = activation.detach()
+
+        names = [name for name in self.hook_points if keep(name)]
+        logits = self.run_with_hooks(tokens, [(name, store) for name in names])
+        return logits, cache
+
+
+def _name_predicate(names_filter) -> Callable[[str], bool]:
+    if names_filter is None:
+        return lambda name: True
+    if isinstance(names_filter, str):
+        return lambda name: name == names_filter
+    if callable(names_filter):
+        return names_filter
+    wanted = set(names_filter)
+    return lambda name: name in wanted
+
+
+@torch.no_grad()
+def generate(model: GPT, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+             generator: torch.Generator | None = None) -> Tensor:
+    """Sample continuations of idx (B, T) autoregressively; returns (B, T + max_new_tokens)."""
+    for _ in range(max_new_tokens):
+        context = idx[:, -model.cfg.block_size:]
+        logits = model(context)[0][:, -1, :] / max(temperature, 1e-6)  # (B, V)
+        if top_k is not None:
+            kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        next_token = torch.multinomial(logits.softmax(-1), 1, generator=generator)  # (B, 1)
+        idx = torch.cat([idx, next_token], dim=1)
+    return idx

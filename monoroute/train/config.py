@@ -1,0 +1,167 @@
+"""Run configuration: model + data + training settings, presets, flag and file overrides.
+
+A run is fully described by `RunConfig`, saved as OUT/config.json, so `--resume` and
+`monoroute eval` rebuild the same model and data pipeline from it.
+"""
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import yaml
+
+from monoroute.data import DataConfig
+from monoroute.errors import MonorouteError
+from monoroute.models.config import GPTConfig, check_keys
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # length of the LR schedule and the step the run trains to
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    sparse_rows: bool = False  # lazy row-wise AdamW for the routed unit tables
+    eval_every: int = 100
+    eval_batches: int = 20
+    log_every: int = 10
+    ckpt_every: int = 200
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 autocast where supported) | float32 | bfloat16
+
+
+@dataclass
+class RunConfig:
+    preset: str = "tiny"
+    out: str = "runs/tiny"
+    model: GPTConfig = field(default_factory=GPTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunConfig":
+        check_keys(cls, values, "run config")
+        return cls(
+            preset=values.get("preset", "custom"),
+            out=values.get("out", ""),
+            model=GPTConfig.from_dict(values.get("model", {})),
+            data=DataConfig(**check_keys(DataConfig, values.get("data", {}), "data config")),
+            train=TrainConfig(**check_keys(TrainConfig, values.get("train", {}), "train config")),
+        )
+
+
+SECTIONS = {"model": GPTConfig, "data": DataConfig, "train": TrainConfig}
+ALIASES = {"data": ("data", "source")}  # --data PATH sets data.source
+
+PRESETS: dict[str, dict] = {
+    # CI: seconds. Product-key routing over 256 units.
+    "tiny": {
+        "model": dict(n_layer=2, n_head=2, d_model=32, block_size=64, ffn="routed", n_units=256, k=8, dead_window=20_000),
+        "train": dict(steps=30, batch_size=8, warmup=5, eval_every=10, eval_batches=2, log_every=5, ckpt_every=10),
+    },
+    # A few minutes on 2 CPU cores: routed N=16384, k=32 (compare with --ffn dense: d_ff 512).
+    "cpu-small": {
+        "model": dict(n_layer=4, n_head=4, d_model=128, block_size=128, ffn="routed", n_units=16384, k=32, d_ff=512),
+        "train": dict(steps=600, batch_size=16, warmup=30, eval_every=100, eval_batches=20, log_every=10, ckpt_every=200),
+    },
+    # GPT-2 small shape for GPUs. 32761 = 181^2 is the perfect square nearest 32768 (product keys need one).
+    "gpt2-small": {
+        "model": dict(n_layer=12, n_head=12, d_model=768, block_size=1024, ffn="routed", n_units=32761, k=32, d_ff=3072,
+                      dead_window=10_000_000),
+        "data": dict(tokenizer="bpe", bpe_vocab_size=16384),
+        "train": dict(steps=20000, batch_size=32, grad_accum=4, lr=6e-4, min_lr=6e-5, warmup=1000,
+                      eval_every=500, eval_batches=50, log_every=20, ckpt_every=1000),
+    },
+}
+
+
+def field_owner(key: str) -> tuple[str, str]:
+    """Which section a flat key ("n_units", "steps", "data") belongs to, and its field name there."""
+    if key in ALIASES:
+        return ALIASES[key]
+    for section, cls in SECTIONS.items():
+        if key in {f.name for f in fields(cls)}:
+            return section, key
+    valid = sorted({f.name for cls in SECTIONS.values() for f in fields(cls)} | set(ALIASES) | {"out", "preset"})
+    raise MonorouteError(f"unknown config key {key!r}; valid keys: {', '.join(valid)}")
+
+
+def build_run_config(preset: str = "tiny", overrides: dict | None = None) -> RunConfig:
+    """A preset with flat (`n_units`) or nested (`{"model": {...}}`) overrides applied."""
+    if preset not in PRESETS:
+        raise MonorouteError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    base = PRESETS[preset]
+    sections = {name: dict(base.get(name, {})) for name in SECTIONS}
+    top = {"preset": preset, "out": f"runs/{preset}"}
+    for key, value in flatten_overrides(overrides or {}):
+        if key in top:
+            top[key] = value
+            continue
+        section, name = field_owner(key)
+        sections[section][name] = value
+    return RunConfig(
+        preset=top["preset"],
+        out=top["out"],
+        model=GPTConfig.from_dict(sections["model"]).validate(),
+        data=DataConfig(**sections["data"]),
+        train=TrainConfig(**sections["train"]),
+    )
+
+
+def flatten_overrides(overrides: dict) -> list[tuple[str, object]]:
+    flat = []
+    for key, value in overrides.items():
+        if key in SECTIONS and isinstance(value, dict):
+            cls = SECTIONS[key]
+            check_keys(cls, value, f"{key} config")
+            flat.extend(value.items())
+        else:
+            flat.append((key, value))
+    return flat
+
+
+def load_config_file(path: str) -> dict:
+    """Overrides from a YAML (.yaml/.yml), TOML (.toml) or JSON file: flat keys or model/data/train sections."""
+    file = Path(path)
+    if not file.is_file():
+        raise MonorouteError(f"config file {path} not found; pass an existing .yaml, .toml or .json file")
+    text = file.read_text()
+    try:
+        if file.suffix in (".yaml", ".yml"):
+            values = yaml.safe_load(text) or {}
+        elif file.suffix == ".toml":
+            values = tomllib.loads(text)
+        elif file.suffix == ".json":
+            values = json.loads(text)
+        else:
+            raise MonorouteError(f"config file {path} must end in .yaml, .yml, .toml or .json")
+    except (ValueError, yaml.YAMLError) as exc:  # TOMLDecodeError and JSONDecodeError are ValueErrors
+        raise MonorouteError(f"config file {path} does not parse: {str(exc).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise MonorouteError(f"config file {path} must hold a mapping of keys to values")
+    return values
+
+
+def with_train_overrides(cfg: RunConfig, overrides: dict) -> RunConfig:
+    """On resume only training-loop settings may change; shape or data changes would break the run."""
+    train = {}
+    for key, value in flatten_overrides(overrides):
+        section, name = field_owner(key)
+        if section != "train":
+            raise MonorouteError(
+                f"cannot change {key!r} when resuming (it changes the model or data); start a new run instead"
+            )
+        train[name] = value
+    return replace(cfg, train=replace(cfg.train, **train))

@@ -1,0 +1,242 @@
+"""The training loop behind `monoroute train`.
+
+AdamW with linear warmup and cosine decay, gradient clipping and accumulation, bf16 autocast on
+devices that support it, periodic validation, metrics to OUT/metrics.jsonl and TensorBoard,
+atomic checkpoints, exact resume on CPU, and data parallelism under torchrun (DDP).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from monoroute.data import prepare_data
+from monoroute.errors import MonorouteError
+from monoroute.models import GPT
+from monoroute.train import distributed as D
+from monoroute.train.checkpoint import CONFIG_FILE, STATE_FILE, load_checkpoint, load_weights, read_json, save_checkpoint, write_json
+from monoroute.train.config import RunConfig, TrainConfig
+from monoroute.train.optim import build_optimizer, clip_grad_norm_
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MonorouteError(f"device {name!r} asked for but CUDA is not available; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise MonorouteError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+
+
+def autocast_for(device: torch.device, dtype: str):
+    """bf16 autocast where the device supports it (CUDA with bf16), else full precision."""
+    if dtype not in ("auto", "float32", "bfloat16"):
+        raise MonorouteError(f"unknown dtype {dtype!r}; use auto, float32 or bfloat16")
+    wants_bf16 = dtype == "bfloat16" or (
+        dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    if not wants_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    """Linear warmup to lr, then cosine decay to min_lr at the last step."""
+    if step < tc.warmup:
+        return tc.lr * (step + 1) / tc.warmup
+    progress = (step - tc.warmup) / max(1, tc.steps - tc.warmup)
+    return tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def evaluate(model: GPT, store, cfg: RunConfig, device: torch.device) -> float:
+    """Mean validation cross-entropy over the same deterministic windows every time."""
+    was_training = model.training
+    model.eval()
+    losses = []
+    for x, y in store.eval_batches(cfg.train.batch_size, cfg.model.block_size, cfg.train.eval_batches):
+        with autocast_for(device, cfg.train.dtype):
+            losses.append(model(x.to(device), y.to(device))[1].item())
+    model.train(was_training)
+    if not losses:
+        raise MonorouteError("the validation split yields no batch; lower block_size or use a larger corpus")
+    return sum(losses) / len(losses)
+
+
+class MetricsLog:
+    """One JSON object per logged step in OUT/metrics.jsonl, mirrored to TensorBoard (main rank only)."""
+
+    def __init__(self, out: Path, enabled: bool, resume_step: int | None) -> None:
+        self.enabled = enabled
+        self.path = out / METRICS_FILE
+        self.writer = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():  # drop steps logged after the checkpoint
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(out / "tensorboard"))
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    if resume:
+        if not (out / STATE_FILE).is_file():
+            raise MonorouteError(f"nothing to resume in {out}: no {STATE_FILE}; check the path or start a new run")
+        return
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise MonorouteError(f"output directory {out} is not empty; pick a new --out, --resume it, or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def run_info(model: GPT) -> dict:
+    return {
+        "params": model.n_params(),
+        "active_params": model.n_active_params(),
+        "flops_per_token": model.flops_per_token(),
+    }
+
+
+def load_run(out: str | Path, device: str = "cpu") -> tuple[RunConfig, GPT]:
+    """Rebuild a saved run's config and model (weights and firing statistics) for eval/sampling."""
+    out = Path(out)
+    saved = read_json(out / CONFIG_FILE, "run config")
+    cfg = RunConfig.from_dict(saved["run"])
+    model = GPT(cfg.model)
+    load_weights(out, model)
+    return cfg, model.to(resolve_device(device)).eval()
+
+
+def train(cfg: RunConfig, resume: bool = False, until: int | None = None, overwrite: bool = False,
+          show_progress: bool = True) -> dict:
+    """Train (or resume) the run described by `cfg`; returns a summary of the last step."""
+    tc = cfg.train
+    device_kind = "cuda" if tc.device.startswith("cuda") or (tc.device == "auto" and torch.cuda.is_available()) else "cpu"
+    info = D.init_distributed(device_kind)
+    try:
+        return _train(cfg, info, resume, until, overwrite, show_progress)
+    finally:
+        D.shutdown(info)
+
+
+def _train(cfg: RunConfig, info: D.DistInfo, resume: bool, until: int | None, overwrite: bool, show_progress: bool) -> dict:
+    tc, out = cfg.train, Path(cfg.out)
+    device = resolve_device(tc.device, info.local_rank)
+    if info.is_main:
+        prepare_out_dir(out, resume, overwrite)
+    D.barrier(info)
+    torch.manual_seed(tc.seed)
+    store = prepare_data(cfg.data, run_dir=str(out) if info.is_main else None)
+    if resume and store.vocab_size != cfg.model.vocab_size:
+        raise MonorouteError(
+            f"vocab mismatch on resume: the run was trained with vocab {cfg.model.vocab_size}, the data now gives "
+            f"{store.vocab_size}; restore the run's tokenizer/data or start a new run"
+        )
+    cfg = replace(cfg, model=replace(cfg.model, vocab_size=store.vocab_size))
+    model = GPT(cfg.model).to(device)
+    optimizer = build_optimizer(model, lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.beta1, tc.beta2),
+                                sparse_rows=tc.sparse_rows)
+    progress = {"step": 0, "tokens": 0}
+    if resume:
+        progress = load_checkpoint(out, model, optimizer)
+    elif info.is_main:
+        write_json(out / CONFIG_FILE, {"run": cfg.to_dict(), **run_info(model)})
+    if info.is_main:
+        print(f"monoroute: {cfg.preset} {cfg.model.ffn} params={model.n_params():,} "
+              f"active={model.n_active_params():,} flops/token={model.flops_per_token()['total']:,} device={device}")
+    net = DistributedDataParallel(model) if info.world > 1 else model
+    metrics = MetricsLog(out, info.is_main, progress["step"] if resume else None)
+    try:
+        summary = _loop(cfg, info, model, net, optimizer, store, device, metrics, progress, until, show_progress)
+    finally:
+        metrics.close()
+    summary["ranks_in_sync"] = D.ranks_in_sync(model, info)
+    return summary
+
+
+def _loop(cfg, info, model, net, optimizer, store, device, metrics, progress, until, show_progress) -> dict:
+    tc, out = cfg.train, Path(cfg.out)
+    stop = min(tc.steps, until) if until is not None else tc.steps
+    tokens_per_step = tc.batch_size * cfg.model.block_size * tc.grad_accum * info.world
+    step, tokens = progress["step"], progress["tokens"]
+    last_saved = step if step > 0 else None
+    summary: dict = {"step": step, "tokens": tokens}
+    bar = tqdm(total=stop, initial=step, disable=not (show_progress and info.is_main), unit="step", dynamic_ncols=True)
+    window_start, window_tokens = time.perf_counter(), 0
+    net.train()
+    while step < stop:
+        lr = lr_at(step, tc)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = aux_sum = 0.0
+        for micro in range(tc.grad_accum):
+            x, y = store.batch(step * tc.grad_accum + micro, tc.batch_size, cfg.model.block_size, tc.seed,
+                               info.rank, info.world)
+            x, y = x.to(device), y.to(device)
+            sync = micro == tc.grad_accum - 1 or info.world == 1
+            with (contextlib.nullcontext() if sync else net.no_sync()), autocast_for(device, tc.dtype):
+                _, loss = net(x, y)
+                aux = model.aux_loss()
+                ((loss + aux) / tc.grad_accum).backward()
+            loss_sum += loss.item()
+            aux_sum += aux.item()
+        train_loss = loss_sum / tc.grad_accum
+        if not math.isfinite(train_loss):
+            where = f"{out} (step {last_saved})" if last_saved is not None else "none (no checkpoint was written yet)"
+            raise MonorouteError(
+                f"training loss became {train_loss} at step {step + 1}; stopped without saving. Last good "
+                f"checkpoint: {where}. Lower --lr or raise --warmup, then --resume or start again"
+            )
+        grad_norm = clip_grad_norm_(model.parameters(), tc.grad_clip).item() if tc.grad_clip > 0 else float("nan")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens += tokens_per_step
+        window_tokens += tokens_per_step
+        bar.update(1)
+        is_last = step == stop
+        if step % tc.log_every == 0 or step % tc.eval_every == 0 or is_last:
+            elapsed = time.perf_counter() - window_start
+            record = {"step": step, "tokens": tokens, "train_loss": D.mean_across_ranks(train_loss, info),
+                      "aux_loss": aux_sum / tc.grad_accum, "lr": lr, "grad_norm": grad_norm,
+                      "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
+            if model.routed_layers():
+                record["dead_fraction"] = model.dead_fraction()
+            if step % tc.eval_every == 0 or is_last:
+                record["val_loss"] = evaluate(model, store, cfg, device)
+            metrics.log(record)
+            summary = record
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            window_start, window_tokens = time.perf_counter(), 0
+        if step % tc.ckpt_every == 0 or is_last:
+            if info.is_main:
+                save_checkpoint(out, model, optimizer, {"step": step, "tokens": tokens})
+            last_saved = step
+            D.barrier(info)
+    bar.close()
+    return summary
