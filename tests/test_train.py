@@ -1,0 +1,172 @@
+"""`monoroute train/eval/sample`: outputs, exact resume, refusals and clear errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from monoroute.cli import main
+from monoroute.models import GPT
+
+FAST = ["--no-progress", "--device", "cpu", "--steps", "6", "--log-every", "1", "--eval-every", "3",
+        "--eval-batches", "1", "--ckpt-every", "2", "--batch-size", "4"]
+
+
+def train(out, *extra):
+    return main(["train", "--preset", "tiny", "--out", str(out), *FAST, *extra])
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("monoroute: error: ")
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    assert train(out) == 0
+    return out
+
+
+def test_run_directory_contents(run):
+    names = {p.name for p in run.iterdir()}
+    assert {"config.json", "model.safetensors", "train_state.json", "train_state.safetensors", "metrics.jsonl",
+            "tokenizer.json", "tensorboard"} <= names
+    config = json.loads((run / "config.json").read_text())
+    assert config["run"]["model"]["ffn"] == "routed"
+    assert config["flops_per_token"]["total"] > 0 and config["active_params"] < config["params"]
+    records = metrics(run)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for r in records:
+        assert {"step", "tokens", "train_loss", "lr", "tokens_per_s", "dead_fraction"} <= r.keys()
+    assert "val_loss" in records[2] and "val_loss" not in records[1]
+    assert records[-1]["tokens"] == 6 * 4 * 64
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+
+
+def test_resume_reproduces_the_uninterrupted_run(run, tmp_path):
+    out = tmp_path / "split"
+    assert train(out, "--until", "3") == 0
+    assert json.loads((out / "train_state.json").read_text())["step"] == 3
+    assert main(["train", "--resume", str(out), "--no-progress", "--steps", "6"]) == 0
+    split, whole = metrics(out), metrics(run)
+    assert [r["step"] for r in split] == [1, 2, 3, 4, 5, 6]
+    assert [r["train_loss"] for r in split] == [r["train_loss"] for r in whole]
+    assert split[-1]["val_loss"] == whole[-1]["val_loss"]
+
+
+def test_eval_json_and_sample(run, capsys):
+    capsys.readouterr()
+    assert main(["eval", str(run), "--json", "--batches", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {"val_loss", "params", "active_params", "flops_per_token", "dead_fraction", "bits_per_byte"} <= report.keys()
+    assert 0 <= report["dead_fraction"] <= 1
+    assert main(["sample", str(run), "--prompt", "def f", "--max-new-tokens", "20"]) == 0
+    assert capsys.readouterr().out.startswith("def f")
+
+
+def test_refuses_to_overwrite_a_run(run, capsys):
+    before = (run / "model.safetensors").read_bytes()
+    assert train(run) == 2
+    assert "is not empty" in error_line(capsys)
+    assert (run / "model.safetensors").read_bytes() == before
+
+
+def test_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    forward = GPT.forward
+    calls = {"n": 0}
+
+    def poisoned(self, idx, targets=None):
+        logits, loss = forward(self, idx, targets)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 5:
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    out = tmp_path / "nan"
+    assert train(out) == 2
+    line = error_line(capsys)
+    assert "loss became nan at step 5" in line and f"{out} (step 4)" in line
+    assert json.loads((out / "train_state.json").read_text())["step"] == 4
+
+
+def test_corrupt_checkpoint_is_detected(run, tmp_path, capsys):
+    out = tmp_path / "copy"
+    out.mkdir()
+    for path in run.iterdir():
+        if path.is_file():
+            (out / path.name).write_bytes(path.read_bytes())
+    data = (out / "model.safetensors").read_bytes()
+    (out / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert main(["train", "--resume", str(out), "--no-progress", "--steps", "8"]) == 2
+    assert "model.safetensors is missing or does not match" in error_line(capsys)
+    assert main(["eval", str(out)]) == 2
+    assert "is corrupt" in error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--preset", "huge"], "unknown preset 'huge'; choose one of tiny, cpu-small, gpt2-small"),
+        (["train", "--set", "n_unit=4"], "unknown config key 'n_unit'; valid keys:"),
+        (["train", "--k", "300"], "k must be between 1 and n_units=256"),
+        (["train", "--n-units", "300"], "perfect square, got 300; use 289 or 324"),
+        (["train", "--router", "hash"], "unknown router 'hash'"),
+        (["train", "--activation", "tanh"], "unknown activation 'tanh'"),
+        (["train", "--data", "/nonexistent/*.txt"], "/nonexistent"),
+        (["train", "--resume", "/nonexistent/run"], "run config /nonexistent/run/config.json is missing"),
+        (["eval", "/nonexistent/run"], "is missing"),
+        (["train", "--config", "/nonexistent.yaml"], "config file /nonexistent.yaml not found"),
+    ],
+)
+def test_bad_input_gives_one_error_line(argv, message, tmp_path, capsys):
+    if argv[:2] != ["train", "--resume"] and argv[0] == "train":
+        argv = [*argv, "--out", str(tmp_path / "out"), "--no-progress"]
+    assert main(argv) == 2
+    assert message in error_line(capsys)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_empty_corpus_is_refused(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    assert main(["train", "--data", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "empty" in error_line(capsys)
+
+
+def test_resume_refuses_shape_changes(run, capsys):
+    assert main(["train", "--resume", str(run), "--block-size", "128", "--no-progress"]) == 2
+    assert "cannot change 'block_size' when resuming" in error_line(capsys)
+
+
+@pytest.mark.parametrize("suffix, text", [(".yaml", "model:\n  n_units: 64\n  k: 2\nsteps: 2\n"),
+                                          (".toml", "steps = 2\n[model]\nn_units = 64\nk = 2\n")])
+def test_config_file(tmp_path, suffix, text):
+    path = tmp_path / f"cfg{suffix}"
+    path.write_text(text)
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(path), "--out", str(out), "--no-progress", "--eval-batches", "1"]) == 0
+    saved = json.loads((out / "config.json").read_text())["run"]
+    assert (saved["model"]["n_units"], saved["model"]["k"], saved["train"]["steps"]) == (64, 2, 2)
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "monoroute", "train", "--preset", "tiny", "--out", str(out), *FAST, "--steps", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["ranks_in_sync"] is True
+    assert summary["tokens"] == 3 * 2 * 4 * 64  # both ranks' tokens counted
+    assert len(metrics(out)) == 3  # only rank 0 writes
