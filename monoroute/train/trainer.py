@@ -149,9 +149,11 @@ def _train(cfg: RunConfig, info: D.DistInfo, resume: bool, until: int | None, ov
     device = resolve_device(tc.device, info.local_rank)
     if info.is_main:
         prepare_out_dir(out, resume, overwrite)
+        store = prepare_data(cfg.data, run_dir=str(out))  # builds the token cache once
     D.barrier(info)
+    if not info.is_main:
+        store = prepare_data(cfg.data)  # reuses rank 0's cache
     torch.manual_seed(tc.seed)
-    store = prepare_data(cfg.data, run_dir=str(out) if info.is_main else None)
     if resume and store.vocab_size != cfg.model.vocab_size:
         raise MonorouteError(
             f"vocab mismatch on resume: the run was trained with vocab {cfg.model.vocab_size}, the data now gives "
