@@ -47,8 +47,8 @@ def collect_overrides(args) -> dict:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
             overrides[key] = value
-    if args.sparse_rows:
-        overrides["sparse_rows"] = True
+    if args.sparse_rows:  # row-sparse gradients and the optimizer that consumes them go together
+        overrides.update(sparse_rows=True, sparse_grad=True)
     return overrides
 
 
@@ -71,7 +71,8 @@ def cmd_train(args) -> int:
                     show_progress=not args.no_progress)
     if summary.get("ranks_in_sync") is False:
         raise MonorouteError("data-parallel ranks ended with different weights; report this as a bug")
-    print(json.dumps(summary))
+    if summary.pop("rank") == 0:
+        print(json.dumps(summary))
     return 0
 
 
@@ -109,10 +110,11 @@ def cmd_sample(args) -> int:
 
     from monoroute.data import load_tokenizer
     from monoroute.models.gpt import generate
+    from monoroute.train.checkpoint import TOKENIZER_FILE
     from monoroute.train.trainer import load_run
 
     cfg, model = load_run(args.run, args.device)
-    tokenizer = load_tokenizer(Path(args.run) / "tokenizer.json")
+    tokenizer = load_tokenizer(Path(args.run) / TOKENIZER_FILE)
     device = next(model.parameters()).device
     ids = tokenizer.encode(args.prompt) or [0]
     idx = torch.tensor([ids], dtype=torch.long, device=device)
@@ -133,7 +135,7 @@ def add_train_parser(sub) -> None:
     p.add_argument("--until", type=int, help="stop (with a checkpoint) at this step; the schedule still spans --steps")
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--sparse-rows", action="store_true", help="lazy row-wise AdamW for the routed unit tables")
+    p.add_argument("--sparse-rows", action="store_true", help="row-sparse gradients + lazy row-wise AdamW for the unit tables")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
     for flag, _, kind in OVERRIDE_FLAGS:
         p.add_argument(flag, type=kind, default=None)
@@ -166,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_run_parsers(sub)
     data.add_parser(sub)
-    for module in ("monoroute.toy.cli", "monoroute.bench.cli"):
+    for module in ():
         __import__(module, fromlist=["add_parser"]).add_parser(sub)
     return parser
 

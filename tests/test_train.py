@@ -1,6 +1,7 @@
 """`monoroute train/eval/sample`: outputs, exact resume, refusals and clear errors."""
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -134,7 +135,7 @@ def test_bad_input_gives_one_error_line(argv, message, tmp_path, capsys):
         argv = [*argv, "--out", str(tmp_path / "out"), "--no-progress"]
     assert main(argv) == 2
     assert message in error_line(capsys)
-    assert not (tmp_path / "out" / "model.safetensors").exists()
+    assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
 def test_empty_corpus_is_refused(tmp_path, capsys):
@@ -159,9 +160,15 @@ def test_config_file(tmp_path, suffix, text):
     assert (saved["model"]["n_units"], saved["model"]["k"], saved["train"]["steps"]) == (64, 2, 2)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_ddp_two_cpu_processes(tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "monoroute", "train", "--preset", "tiny", "--out", str(out), *FAST, "--steps", "3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
@@ -170,3 +177,16 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert summary["ranks_in_sync"] is True
     assert summary["tokens"] == 3 * 2 * 4 * 64  # both ranks' tokens counted
     assert len(metrics(out)) == 3  # only rank 0 writes
+
+
+def test_resume_refuses_a_vocab_mismatch(run, tmp_path, capsys):
+    out = tmp_path / "vocab"
+    out.mkdir()
+    for path in run.iterdir():
+        if path.is_file():
+            (out / path.name).write_bytes(path.read_bytes())
+    config = json.loads((out / "config.json").read_text())
+    config["run"]["model"]["vocab_size"] = 300
+    (out / "config.json").write_text(json.dumps(config))
+    assert main(["train", "--resume", str(out), "--no-progress", "--steps", "8"]) == 2
+    assert "vocab mismatch on resume" in error_line(capsys)

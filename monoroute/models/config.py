@@ -31,6 +31,7 @@ class GPTConfig:
     l1_coef: float = 0.0
     dead_window: int = 200_000
     impl: str = "auto"
+    sparse_grad: bool = False  # row-sparse COO gradients for the unit tables (needs train.sparse_rows)
 
     @property
     def ffn_width(self) -> int:

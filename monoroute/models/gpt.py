@@ -61,6 +61,7 @@ def build_ffn(cfg: GPTConfig, kind: str) -> nn.Module:
     return RoutedFFN(
         cfg.d_model, cfg.n_units, cfg.k, router=cfg.router, activation=cfg.activation, bias=cfg.bias,
         d_key=cfg.d_key, aux_coef=cfg.aux_coef, l1_coef=cfg.l1_coef, dead_window=cfg.dead_window, impl=cfg.impl,
+        sparse_grad=cfg.sparse_grad,
     )
 
 

@@ -26,6 +26,7 @@ CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
 STATE_TENSORS_FILE = "train_state.safetensors"
 STATE_FILE = "train_state.json"
+TOKENIZER_FILE = "tokenizer.json"
 
 
 def atomic_write(path: Path, write) -> None:
@@ -40,8 +41,12 @@ def atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def read_json(path: Path, what: str) -> dict:

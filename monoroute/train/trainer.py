@@ -21,7 +21,10 @@ from monoroute.data import prepare_data
 from monoroute.errors import MonorouteError
 from monoroute.models import GPT
 from monoroute.train import distributed as D
-from monoroute.train.checkpoint import CONFIG_FILE, STATE_FILE, load_checkpoint, load_weights, read_json, save_checkpoint, write_json
+from monoroute.train.checkpoint import (
+    CONFIG_FILE, STATE_FILE, TOKENIZER_FILE, load_checkpoint, load_weights, read_json, save_checkpoint, write_json,
+    write_text,
+)
 from monoroute.train.config import RunConfig, TrainConfig
 from monoroute.train.optim import build_optimizer, clip_grad_norm_
 
@@ -104,14 +107,12 @@ class MetricsLog:
             self.writer.close()
 
 
-def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if resume:
         if not (out / STATE_FILE).is_file():
             raise MonorouteError(f"nothing to resume in {out}: no {STATE_FILE}; check the path or start a new run")
-        return
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    elif out.exists() and any(out.iterdir()) and not overwrite:
         raise MonorouteError(f"output directory {out} is not empty; pick a new --out, --resume it, or pass --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def run_info(model: GPT) -> dict:
@@ -147,27 +148,33 @@ def train(cfg: RunConfig, resume: bool = False, until: int | None = None, overwr
 def _train(cfg: RunConfig, info: D.DistInfo, resume: bool, until: int | None, overwrite: bool, show_progress: bool) -> dict:
     tc, out = cfg.train, Path(cfg.out)
     device = resolve_device(tc.device, info.local_rank)
+    # Everything that can refuse the run happens before anything is written into OUT.
+    autocast_for(device, tc.dtype)
+    if cfg.model.sparse_grad and not tc.sparse_rows:
+        raise MonorouteError("sparse_grad=true needs the row-sparse optimizer: set sparse_rows=true (or use --sparse-rows)")
     if info.is_main:
-        prepare_out_dir(out, resume, overwrite)
-        store = prepare_data(cfg.data, run_dir=str(out))  # builds the token cache once
+        check_out_dir(out, resume, overwrite)
+        store = prepare_data(cfg.data)  # builds the token cache once, outside OUT
     D.barrier(info)
     if not info.is_main:
         store = prepare_data(cfg.data)  # reuses rank 0's cache
-    torch.manual_seed(tc.seed)
     if resume and store.vocab_size != cfg.model.vocab_size:
         raise MonorouteError(
             f"vocab mismatch on resume: the run was trained with vocab {cfg.model.vocab_size}, the data now gives "
             f"{store.vocab_size}; restore the run's tokenizer/data or start a new run"
         )
     cfg = replace(cfg, model=replace(cfg.model, vocab_size=store.vocab_size))
-    model = GPT(cfg.model).to(device)
+    torch.manual_seed(tc.seed)
+    model = GPT(cfg.model).to(device)  # raises the layer's own errors (k, n_units, router, ...)
     optimizer = build_optimizer(model, lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.beta1, tc.beta2),
                                 sparse_rows=tc.sparse_rows)
     progress = {"step": 0, "tokens": 0}
     if resume:
         progress = load_checkpoint(out, model, optimizer)
     elif info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
         write_json(out / CONFIG_FILE, {"run": cfg.to_dict(), **run_info(model)})
+        write_text(out / TOKENIZER_FILE, store.tokenizer.to_json())
     if info.is_main:
         print(f"monoroute: {cfg.preset} {cfg.model.ffn} params={model.n_params():,} "
               f"active={model.n_active_params():,} flops/token={model.flops_per_token()['total']:,} device={device}")
@@ -177,7 +184,7 @@ def _train(cfg: RunConfig, info: D.DistInfo, resume: bool, until: int | None, ov
         summary = _loop(cfg, info, model, net, optimizer, store, device, metrics, progress, until, show_progress)
     finally:
         metrics.close()
-    summary["ranks_in_sync"] = D.ranks_in_sync(model, info)
+    summary.update(ranks_in_sync=D.ranks_in_sync(model, info), rank=info.rank)
     return summary
 
 

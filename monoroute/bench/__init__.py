@@ -1,0 +1,1 @@
+"""Benchmarks: `monoroute bench layer | train | shard-memory` (see each module's docstring)."""

@@ -1,0 +1,120 @@
+"""`monoroute bench {layer,train,shard-memory}`: argparse wiring for the benchmarks.
+
+Progress and (with --json) the table go to stderr, so with --json stdout is exactly one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+from monoroute.errors import MonorouteError
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _emit(result: dict, table: str, as_json: bool) -> None:
+    if as_json:
+        _stderr(table)
+        print(json.dumps(result))
+    else:
+        print(table)
+
+
+def run_layer(args) -> int:
+    import torch
+
+    from monoroute.bench.layer import LayerBenchConfig, format_table, run_layer_bench, write_outputs
+
+    sizes = {key: getattr(args, key) for key in ("n_units", "ks", "n_ref", "n_compare", "k_ref", "d", "tokens",
+                                                  "warmup", "repeats") if getattr(args, key) is not None}
+    # Quick (CI) runs on CPU default to one thread: on a shared 2-core machine OpenMP barrier
+    # stalls make 2-thread timings swing by 10x, and the run takes longer, not shorter.
+    threads = args.threads or (1 if args.quick and args.device == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = LayerBenchConfig(device=args.device, router=args.router, impl=args.impl, sparse_grad=args.sparse_grad,
+                           dtype=args.dtype, quick=args.quick, **sizes)
+    result = run_layer_bench(cfg, log=_stderr)
+    json_path, png_path = write_outputs(result, Path(args.out))
+    _stderr(f"wrote {json_path} and {png_path}")
+    _emit(result, format_table(result), args.json)
+    return 0
+
+
+def run_train(args) -> int:
+    from monoroute.bench.train import format_table, run_train_bench
+
+    with contextlib.redirect_stdout(sys.stderr):  # the trainer's own prints must not mix into --json
+        result = run_train_bench(args.preset, args.steps, args.device, log=_stderr)
+    _emit(result, format_table(result), args.json)
+    return 0
+
+
+def run_shard_memory(args) -> int:
+    from monoroute.train.fsdp import format_memory_table, shard_memory_table
+
+    rows = shard_memory_table()
+    _emit({"rows": rows}, format_memory_table(rows), args.json)
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    """Register `bench` and its sub-commands on the main CLI's subparsers."""
+    bench = subparsers.add_parser("bench", help="benchmarks: layer cost vs N and k, training throughput, sharding")
+    sub = bench.add_subparsers(dest="bench_command", required=True)
+
+    p = sub.add_parser("layer", help="RoutedFFN router/compute/optimizer times over an N x k grid vs dense FFNs")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (table to stderr)")
+    p.add_argument("--quick", action="store_true", help="only the N and k sweeps, smaller d and T (CI, < 60 s)")
+    p.add_argument("--out", default="runs/bench", help="directory for bench_layer_<device>.json and .png")
+    p.add_argument("--router", default="product_key", choices=["product_key", "dense"])
+    p.add_argument("--impl", default="auto", help="unit compute implementation (auto, reference, cpu, triton)")
+    p.add_argument("--sparse-grad", default="auto", choices=["auto", "on", "off"],
+                   help="time fwd+bwd with RoutedFFN(sparse_grad=True) (auto: where the flag exists)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--d", type=int, help="d_model (default: 256 CPU, 768 GPU; 128 with --quick)")
+    p.add_argument("--tokens", type=int, help="tokens T per step (default: 4096 CPU, 8192 GPU; 1024 with --quick)")
+    p.add_argument("--n-units", type=_ints, help="N grid, comma-separated perfect squares")
+    p.add_argument("--k", dest="ks", type=_ints, help="k grid, comma-separated")
+    p.add_argument("--k-ref", type=int, help="k of the N sweep and the dense comparison (default 32)")
+    p.add_argument("--n-ref", type=int, help="N of the k sweep (default 65536)")
+    p.add_argument("--n-compare", type=int, help="N compared with the dense FFNs (default 32761 = 181^2)")
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--repeats", type=int)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, but 1 with --quick on CPU)")
+    p.set_defaults(func=run_layer)
+
+    p = sub.add_parser("train", help="end-to-end training tokens/s, routed vs dense, through the trainer")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run_train)
+
+    p = sub.add_parser("shard-memory", help="bytes per rank of column-sharded unit tables under FSDP2 (computed)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run_shard_memory)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m monoroute.bench")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except MonorouteError as exc:
+        print(f"monoroute: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,72 @@
+"""`monoroute bench train`: end-to-end training tokens/s, routed vs dense at equal d, one run.
+
+Each variant trains the same preset through the real trainer (`monoroute.train.trainer.train`),
+in a temporary directory, with only the FFN changed:
+
+- dense:              ffn="dense" (the preset's d_ff, 4·d by default);
+- routed:             ffn="routed", torch AdamW over everything;
+- routed_sparse_rows: ffn="routed" with the lazy row-wise AdamW for the unit tables (and
+                      sparse COO table gradients when the model config has `sparse_grad`).
+
+tokens/s is the trainer's own measure over the second half of the steps (log_every = steps/2),
+so start-up and the first, slower steps are left out; validation runs only after the last
+window and the single checkpoint is written after it, so neither is counted.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import fields
+from pathlib import Path
+
+from monoroute.errors import MonorouteError
+
+VARIANTS = ("dense", "routed", "routed_sparse_rows")
+
+
+def variant_overrides(variant: str) -> dict:
+    from monoroute.models.config import GPTConfig
+
+    if variant == "dense":
+        return {"ffn": "dense"}
+    if variant == "routed":
+        return {"ffn": "routed"}
+    has_sparse_grad = "sparse_grad" in {f.name for f in fields(GPTConfig)}
+    return {"ffn": "routed", "sparse_rows": True, **({"sparse_grad": True} if has_sparse_grad else {})}
+
+
+def run_train_bench(preset: str = "tiny", steps: int = 20, device: str = "cpu", log=print) -> dict:
+    from monoroute.train.config import build_run_config
+    from monoroute.train.trainer import train
+
+    if steps < 4:
+        raise MonorouteError(f"--steps must be at least 4 (half are warm-up), got {steps}")
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="monoroute-bench-") as tmp:
+        for variant in VARIANTS:
+            log(f"training {variant}")
+            cfg = build_run_config(preset, {
+                **variant_overrides(variant), "steps": steps, "out": str(Path(tmp) / variant), "device": device,
+                "log_every": steps // 2, "eval_every": steps, "ckpt_every": steps,
+            })
+            summary = train(cfg, show_progress=False)
+            results[variant] = {
+                "tokens_per_s": summary["tokens_per_s"], "val_loss": summary["val_loss"],
+                "d_model": cfg.model.d_model, "ffn_width": cfg.model.ffn_width,
+                "n_units": cfg.model.n_units, "k": cfg.model.k, "overrides": variant_overrides(variant),
+            }
+    dense = results["dense"]["tokens_per_s"]
+    return {
+        "preset": preset, "steps": steps, "device": device, "variants": results,
+        "routed_vs_dense_tokens_per_s": results["routed"]["tokens_per_s"] / dense,
+        "routed_sparse_rows_vs_dense_tokens_per_s": results["routed_sparse_rows"]["tokens_per_s"] / dense,
+    }
+
+
+def format_table(result: dict) -> str:
+    lines = [f"training throughput: preset={result['preset']} steps={result['steps']} device={result['device']}",
+             f"{'variant':>20} {'tokens/s':>10} {'val_loss':>9}"]
+    for name, r in result["variants"].items():
+        lines.append(f"{name:>20} {r['tokens_per_s']:10.0f} {r['val_loss']:9.4f}")
+    lines.append(f"routed / dense tokens/s = {result['routed_vs_dense_tokens_per_s']:.3f}")
+    lines.append(f"routed_sparse_rows / dense tokens/s = {result['routed_sparse_rows_vs_dense_tokens_per_s']:.3f}")
+    return "\n".join(lines)

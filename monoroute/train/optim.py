@@ -1,0 +1,250 @@
+"""Optimizers for routed models: AdamW, plus a lazy row-wise AdamW for the RoutedFFN unit tables.
+
+Why a row-wise AdamW: a RoutedFFN touches at most T·k of its N rows per step, but torch AdamW
+reads and writes every row of the (N, d) table, its gradient and both moments each step, so the
+optimizer alone costs O(N·d) per step and dominates once N ≫ T·k. `RowSparseAdamW` updates only the
+touched rows, so its cost is O(rows touched · d).
+
+Semantics of `RowSparseAdamW`, for a touched row r (untouched rows are left bit-identical: value,
+both moments and step count):
+
+    step[r] += 1                                        # each row counts its own steps
+    p[r]    *= 1 - lr * weight_decay                    # decoupled decay, on touched rows only
+    m[r]     = lerp(m[r], g[r], 1 - beta1)
+    v[r]     = beta2 * v[r] + (1 - beta2) * g[r]^2
+    p[r]    -= lr / (1 - beta1^step[r]) * m[r] / (sqrt(v[r]) / sqrt(1 - beta2^step[r]) + eps)
+
+This is "lazy Adam" (as in TensorFlow's LazyAdam): a row's moments do not decay on the steps it
+is not touched, and weight decay is applied only when the row is updated, so a rarely used unit is
+shrunk by its own use count rather than by wall-clock steps. When every row is touched on every
+step it is exactly torch AdamW (tested in float64).
+
+Which rows are touched: a sparse COO gradient (what `RoutedFFN(sparse_grad=True)` produces)
+names them itself, at no extra cost. For a dense gradient the touched rows are its nonzero rows,
+found by one O(N·d) read of the gradient; that scan is still much cheaper than dense AdamW (which
+reads and writes ~7 N·d tensors), but a touched row whose gradient is exactly zero is then treated
+as untouched.
+
+Weight decay groups (`build_optimizer`): matrices of Linear layers and the unit tables w_in/w_out
+decay; biases, norm weights (every tensor with fewer than 2 dims), embeddings (nn.Embedding, so a
+tied output head too) and product-key sub-keys do not, since shrinking a lookup table or a gain
+only rescales what it looks up.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+
+from monoroute.errors import MonorouteError
+from monoroute.layers import ProductKeyRouter, RoutedFFN
+
+UNIT_TABLES = ("w_in", "w_out", "b_in")
+
+
+class RowSparseAdamW(torch.optim.Optimizer):
+    """AdamW that updates only the rows (first-dim slices) present in each parameter's gradient.
+
+    Parameters are (N, ...) tables; gradients may be dense or sparse COO. State per parameter:
+    exp_avg and exp_avg_sq (like the parameter) and step (N,) int64, each row's own step count.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    # Under FSDP2 a parameter is a DTensor: update this rank's shard, whose rows
+                    # are whole rows of the table when it is column-sharded.
+                    rows, grad_rows = touched_rows(local(p.grad))
+                    if rows.numel():
+                        self._update_rows(self.state[p], local(p), rows, grad_rows, group)
+        return loss
+
+    def _update_rows(self, state: dict, p: Tensor, rows: Tensor, g: Tensor, group: dict) -> None:
+        """rows (R,) unique int64, g (R, ...) their gradient: the AdamW update of those rows."""
+        if not state:
+            state["step"] = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        beta1, beta2 = group["betas"]
+        lr, eps = group["lr"], group["eps"]
+        every_row = rows.numel() == p.shape[0]  # rows are unique: then they are all of them, in order
+        state["step"].index_add_(0, rows, torch.ones_like(rows))
+        step = state["step"] if every_row else state["step"][rows]
+        step = step.to(torch.float64)  # (R,)
+        trailing = (1,) * (p.dim() - 1)  # broadcast per-row factors over the row's other dims
+        # Bias corrections in float64 like torch's (python float) ones, then in the param's dtype.
+        step_size = (lr / (1 - beta1**step)).to(p.dtype).view(-1, *trailing)  # (R, 1...)
+        bc2_sqrt = (1 - beta2**step).sqrt().to(p.dtype).view(-1, *trailing)
+
+        # Touched rows are gathered into (R, ...) copies, updated, and copied back; when every row
+        # is touched the tensors are updated in place instead.
+        gather = (lambda t: t) if every_row else (lambda t: t.index_select(0, rows))
+        param, exp_avg, exp_avg_sq = gather(p), gather(state["exp_avg"]), gather(state["exp_avg_sq"])
+        exp_avg.lerp_(g, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        param.mul_(1 - lr * group["weight_decay"])
+        denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
+        param.addcdiv_(exp_avg * step_size, denom, value=-1)
+        if not every_row:
+            p.index_copy_(0, rows, param)
+            state["exp_avg"].index_copy_(0, rows, exp_avg)
+            state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
+
+
+def local(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (an alias, under no_grad); a plain tensor as it is."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def touched_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
+    """The rows a gradient touches and their values: (R,) unique int64 ids, (R, ...) rows.
+
+    Sparse COO: the rows of its (coalesced) indices, O(nnz). Dense: the rows with any nonzero
+    entry, one O(N·d) scan.
+    """
+    if grad.is_sparse:
+        grad = grad.coalesce()
+        indices, values = grad.indices(), grad.values()  # (sparse_dim, nnz), (nnz, *dense_dims)
+        if grad.sparse_dim() == 1:
+            return indices[0], values
+        # Element-sparse: regroup entries by row into dense rows.
+        rows, row_of_entry = indices[0].unique(return_inverse=True)
+        dense_rows = values.new_zeros(rows.numel(), *grad.shape[1:])
+        dense_rows[(row_of_entry, *indices[1:])] = values
+        return rows, dense_rows
+    nonzero = grad.reshape(grad.shape[0], -1).ne(0).any(1) if grad.dim() > 1 else grad.ne(0)
+    rows = nonzero.nonzero().squeeze(1)
+    return rows, grad[rows]
+
+
+class CombinedOptimizer(torch.optim.Optimizer):
+    """Several optimizers over disjoint parameters, driven as one.
+
+    `param_groups` is the concatenation of the parts' groups (the same dict objects), so setting a
+    group's lr (by hand or by an lr_scheduler) reaches the part that owns it.
+    """
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+        super().__init__([g for opt in optimizers for g in opt.param_groups], defaults={})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for opt in self.optimizers:
+            opt.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        parts = state_dict.get("optimizers")
+        if parts is None or len(parts) != len(self.optimizers):
+            raise MonorouteError(
+                "optimizer state does not match this optimizer (sparse_rows differs from the saved run?); "
+                "resume with the same sparse_rows setting"
+            )
+        for opt, part in zip(self.optimizers, parts):
+            opt.load_state_dict(part)
+        # Optimizer.load_state_dict builds new group dicts: share them again.
+        self.param_groups = [g for opt in self.optimizers for g in opt.param_groups]
+
+
+def build_optimizer(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.95),
+    sparse_rows: bool = False,
+) -> torch.optim.Optimizer:
+    """AdamW over `model` with no-decay groups; with sparse_rows, RowSparseAdamW for unit tables.
+
+    Returns one optimizer: torch AdamW, or (sparse_rows=True) a CombinedOptimizer of torch AdamW
+    and RowSparseAdamW. Every group has an "lr" the trainer may set; group names are in "name".
+    """
+    decay, no_decay, tables_decay, tables_no_decay = [], [], [], []
+    table_ids = {id(p) for m in model.modules() if isinstance(m, RoutedFFN) for n in UNIT_TABLES
+                 if (p := getattr(m, n)) is not None}
+    no_decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    no_decay_ids |= {id(m.keys) for m in model.modules() if isinstance(m, ProductKeyRouter)}
+    for m in model.modules():
+        if isinstance(m, RoutedFFN) and getattr(m, "sparse_grad", False) and not sparse_rows:
+            raise MonorouteError("RoutedFFN(sparse_grad=True) needs build_optimizer(..., sparse_rows=True)")
+    for _, p in model.named_parameters():  # deduplicated, so tied weights appear once
+        if not p.requires_grad:
+            continue
+        decays = p.dim() >= 2 and id(p) not in no_decay_ids
+        if sparse_rows and id(p) in table_ids:
+            (tables_decay if decays else tables_no_decay).append(p)
+        else:
+            (decay if decays else no_decay).append(p)
+    dense = torch.optim.AdamW(
+        groups(("decay", decay, weight_decay), ("no_decay", no_decay, 0.0)), lr=lr, betas=betas, weight_decay=0.0
+    )
+    if not sparse_rows:
+        return dense
+    rows = RowSparseAdamW(
+        groups(("tables_decay", tables_decay, weight_decay), ("tables_no_decay", tables_no_decay, 0.0)),
+        lr=lr, betas=betas, weight_decay=0.0,
+    )
+    return CombinedOptimizer([dense, rows])
+
+
+def groups(*specs: tuple[str, list[Tensor], float]) -> list[dict]:
+    """Param groups from (name, params, weight_decay), dropping empty ones (an empty optimizer
+    is an error in torch, so at least one group is always kept)."""
+    out = [{"name": name, "params": params, "weight_decay": wd} for name, params, wd in specs if params]
+    return out or [{"name": specs[0][0], "params": [], "weight_decay": specs[0][2]}]
+
+
+@torch.no_grad()
+def clip_grad_norm_(params: Iterable[Tensor], max_norm: float) -> Tensor:
+    """Scale all gradients so their joint L2 norm is at most max_norm; return the norm before.
+
+    Works for any mix of dense and sparse COO gradients. A sparse gradient is coalesced first
+    (and stored back coalesced), since duplicate entries add up before they are squared.
+    """
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    squares = []
+    for p in params:
+        if p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+        values = p.grad.values() if p.grad.is_sparse else p.grad
+        # Per-tensor norms accumulate in at least fp32; their squares are summed in fp64.
+        norm = torch.linalg.vector_norm(values, dtype=torch.promote_types(values.dtype, torch.float32))
+        if isinstance(norm, DTensor):  # FSDP2 shard: the norm over all ranks
+            norm = norm.full_tensor()
+        squares.append(norm.double().square().to(params[0].grad.device))
+    total = torch.stack(squares).sum().sqrt()
+    coef = min(1.0, max_norm / (total.item() + 1e-6))
+    for p in params:
+        p.grad.mul_(coef)
+    return total

@@ -1,0 +1,52 @@
+"""Smoke tests of the benchmark commands on tiny sizes: output shape and sane ratios, no timings."""
+import json
+import math
+
+from monoroute.bench.cli import main
+from monoroute.bench.layer import OPTIMIZERS
+
+TINY = ["--d", "16", "--tokens", "64", "--n-units", "64,256", "--k", "4,8", "--k-ref", "8", "--n-ref", "64",
+        "--n-compare", "144", "--warmup", "0", "--repeats", "1"]
+
+
+def positive_finite(value):
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+def test_bench_layer_json(tmp_path, capsys):
+    assert main(["layer", "--json", "--out", str(tmp_path), *TINY]) == 0
+    result = json.loads(capsys.readouterr().out)  # exactly one JSON object on stdout
+    for key in ("R_N", "R_k", "routed_vs_dense4d", "routed_vs_dense_matched", "R_N_opt_adamw", "R_N_opt_row_sparse"):
+        assert positive_finite(result[key]), key
+    assert result["R_N_at"] == {"k": 8, "n_units": [64, 256]}
+    assert result["routed_vs_dense4d_at"]["n_units"] == 144
+    grid = {(r["n_units"], r["k"]) for r in result["routed"]}
+    assert grid == {(64, 4), (64, 8), (256, 4), (256, 8), (144, 8)}
+    for row in result["routed"]:
+        for key in ("router_fwd", "router_bwd", "compute_fwd", "compute_bwd", "fwd", "bwd", "opt_adamw_dense_grad"):
+            assert positive_finite(row[key]), key
+        assert all(row[f"opt_{o}"] is None or positive_finite(row[f"opt_{o}"]) for o in OPTIMIZERS)
+        assert row["peak_mem_bytes"] >= 0
+    assert result["dense4d"]["width"] == 64
+    assert [m["width"] for m in result["dense_matched"]] == [1, 3, 6]
+    assert (tmp_path / "bench_layer_cpu.json").is_file() and (tmp_path / "bench_layer_cpu.png").stat().st_size > 0
+
+
+def test_bench_layer_rejects_bad_grid(tmp_path, capsys):
+    assert main(["layer", "--out", str(tmp_path), *TINY, "--k-ref", "16"]) == 2
+    assert "k_ref=16 is not in the k grid" in capsys.readouterr().err
+
+
+def test_shard_memory_json(capsys):
+    assert main(["shard-memory", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert len(rows) == 3 * 2 * 3
+    assert all(r["state_bytes_per_rank"] > 0 for r in rows)
+
+
+def test_bench_train_json(capsys):
+    assert main(["train", "--preset", "tiny", "--steps", "4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["variants"]) == {"dense", "routed", "routed_sparse_rows"}
+    assert all(positive_finite(v["tokens_per_s"]) and math.isfinite(v["val_loss"]) for v in result["variants"].values())
+    assert positive_finite(result["routed_vs_dense_tokens_per_s"])

@@ -1,0 +1,164 @@
+"""RowSparseAdamW against torch AdamW, the combined optimizer, and clipping of mixed grads."""
+import copy
+import pytest
+import torch
+from torch import nn
+
+from monoroute.errors import MonorouteError
+from monoroute.layers import RoutedFFN
+from monoroute.train.optim import RowSparseAdamW, build_optimizer, clip_grad_norm_, touched_rows
+
+HP = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+
+def table_pair(n=6, d=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, d, generator=g, dtype=torch.float64)
+    return nn.Parameter(w.clone()), nn.Parameter(w.clone())
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_all_rows_touched_equals_adamw(sparse):
+    ours, ref = table_pair()
+    bias_ours = nn.Parameter(torch.linspace(-1, 1, 6, dtype=torch.float64))
+    bias_ref = nn.Parameter(bias_ours.detach().clone())
+    opt = RowSparseAdamW([ours, bias_ours], **HP)
+    ref_opt = torch.optim.AdamW([ref, bias_ref], **HP)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        grad = torch.randn(6, 4, generator=g, dtype=torch.float64)
+        bias_grad = torch.randn(6, generator=g, dtype=torch.float64)
+        ref.grad, bias_ref.grad = grad.clone(), bias_grad.clone()
+        ours.grad = grad.to_sparse(sparse_dim=1) if sparse else grad.clone()
+        bias_ours.grad = bias_grad.to_sparse() if sparse else bias_grad.clone()
+        opt.step()
+        ref_opt.step()
+    assert torch.equal(ours, ref)
+    assert torch.equal(bias_ours, bias_ref)
+    assert torch.equal(opt.state[ours]["exp_avg_sq"], ref_opt.state[ref]["exp_avg_sq"])
+
+
+def test_untouched_rows_bit_identical_and_touched_rows_follow_own_steps():
+    ours, _ = table_pair()
+    before = ours.detach().clone()
+    opt = RowSparseAdamW([ours], **HP)
+    touched = torch.tensor([1, 4])
+    ref = nn.Parameter(before[touched].clone())  # torch AdamW on the touched rows alone
+    ref_opt = torch.optim.AdamW([ref], **HP)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        values = torch.randn(2, 4, generator=g, dtype=torch.float64)
+        # Duplicate entries for row 4 check that the gradient is coalesced (summed) first.
+        entries = torch.cat([values, values[1:] * 0])
+        ours.grad = torch.sparse_coo_tensor(torch.tensor([[1, 4, 4]]), entries, (6, 4), check_invariants=True)
+        ref.grad = values.clone()
+        opt.step()
+        ref_opt.step()
+    assert torch.equal(ours[touched], ref)
+    untouched = torch.tensor([0, 2, 3, 5])
+    assert torch.equal(ours[untouched], before[untouched])
+    assert torch.equal(opt.state[ours]["exp_avg"][untouched], torch.zeros(4, 4, dtype=torch.float64))
+    assert opt.state[ours]["step"].tolist() == [0, 3, 0, 0, 3, 0]
+    assert not torch.equal(ours[touched], before[touched])
+
+    # A row touched for the first time later gets the bias correction of ITS step 1: the first
+    # Adam step moves each coordinate by lr * sign(g) (plus decay), whatever the global step.
+    row0 = ours[0].detach().clone()
+    grad = torch.tensor([[0.5, -2.0, 3.0, -0.1]], dtype=torch.float64)
+    ours.grad = torch.sparse_coo_tensor(torch.tensor([[0]]), grad, (6, 4), check_invariants=True)
+    opt.step()
+    expected = row0 * (1 - HP["lr"] * HP["weight_decay"]) - HP["lr"] * grad[0].sign()
+    torch.testing.assert_close(ours[0].detach(), expected, rtol=0, atol=1e-7)
+
+
+def test_dense_grad_touches_nonzero_rows_only():
+    grad = torch.zeros(5, 3)
+    grad[2, 1] = 1.0
+    grad[4] = -2.0
+    rows, values = touched_rows(grad)
+    assert rows.tolist() == [2, 4]
+    assert torch.equal(values, grad[[2, 4]])
+    element_sparse = grad.to_sparse()  # sparse_dim=2: regrouped into rows
+    rows, values = touched_rows(element_sparse)
+    assert rows.tolist() == [2, 4] and torch.equal(values, grad[[2, 4]])
+
+
+def test_state_dict_roundtrip_resumes_identically():
+    def make_model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 8), RoutedFFN(8, 16, 4, aux_coef=0.0))
+
+    model = make_model()
+    x = torch.randn(10, 8)
+
+    def train_step(m, opt):
+        opt.zero_grad(set_to_none=True)
+        m(x).pow(2).sum().backward()
+        opt.step()
+
+    opt = build_optimizer(model, lr=1e-2, weight_decay=0.1, sparse_rows=True)
+    for _ in range(2):
+        train_step(model, opt)
+    resumed = make_model()
+    resumed.load_state_dict(model.state_dict())
+    resumed_opt = build_optimizer(resumed, lr=1e-2, weight_decay=0.1, sparse_rows=True)
+    resumed_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for group in resumed_opt.param_groups:  # the trainer's LR schedule must still reach every part
+        group["lr"] = 5e-3
+    for group in opt.param_groups:
+        group["lr"] = 5e-3
+    for _ in range(2):
+        train_step(model, opt)
+        train_step(resumed, resumed_opt)
+    for (name, a), b in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+    rows_part = resumed_opt.optimizers[1]
+    assert all(g["lr"] == 5e-3 for g in rows_part.param_groups)
+
+
+def test_build_optimizer_groups():
+    model = nn.Sequential(nn.Embedding(10, 8), nn.LayerNorm(8), nn.Linear(8, 8), RoutedFFN(8, 16, 4))
+    ffn = model[3]
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.1)
+    by_name = {g["name"]: {id(p) for p in g["params"]} for g in opt.param_groups}
+    assert by_name["decay"] == {id(model[2].weight), id(ffn.w_in), id(ffn.w_out), id(ffn.router.query.weight)}
+    assert id(model[0].weight) in by_name["no_decay"] and id(ffn.router.keys) in by_name["no_decay"]
+    assert {g["name"]: g["weight_decay"] for g in opt.param_groups} == {"decay": 0.1, "no_decay": 0.0}
+
+    sparse = build_optimizer(model, lr=1e-3, weight_decay=0.1, sparse_rows=True)
+    by_name = {g["name"]: {id(p) for p in g["params"]} for g in sparse.param_groups}
+    assert by_name["tables_decay"] == {id(ffn.w_in), id(ffn.w_out)}
+    assert by_name["tables_no_decay"] == {id(ffn.b_in)}
+    assert isinstance(sparse.optimizers[1], RowSparseAdamW)
+    n_params = sum(len(g["params"]) for g in sparse.param_groups)
+    assert n_params == len(list(model.parameters()))
+
+
+def test_sparse_grad_layer_requires_sparse_rows():
+    ffn = RoutedFFN(8, 16, 4)
+    ffn.sparse_grad = True  # what RoutedFFN(sparse_grad=True) sets
+    with pytest.raises(MonorouteError, match="sparse_rows=True"):
+        build_optimizer(ffn, lr=1e-3, weight_decay=0.1)
+
+
+def test_clip_mixed_grads_equals_dense():
+    g = torch.Generator().manual_seed(3)
+    dense_params = [nn.Parameter(torch.zeros(6, 4, dtype=torch.float64)) for _ in range(3)]
+    mixed_params = [nn.Parameter(torch.zeros(6, 4, dtype=torch.float64)) for _ in range(3)]
+    grads = [torch.randn(6, 4, generator=g, dtype=torch.float64) for _ in range(3)]
+    grads[1][[0, 3]] = 0
+    for p, grad in zip(dense_params, grads):
+        p.grad = grad.clone()
+    mixed_params[0].grad = grads[0].clone()
+    # Uncoalesced: row 1 split into two entries that must add before squaring.
+    rows = torch.tensor([[1, 2, 4, 5, 1]])
+    values = torch.cat([grads[1][[1, 2, 4, 5]] * torch.tensor([[0.5], [1], [1], [1]], dtype=torch.float64),
+                        grads[1][[1]] * 0.5])
+    mixed_params[1].grad = torch.sparse_coo_tensor(rows, values, (6, 4), check_invariants=True)
+    mixed_params[2].grad = grads[2].to_sparse()
+    for max_norm in (1e3, 0.5):
+        expected = torch.nn.utils.clip_grad_norm_(dense_params, max_norm)
+        total = clip_grad_norm_(mixed_params, max_norm)
+        torch.testing.assert_close(total, expected.to(total.dtype))
+        for a, b in zip(mixed_params, dense_params):
+            torch.testing.assert_close(a.grad.to_dense(), b.grad)
