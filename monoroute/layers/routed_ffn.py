@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from monoroute.errors import MonorouteError
 from monoroute.hooks import HookPoint, SparseActivations
-from monoroute.layers.compute import ACTIVATIONS, available_impls, resolve_impl, unit_activation
+from monoroute.layers.compute import ACTIVATIONS, available_impls, resolve_impl, unit_activation, unit_ffn
 from monoroute.layers.routers import DenseRouter, build_router
 
 GATES = ("sigmoid", "none")
@@ -103,14 +103,15 @@ class RoutedFFN(nn.Module):
         routing = self.router(xt, self.w_in, self.b_in)  # (T, k) ids and scores
         idx = routing.indices
         gate_logits = routing.scores if self.gate == "sigmoid" else None
-        compute = resolve_impl(self.impl, xt.device)
-        if compute.unit_ffn is not None and not (self.hook_pre.active or self.hook_post.active):
-            # No hook needs to see or change pre/h: one op, whose backward sorts idx once for both tables.
-            y, h = compute.unit_ffn(
-                xt, self.w_in, self.b_in, idx, gate_logits, self.w_out, self.activation, self.sparse_grad
+        if not (self.hook_pre.active or self.hook_post.active):
+            # No hook needs to see or change pre/h: the impl's fused op where it has one, whose
+            # backward sorts idx once for both tables.
+            y, h = unit_ffn(
+                xt, self.w_in, self.b_in, idx, gate_logits, self.w_out, self.activation, self.impl, self.sparse_grad
             )  # (T, d), (T, k)
             acts = SparseActivations(idx.view(*lead, self.k), h.view(*lead, self.k), self.n_units)
         else:
+            compute = resolve_impl(self.impl, xt.device)
             pre = compute.sampled_dot(xt, self.w_in, idx, self.sparse_grad)  # (T, k)
             if self.b_in is not None:
                 pre = pre + self.b_in[idx]
