@@ -181,3 +181,18 @@ def test_sparse_activations_to_dense():
 def test_bad_arguments_raise_one_clear_error(kwargs, message):
     with pytest.raises(MonorouteError, match=message):
         RoutedFFN(8, **kwargs)
+
+
+@pytest.mark.parametrize("router", ["dense", "product_key"])
+def test_sparse_grad_survives_the_revival_loss(router):
+    layer = make_layer(router, aux_coef=1.0, aux_units=8, sparse_grad=True, impl="cpu")
+    layer.train()
+    y = layer(torch.randn(6, 8, dtype=torch.double))
+    (y.sum() + layer.aux_loss).backward()
+    assert layer.w_in.grad.is_sparse and layer.w_out.grad.is_sparse
+
+
+def test_training_on_zero_tokens():
+    layer = make_layer("product_key", aux_coef=1.0)
+    layer.train()
+    assert layer(torch.randn(0, 8, dtype=torch.double)).shape == (0, 8)

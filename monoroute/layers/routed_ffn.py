@@ -154,10 +154,10 @@ class RoutedFFN(nn.Module):
 
     def revival_loss(self, xt: Tensor, selected_scores: Tensor) -> Tensor:
         dead = self.dead_mask().nonzero().squeeze(1)
-        if dead.numel() == 0:
+        if dead.numel() == 0 or xt.shape[0] == 0:
             return xt.new_zeros(())
         units = dead[torch.randperm(dead.numel(), device=dead.device)[: self.aux_units]]  # (U,)
-        scores = self.router.score_units(xt, units, self.w_in, self.b_in)  # (T, U)
+        scores = self.router.score_units(xt, units, self.w_in, self.b_in, self.sparse_grad)  # (T, U)
         best_token = scores.detach().argmax(0)  # (U,) where each dead unit is closest to selection
         best_score = scores.gather(0, best_token.unsqueeze(0)).squeeze(0)  # (U,)
         threshold = selected_scores.detach().min(-1).values[best_token]  # (U,)
@@ -165,7 +165,7 @@ class RoutedFFN(nn.Module):
             threshold = threshold.clamp(min=0)  # selected but not positive is still not firing
         loss = F.relu(threshold - best_score).mean()
         if self.activation == "relu" and not isinstance(self.router, DenseRouter):
-            pre = (xt[best_token] * self.w_in[units]).sum(-1)
+            pre = (xt[best_token] * F.embedding(units, self.w_in, sparse=self.sparse_grad)).sum(-1)
             if self.b_in is not None:
                 pre = pre + self.b_in[units]
             loss = loss + F.relu(-pre).mean()

@@ -20,6 +20,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from monoroute.errors import MonorouteError
@@ -50,9 +51,9 @@ class DenseRouter(nn.Module):
             top = self.all_scores(x, w_in, b_in).topk(self.k, dim=-1, sorted=False)
         return Routing(top.indices, top.values)
 
-    def score_units(self, x: Tensor, units: Tensor, w_in: Tensor, b_in: Tensor | None) -> Tensor:
+    def score_units(self, x: Tensor, units: Tensor, w_in: Tensor, b_in: Tensor | None, sparse_grad: bool = False) -> Tensor:
         """(T, d), (U,) -> (T, U) scores of the given units on every token."""
-        scores = x @ w_in[units].t()
+        scores = x @ F.embedding(units, w_in, sparse=sparse_grad).t()  # row-sparse gradient if asked
         return scores if b_in is None else scores + b_in[units]
 
 
@@ -108,7 +109,8 @@ class ProductKeyRouter(nn.Module):
         s1, s2 = self.half_scores(x)
         return (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)
 
-    def score_units(self, x: Tensor, units: Tensor, w_in: Tensor | None = None, b_in: Tensor | None = None) -> Tensor:
+    def score_units(self, x: Tensor, units: Tensor, w_in: Tensor | None = None, b_in: Tensor | None = None,
+                    sparse_grad: bool = False) -> Tensor:
         s1, s2 = self.half_scores(x)
         return s1[:, units // self.n_sub] + s2[:, units % self.n_sub]  # (T, U)
 
