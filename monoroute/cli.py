@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_run_parsers(sub)
     data.add_parser(sub)
-    for module in ():
+    for module in ("monoroute.toy.cli", "monoroute.bench.cli"):
         __import__(module, fromlist=["add_parser"]).add_parser(sub)
     return parser
 

@@ -205,7 +205,8 @@ def build_optimizer(
         else:
             (decay if decays else no_decay).append(p)
     dense = torch.optim.AdamW(
-        groups(("decay", decay, weight_decay), ("no_decay", no_decay, 0.0)), lr=lr, betas=betas, weight_decay=0.0
+        groups(("decay", decay, weight_decay), ("no_decay", no_decay, 0.0)), lr=lr, betas=betas, weight_decay=0.0,
+        fused=True,  # one pass over each tensor instead of ~7 foreach passes: the unit tables are large
     )
     if not sparse_rows:
         return dense
