@@ -83,13 +83,21 @@ class ProductKeyRouter(nn.Module):
         self.register_buffer("cand_i", cand_i[keep], persistent=False)  # (C,) rank in the first list
         self.register_buffer("cand_j", cand_j[keep], persistent=False)  # (C,) rank in the second list
         self.query = nn.Linear(d_model, d_key, bias=False)
-        # Unit-norm random keys spread the first selections over all sub-keys.
         self.keys = nn.Parameter(torch.randn(2, n_sub, self.d_half) / math.sqrt(self.d_half))
+        self.log_scale = nn.Parameter(torch.tensor(math.log(4.0)))  # sharpness of the sigmoid gate
 
     def half_scores(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Scaled cosine similarity of each query half to its sub-keys: (T, n_sub) each.
+
+        Cosine, not dot product: with raw dot products a few keys grow in norm and win for every
+        token (router collapse: 98 % dead units in our cpu-small run). Normalised, a key wins only
+        by pointing where queries point. The shared scale sets the gate's sharpness, not the choice.
+        """
         q = self.query(x)  # (T, d_key)
-        q1, q2 = q[..., : self.d_half], q[..., self.d_half :]
-        return q1 @ self.keys[0].t(), q2 @ self.keys[1].t()  # (T, n_sub) each
+        q1, q2 = F.normalize(q[..., : self.d_half], dim=-1), F.normalize(q[..., self.d_half :], dim=-1)
+        k1, k2 = F.normalize(self.keys, dim=-1).unbind(0)  # (n_sub, d_half) each
+        scale = self.log_scale.exp()
+        return scale * (q1 @ k1.t()), scale * (q2 @ k2.t())
 
     def forward(self, x: Tensor, w_in: Tensor | None = None, b_in: Tensor | None = None) -> Routing:
         s1, s2 = self.half_scores(x)  # (T, n_sub) each
