@@ -23,6 +23,7 @@ OVERRIDE_FLAGS = [
     ("--weight-decay", "weight_decay", float), ("--grad-clip", "grad_clip", float),
     ("--eval-every", "eval_every", int), ("--eval-batches", "eval_batches", int), ("--log-every", "log_every", int),
     ("--ckpt-every", "ckpt_every", int), ("--seed", "seed", int), ("--device", "device", str), ("--dtype", "dtype", str),
+    ("--parallel", "parallel", str),
 ]
 
 

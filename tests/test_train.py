@@ -190,3 +190,21 @@ def test_resume_refuses_a_vocab_mismatch(run, tmp_path, capsys):
     (out / "config.json").write_text(json.dumps(config))
     assert main(["train", "--resume", str(out), "--no-progress", "--steps", "8"]) == 2
     assert "vocab mismatch on resume" in error_line(capsys)
+
+
+def test_fsdp_two_cpu_processes_saves_a_full_checkpoint_and_resumes(tmp_path, capsys):
+    out = tmp_path / "fsdp"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = [*launch, "--master_port", str(free_port()), "-m", "monoroute", "train", "--preset", "tiny",
+             "--out", str(out), *FAST, "--parallel", "fsdp", "--until", "2"]
+    result = subprocess.run(first, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    resume = [*launch, "--master_port", str(free_port()), "-m", "monoroute", "train", "--resume", str(out),
+              "--no-progress"]
+    result = subprocess.run(resume, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5, 6]
+    capsys.readouterr()
+    assert main(["eval", str(out), "--json", "--batches", "1"]) == 0  # the saved weights are unsharded
+    assert json.loads(capsys.readouterr().out)["val_loss"] < metrics(out)[0]["train_loss"]

@@ -10,7 +10,6 @@ import json
 import sys
 from pathlib import Path
 
-from monoroute.errors import MonorouteError
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -110,11 +109,7 @@ def add_parser(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m monoroute.bench")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except MonorouteError as exc:
-        print(f"monoroute: error: {exc}", file=sys.stderr)
-        return 2
+    """`monoroute bench ...` through the top-level CLI (same parsing and error handling)."""
+    from monoroute.cli import main as cli_main
+
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])

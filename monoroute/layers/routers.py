@@ -84,7 +84,7 @@ class ProductKeyRouter(nn.Module):
         self.register_buffer("cand_j", cand_j[keep], persistent=False)  # (C,) rank in the second list
         self.query = nn.Linear(d_model, d_key, bias=False)
         self.keys = nn.Parameter(torch.randn(2, n_sub, self.d_half) / math.sqrt(self.d_half))
-        self.log_scale = nn.Parameter(torch.tensor(math.log(4.0)))  # sharpness of the sigmoid gate
+        self.log_scale = nn.Parameter(torch.full((1,), math.log(4.0)))  # gate sharpness; (1,) as FSDP2 shards no scalars
 
     def half_scores(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Scaled cosine similarity of each query half to its sub-keys: (T, n_sub) each.

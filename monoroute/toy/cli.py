@@ -92,12 +92,7 @@ def add_parser(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m monoroute.toy")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    args = parser.parse_args(["toy", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except MonorouteError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    """`monoroute toy ...` through the top-level CLI (same parsing and error handling)."""
+    from monoroute.cli import main as cli_main
+
+    return cli_main(["toy", *(sys.argv[1:] if argv is None else argv)])

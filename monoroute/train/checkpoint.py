@@ -102,10 +102,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(out: Path, model: nn.Module, optimizer, progress: dict) -> None:
-    """Write weights, optimizer, RNG and progress (step, tokens, ...) into run directory `out`."""
+def save_checkpoint(out: Path, model: nn.Module, optimizer_state: dict, progress: dict) -> None:
+    """Write weights, optimizer state, RNG and progress (step, tokens, ...) into run directory `out`."""
     tensors: dict = {}
-    skeleton = split_tensors({"optimizer": optimizer.state_dict(), "rng": rng_state()}, tensors)
+    skeleton = split_tensors({"optimizer": optimizer_state, "rng": rng_state()}, tensors)
     atomic_write(out / MODEL_FILE, lambda tmp: save_model(model, tmp))
     atomic_write(out / STATE_TENSORS_FILE, lambda tmp: save_file(tensors, tmp))
     state = dict(progress, state=skeleton)
@@ -126,8 +126,8 @@ def load_weights(out: Path, model: nn.Module) -> None:
                              f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); restore it or start a new run")
 
 
-def load_checkpoint(out: Path, model: nn.Module, optimizer) -> dict:
-    """Restore model, optimizer and RNG from `out`; return the saved progress dict."""
+def load_checkpoint(out: Path, model: nn.Module) -> tuple[dict, dict]:
+    """Restore model weights and RNG from `out`; return (optimizer state dict, progress dict)."""
     state = read_json(out / STATE_FILE, "checkpoint state")
     for name, digest in state.get("sha256", {}).items():
         if not (out / name).is_file() or sha256(out / name) != digest:
@@ -141,6 +141,5 @@ def load_checkpoint(out: Path, model: nn.Module, optimizer) -> dict:
     except (SafetensorError, OSError) as exc:
         raise MonorouteError(f"checkpoint {out / STATE_TENSORS_FILE} is corrupt ({exc}); restore it or start a new run") from None
     restored = join_tensors(state.pop("state"), tensors)
-    optimizer.load_state_dict(restored["optimizer"])
     set_rng_state(restored["rng"])
-    return state
+    return restored["optimizer"], state

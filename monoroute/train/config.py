@@ -30,6 +30,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     sparse_rows: bool = False  # lazy row-wise AdamW for the routed unit tables
+    parallel: str = "ddp"  # under torchrun: "ddp" (replicate) or "fsdp" (FSDP2, unit tables column-sharded)
     eval_every: int = 100
     eval_batches: int = 20
     log_every: int = 10
@@ -159,7 +160,7 @@ def with_train_overrides(cfg: RunConfig, overrides: dict) -> RunConfig:
     train = {}
     for key, value in flatten_overrides(overrides):
         section, name = field_owner(key)
-        if section != "train":
+        if section != "train" or name == "parallel":
             raise MonorouteError(
                 f"cannot change {key!r} when resuming (it changes the model or data); start a new run instead"
             )

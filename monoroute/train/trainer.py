@@ -14,6 +14,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict,
+)
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -26,6 +29,7 @@ from monoroute.train.checkpoint import (
     write_text,
 )
 from monoroute.train.config import RunConfig, TrainConfig
+from monoroute.train.fsdp import shard_model
 from monoroute.train.optim import build_optimizer, clip_grad_norm_
 
 METRICS_FILE = "metrics.jsonl"
@@ -152,6 +156,11 @@ def _train(cfg: RunConfig, info: D.DistInfo, resume: bool, until: int | None, ov
     autocast_for(device, tc.dtype)
     if cfg.model.sparse_grad and not tc.sparse_rows:
         raise MonorouteError("sparse_grad=true needs the row-sparse optimizer: set sparse_rows=true (or use --sparse-rows)")
+    if tc.parallel not in ("ddp", "fsdp"):
+        raise MonorouteError(f"unknown parallel {tc.parallel!r}; use ddp or fsdp")
+    if tc.parallel == "fsdp" and tc.sparse_rows:
+        raise MonorouteError("parallel=fsdp works with plain AdamW only (FSDP2 reduce-scatters dense gradients); "
+                             "drop sparse_rows or use parallel=ddp")
     if info.is_main:
         check_out_dir(out, resume, overwrite)
         store = prepare_data(cfg.data)  # builds the token cache once, outside OUT
@@ -166,11 +175,10 @@ def _train(cfg: RunConfig, info: D.DistInfo, resume: bool, until: int | None, ov
     cfg = replace(cfg, model=replace(cfg.model, vocab_size=store.vocab_size))
     torch.manual_seed(tc.seed)
     model = GPT(cfg.model).to(device)  # raises the layer's own errors (k, n_units, router, ...)
-    optimizer = build_optimizer(model, lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.beta1, tc.beta2),
-                                sparse_rows=tc.sparse_rows)
-    progress = {"step": 0, "tokens": 0}
-    if resume:
-        progress = load_checkpoint(out, model, optimizer)
+    fsdp = info.world > 1 and tc.parallel == "fsdp"
+    progress, optimizer_state = {"step": 0, "tokens": 0}, None
+    if resume:  # every rank reads the full checkpoint, before any sharding
+        optimizer_state, progress = load_checkpoint(out, model)
     elif info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / CONFIG_FILE, {"run": cfg.to_dict(), **run_info(model)})
@@ -178,17 +186,55 @@ def _train(cfg: RunConfig, info: D.DistInfo, resume: bool, until: int | None, ov
     if info.is_main:
         print(f"monoroute: {cfg.preset} {cfg.model.ffn} params={model.n_params():,} "
               f"active={model.n_active_params():,} flops/token={model.flops_per_token()['total']:,} device={device}")
-    net = DistributedDataParallel(model) if info.world > 1 else model
+    net = parallelize(model, info, fsdp)
+    # Built after sharding: under FSDP2 the optimizer must hold the sharded (DTensor) parameters.
+    optimizer = build_optimizer(model, lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.beta1, tc.beta2),
+                                sparse_rows=tc.sparse_rows)
+    if optimizer_state is not None:
+        load_optimizer_state(model, optimizer, optimizer_state, fsdp)
     metrics = MetricsLog(out, info.is_main, progress["step"] if resume else None)
     try:
-        summary = _loop(cfg, info, model, net, optimizer, store, device, metrics, progress, until, show_progress)
+        summary = _loop(cfg, info, model, net, optimizer, store, device, metrics, progress, until, show_progress,
+                        fsdp)
     finally:
         metrics.close()
-    summary.update(ranks_in_sync=D.ranks_in_sync(model, info), rank=info.rank)
+    # Under FSDP2 there is one logical copy of the weights, so there is nothing to compare.
+    summary.update(ranks_in_sync=None if fsdp else D.ranks_in_sync(model, info), rank=info.rank)
     return summary
 
 
-def _loop(cfg, info, model, net, optimizer, store, device, metrics, progress, until, show_progress) -> dict:
+def parallelize(model: GPT, info: D.DistInfo, fsdp: bool) -> torch.nn.Module:
+    """The module to run forward on: the model itself, DDP around it, or the model sharded in place."""
+    if fsdp:
+        return shard_model(model)
+    return DistributedDataParallel(model) if info.world > 1 else model
+
+
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def checkpoint_payload(cfg: RunConfig, model: GPT, optimizer, fsdp: bool) -> tuple[GPT | None, dict]:
+    """The unsharded model to save and the optimizer state. Collective under FSDP2 (every rank calls);
+    the full tensors then live on rank 0 only, which loads them into a plain replica to save."""
+    if not fsdp:
+        return model, optimizer.state_dict()
+    model_state = get_model_state_dict(model, options=FULL_STATE)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=FULL_STATE)
+    if not model_state:  # not rank 0
+        return None, optimizer_state
+    replica = GPT(cfg.model)
+    replica.load_state_dict(model_state)
+    return replica, optimizer_state
+
+
+def load_optimizer_state(model: GPT, optimizer, state: dict, fsdp: bool) -> None:
+    if fsdp:  # saved as a full, name-keyed state dict; every rank takes its own shard of it
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)
+
+
+def _loop(cfg, info, model, net, optimizer, store, device, metrics, progress, until, show_progress, fsdp) -> dict:
     tc, out = cfg.train, Path(cfg.out)
     stop = min(tc.steps, until) if until is not None else tc.steps
     tokens_per_step = tc.batch_size * cfg.model.block_size * tc.grad_accum * info.world
@@ -207,7 +253,8 @@ def _loop(cfg, info, model, net, optimizer, store, device, metrics, progress, un
             x, y = store.batch(step * tc.grad_accum + micro, tc.batch_size, cfg.model.block_size, tc.seed,
                                info.rank, info.world)
             x, y = x.to(device), y.to(device)
-            sync = micro == tc.grad_accum - 1 or info.world == 1
+            # DDP skips the all-reduce on all but the last micro-batch; FSDP2 reduce-scatters every one.
+            sync = micro == tc.grad_accum - 1 or info.world == 1 or fsdp
             with (contextlib.nullcontext() if sync else net.no_sync()), autocast_for(device, tc.dtype):
                 _, loss = net(x, y)
                 aux = model.aux_loss()
@@ -243,8 +290,9 @@ def _loop(cfg, info, model, net, optimizer, store, device, metrics, progress, un
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             window_start, window_tokens = time.perf_counter(), 0
         if step % tc.ckpt_every == 0 or is_last:
+            to_save, optimizer_state = checkpoint_payload(cfg, model, optimizer, fsdp)
             if info.is_main:
-                save_checkpoint(out, model, optimizer, {"step": step, "tokens": tokens})
+                save_checkpoint(out, to_save, optimizer_state, {"step": step, "tokens": tokens})
             last_saved = step
             D.barrier(info)
     bar.close()
