@@ -1,6 +1,7 @@
 """`monoroute train/eval/sample`: outputs, exact resume, refusals and clear errors."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -28,6 +29,11 @@ def error_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("monoroute: error: ")
     return err[0]
+
+
+def copy_run(run, out):
+    shutil.copytree(run, out, ignore=shutil.ignore_patterns("tensorboard"))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -102,11 +108,7 @@ def test_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, monkeypatch
 
 
 def test_corrupt_checkpoint_is_detected(run, tmp_path, capsys):
-    out = tmp_path / "copy"
-    out.mkdir()
-    for path in run.iterdir():
-        if path.is_file():
-            (out / path.name).write_bytes(path.read_bytes())
+    out = copy_run(run, tmp_path / "copy")
     data = (out / "model.safetensors").read_bytes()
     (out / "model.safetensors").write_bytes(data[: len(data) // 2])
     assert main(["train", "--resume", str(out), "--no-progress", "--steps", "8"]) == 2
@@ -180,11 +182,7 @@ def test_ddp_two_cpu_processes(tmp_path):
 
 
 def test_resume_refuses_a_vocab_mismatch(run, tmp_path, capsys):
-    out = tmp_path / "vocab"
-    out.mkdir()
-    for path in run.iterdir():
-        if path.is_file():
-            (out / path.name).write_bytes(path.read_bytes())
+    out = copy_run(run, tmp_path / "vocab")
     config = json.loads((out / "config.json").read_text())
     config["run"]["model"]["vocab_size"] = 300
     (out / "config.json").write_text(json.dumps(config))

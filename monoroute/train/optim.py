@@ -44,6 +44,14 @@ from monoroute.layers import ProductKeyRouter, RoutedFFN
 UNIT_TABLES = ("w_in", "w_out", "b_in")
 
 
+def evaluate_closure(closure):
+    """The loss from an optimizer's optional closure (re-evaluated with gradients on), or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class RowSparseAdamW(torch.optim.Optimizer):
     """AdamW that updates only the rows (first-dim slices) present in each parameter's gradient.
 
@@ -63,10 +71,7 @@ class RowSparseAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
@@ -148,10 +153,7 @@ class CombinedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for opt in self.optimizers:
             opt.step()
         return loss
