@@ -130,6 +130,7 @@ def test_corrupt_checkpoint_is_detected(run, tmp_path, capsys):
         (["train", "--resume", "/nonexistent/run"], "run config /nonexistent/run/config.json is missing"),
         (["eval", "/nonexistent/run"], "is missing"),
         (["train", "--config", "/nonexistent.yaml"], "config file /nonexistent.yaml not found"),
+        (["train", "--device", "tpu"], "unknown device 'tpu'; use --device cpu"),
     ],
 )
 def test_bad_input_gives_one_error_line(argv, message, tmp_path, capsys):

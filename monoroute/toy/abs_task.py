@@ -31,7 +31,8 @@ from monoroute.data.toy_features import sparse_uniform
 from monoroute.errors import MonorouteError
 from monoroute.layers import RoutedFFN
 from monoroute.toy import metrics
-from monoroute.toy.common import fit, generator, resolve_device
+from monoroute.devices import resolve_device
+from monoroute.toy.common import fit, generator
 
 REPRESENTED = 0.5  # feature i is computed when ŷ_i >= 0.5 for both x = e_i and x = -e_i
 

@@ -1,4 +1,4 @@
-"""Pieces every toy experiment shares: device choice, seeding, and the Adam loop."""
+"""Pieces every toy experiment shares: seeding and the Adam loop."""
 from __future__ import annotations
 
 from typing import Callable
@@ -6,15 +6,6 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from monoroute.errors import MonorouteError
-
-
-def resolve_device(name: str) -> torch.device:
-    if name not in ("cpu", "cuda"):
-        raise MonorouteError(f"unknown device {name!r}; use --device cpu or --device cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise MonorouteError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    return torch.device(name)
 
 
 def generator(seed: int, device: torch.device) -> torch.Generator:

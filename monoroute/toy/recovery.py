@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from monoroute.data.toy_features import SuperposedActivations, decaying_firing_probabilities, unit_directions
 from monoroute.layers import RoutedFFN
 from monoroute.toy import metrics, sae_baselines
-from monoroute.toy.common import fit, generator, resolve_device
+from monoroute.devices import resolve_device
+from monoroute.toy.common import fit, generator
 
 
 @dataclass

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from monoroute.data.toy_features import sparse_uniform
 from monoroute.toy import metrics
-from monoroute.toy.common import fit, generator, resolve_device
+from monoroute.devices import resolve_device
+from monoroute.toy.common import fit, generator
 
 REPRESENTED_NORM = 0.5  # ‖W_i‖ above this: feature i is represented (Elhage et al. use the same cut)
 SUPERPOSED = 0.1  # Σ_{j≠i}(Ŵ_i·W_j)^2 above this: feature i shares its direction

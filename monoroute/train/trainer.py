@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from monoroute.data import prepare_data
+from monoroute.devices import resolve_device
 from monoroute.errors import MonorouteError
 from monoroute.models import GPT
 from monoroute.train import distributed as D
@@ -33,17 +34,6 @@ from monoroute.train.fsdp import shard_model
 from monoroute.train.optim import build_optimizer, clip_grad_norm_
 
 METRICS_FILE = "metrics.jsonl"
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MonorouteError(f"device {name!r} asked for but CUDA is not available; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise MonorouteError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
 
 
 def autocast_for(device: torch.device, dtype: str):

@@ -1,0 +1,18 @@
+"""Device choice shared by training, evaluation and the toy lab."""
+from __future__ import annotations
+
+import torch
+
+from monoroute.errors import MonorouteError
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """"auto" (CUDA if visible, else CPU), "cpu", "cuda" or "cuda:N"; a clear error otherwise."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MonorouteError(f"device {name!r} asked for but CUDA is not available; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise MonorouteError(f"unknown device {name!r}; use --device cpu, --device cuda[:N] or --device auto") from None
