@@ -1,4 +1,4 @@
-"""The `monoroute` command line: train, eval, sample, data, toy, bench."""
+"""The `monoroute` command line: train, eval, sample, data, toy, bench, analyze, compare."""
 from __future__ import annotations
 
 import argparse
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_run_parsers(sub)
     data.add_parser(sub)
-    for module in ("monoroute.toy.cli", "monoroute.bench.cli"):
+    for module in ("monoroute.toy.cli", "monoroute.bench.cli", "monoroute.interp.cli"):
         __import__(module, fromlist=["add_parser"]).add_parser(sub)
     return parser
 

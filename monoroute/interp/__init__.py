@@ -1,0 +1,1 @@
+"""Interpretability: capture unit activations, label concepts, score units, compare with baselines."""
