@@ -49,6 +49,7 @@ class AnalyzeOptions:
     progress: bool = True
     interventions: int = 6  # concepts whose best unit is ablated / clamped / steered
     dashboards: int = 8  # concepts whose best units get a dashboard
+    baseline_tokens: int | None = None  # training tokens for the SAE / transcoder (None: their defaults)
 
 
 def weights_fingerprint(model) -> str:
@@ -79,7 +80,11 @@ def check_options(run: Path, opts: AnalyzeOptions) -> None:
     if opts.tokens <= 0:
         raise MonorouteError(f"--tokens must be positive, got {opts.tokens}; e.g. --tokens 200000")
     if opts.keep <= 0:
-        raise MonorouteError(f"--keep must be positive, got {opts.keep}")
+        raise MonorouteError(f"--keep must be positive, got {opts.keep}; e.g. --keep 128")
+    if opts.baseline_tokens is not None and opts.baseline_tokens <= 0:
+        raise MonorouteError(f"--baseline-tokens must be positive, got {opts.baseline_tokens}")
+    if opts.interventions < 0 or opts.dashboards < 0:
+        raise MonorouteError("--interventions and --dashboards must be 0 or more")
 
 
 def analyze(run_dir: str | Path, opts: AnalyzeOptions | None = None) -> dict:

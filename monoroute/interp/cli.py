@@ -15,32 +15,21 @@ COMPARE_UNITS = [("L0", "l0"), ("live-slot", "live_slot_fraction"), ("dead %", "
 FLOOR_KEYS = ("coverage", "mean_purity", "sparse_probe_f1", "explanation_f1")
 
 
-def positive_int(text: str) -> int:
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}; e.g. --tokens 200000")
-    return value
-
-
 def add_parser(sub) -> None:
     p = sub.add_parser("analyze", help="score a run's units: coverage, purity, sparse probes, explanations, "
                                        "baselines, dashboards (writes RUN/analysis/)")
     p.add_argument("run")
     p.add_argument("--data", help="corpus spec to analyse (default: the run's own validation split)")
-    p.add_argument("--tokens", type=positive_int, default=200_000, help="positions to analyse (default 200000)")
+    p.add_argument("--tokens", type=int, default=200_000, help="positions to analyse (default 200000)")
     p.add_argument("--layer", type=int, help="layer scored in full and where baselines train (default n_layer // 2)")
     p.add_argument("--all-layers", action="store_true", help="score every FFN layer in full")
     p.add_argument("--sae", action="store_true", help="train a TopK SAE (sae-lens) on the dense layer's activations")
     p.add_argument("--transcoder", action="store_true", help="train a TopK transcoder on the dense layer post hoc")
     p.add_argument("--concepts", help="YAML/TOML file of extra regex concepts")
-    p.add_argument("--keep", type=positive_int, default=128, help="dense activations kept per position (top by value)")
+    p.add_argument("--keep", type=int, default=128, help="dense activations kept per position (top by value)")
     p.add_argument("--interventions", type=int, default=6, help="concepts whose best unit is ablated/clamped/steered")
     p.add_argument("--dashboards", type=int, default=8, help="concepts whose best units get a dashboard")
+    p.add_argument("--baseline-tokens", type=int, help="training tokens for --sae/--transcoder (default: their own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print the headline numbers as one JSON object")
@@ -59,7 +48,8 @@ def cmd_analyze(args) -> int:
     opts = AnalyzeOptions(data=args.data, tokens=args.tokens, layer=args.layer, all_layers=args.all_layers,
                           sae=args.sae, transcoder=args.transcoder, concepts=args.concepts, keep=args.keep,
                           seed=args.seed, device=args.device, progress=not args.no_progress,
-                          interventions=args.interventions, dashboards=args.dashboards)
+                          interventions=args.interventions, dashboards=args.dashboards,
+                          baseline_tokens=args.baseline_tokens)
     report = analyze(args.run, opts)
     if args.json:
         print(json.dumps(summary(report)))
