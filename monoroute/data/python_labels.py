@@ -55,13 +55,39 @@ def token_kind(tok: tokenize.TokenInfo) -> str | None:
 
 def label_python(text: str) -> PythonLabels:
     """(n_chars,) kind and bracket depth of every character of `text`."""
+    return label_python_spans(text, *tokenize_spans(text))
+
+
+TokenSpan = tuple[tokenize.TokenInfo, int, int]  # a token and its [start, end) character offsets
+
+
+def tokenize_spans(text: str) -> tuple[list[TokenSpan], int | None]:
+    """Every token `tokenize` yields for `text` with its [start, end) character offsets, and where a
+    fatal tokenize error stopped it: the end offset of the last good token (None when it reached the
+    end). One tokenize pass that `label_python_spans` and other labellers share."""
     lines = io.StringIO(text).readlines()  # the same split tokenize sees: on "\n" only
+    line_start = [0]
+    for line in lines:
+        line_start.append(line_start[-1] + len(line))
+    last_row = len(lines)
+
+    spans: list[TokenSpan] = []
+    end = 0
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+            (srow, scol), (erow, ecol) = tok.start, tok.end
+            start = line_start[min(srow - 1, last_row)] + scol
+            end = line_start[min(erow - 1, last_row)] + ecol
+            spans.append((tok, start, end))
+    except (tokenize.TokenError, SyntaxError):  # SyntaxError covers IndentationError
+        return spans, end
+    return spans, None
+
+
+def label_python_spans(text: str, spans: list[TokenSpan], error_at: int | None) -> PythonLabels:
+    """`label_python` from the output of `tokenize_spans(text)`."""
+    lines = io.StringIO(text).readlines()
     line_start = np.concatenate([[0], np.cumsum([len(line) for line in lines])]).astype(np.int64)
-
-    def offset(pos: tuple[int, int]) -> int:
-        row, col = pos
-        return int(line_start[min(row - 1, len(lines))]) + col
-
     n = len(text)
     kind = np.full(n, KIND["whitespace"], dtype=np.int8)
     # Leading whitespace of each physical line; tokens below overwrite what is not whitespace.
@@ -69,21 +95,19 @@ def label_python(text: str) -> PythonLabels:
         width = len(line) - len(line.lstrip(" \t\f"))
         kind[start : start + width] = KIND["indent"]
     depth_delta = np.zeros(n + 1, dtype=np.int16)
-    depth, end = 0, 0
-    try:
-        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
-            start, end = offset(tok.start), offset(tok.end)
-            label = token_kind(tok)
-            if label is not None and end > start:
-                kind[start:end] = KIND[label]
-            if tok.type == token.OP and tok.string in OPENING:
-                depth += 1
-                depth_delta[end] += 1
-            elif tok.type == token.OP and tok.string in CLOSING and depth > 0:
-                depth -= 1
-                depth_delta[start] -= 1
-    except (tokenize.TokenError, SyntaxError):  # SyntaxError covers IndentationError
-        kind[end:] = KIND["error"]
+    depth = 0
+    for tok, start, end in spans:
+        label = token_kind(tok)
+        if label is not None and end > start:
+            kind[start:end] = KIND[label]
+        if tok.type == token.OP and tok.string in OPENING:
+            depth += 1
+            depth_delta[end] += 1
+        elif tok.type == token.OP and tok.string in CLOSING and depth > 0:
+            depth -= 1
+            depth_delta[start] -= 1
+    if error_at is not None:
+        kind[error_at:] = KIND["error"]
     return PythonLabels(kind, np.cumsum(depth_delta[:n], dtype=np.int16))
 
 

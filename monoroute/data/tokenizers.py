@@ -33,6 +33,10 @@ class Tokenizer(Protocol):
 
     def to_json(self) -> str: ...
 
+    def boundary_ids(self) -> list[int]:
+        """The separator put between documents: a context that means "a new document starts here"."""
+        ...
+
     def encode_documents(self, texts: list[str]) -> np.ndarray:
         """(n_tokens,) int64 ids of all texts, each followed by the separator."""
         ...
@@ -52,6 +56,9 @@ class ByteTokenizer:
 
     def to_json(self) -> str:
         return json.dumps({"kind": self.kind, "vocab_size": self.vocab_size})
+
+    def boundary_ids(self) -> list[int]:
+        return list(BYTE_SEPARATOR)
 
     def encode_documents(self, texts: list[str]) -> np.ndarray:
         # One join and one frombuffer: no per-byte Python work, so the stdlib takes seconds.
@@ -105,6 +112,9 @@ class BPETokenizer:
 
     def to_json(self) -> str:
         return self.hf.to_str()
+
+    def boundary_ids(self) -> list[int]:
+        return [self.eot_id]
 
     def encode_documents(self, texts: list[str]) -> np.ndarray:
         encodings = self.hf.encode_batch(texts, add_special_tokens=False)  # parallel in Rust

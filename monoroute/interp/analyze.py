@@ -56,7 +56,7 @@ def weights_fingerprint(model) -> str:
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -206,6 +206,7 @@ def analyze(run_dir: str | Path, opts: AnalyzeOptions | None = None) -> dict:
             per_layer.setdefault(f"L{acts.layer}", {})[acts.name] = M.firing_stats(acts)
             if acts.layer in score_layers:
                 scored = M.all_metrics(acts, labels, stream.positions, seed=opts.seed)
+                scored.update(n_units=acts.n_units, k=acts.k)
                 if acts.layer == layer:
                     unit_sets[acts.name] = scored
                     loaded[acts.name] = acts

@@ -13,9 +13,6 @@ import scipy.sparse as sp
 
 from monoroute.interp.types import ConceptLabels, Positions
 
-THRESHOLDS = np.round(np.arange(0.0, 1.0, 0.1), 2)
-
-
 def vocab_strings(tokenizer, vocab_size: int) -> list[str]:
     """A readable string for every token id: whitespace made visible, undecodable bytes as <xNN>."""
     out = []
@@ -47,25 +44,16 @@ def context(col: np.ndarray, positions: Positions, strings: list[str], p: int, b
     }
 
 
-def best_concepts(col: np.ndarray, labels: ConceptLabels, top: int = 5) -> list[dict]:
-    """The concepts this unit detects best: F1 of (activation > t·max) against each concept."""
-    peak = col.max()
-    if peak <= 0:
-        return []
-    L = labels.matrix
-    n_concept = L.sum(0).astype(np.float64)  # (C,)
-    best = np.zeros(L.shape[1]), np.zeros(L.shape[1]), np.zeros(L.shape[1]), np.zeros(L.shape[1])
-    for t in THRESHOLDS:
-        on = col > t * peak
-        tp = L[on].sum(0).astype(np.float64)  # (C,)
-        n_on = on.sum()
-        f1 = 2 * tp / np.maximum(n_on + n_concept, 1)
-        better = f1 > best[0]
-        for arr, val in zip(best, (f1, tp / max(n_on, 1), tp / np.maximum(n_concept, 1), np.full_like(f1, t))):
-            arr[better] = val[better]
-    order = np.argsort(-best[0])[:top]
-    return [{"concept": labels.names[c], "f1": round(float(best[0][c]), 4), "precision": round(float(best[1][c]), 4),
-             "recall": round(float(best[2][c]), 4), "threshold": float(best[3][c])} for c in order if best[0][c] > 0]
+def best_concepts(matrix: sp.spmatrix, unit: int, labels: ConceptLabels, top: int = 5) -> list[dict]:
+    """The concepts this unit detects best: coverage's own detector (activation > t·max, best t)
+    run on this one column, so a dashboard and the coverage table never disagree."""
+    from monoroute.interp.metrics import coverage
+    from monoroute.interp.types import UnitActivations
+
+    rows = coverage(UnitActivations("unit", 0, sp.csr_matrix(matrix[:, [unit]])), labels)["per_concept"]
+    rows = sorted((r for r in rows if r["f1"] > 0), key=lambda r: -r["f1"])[:top]
+    return [{"concept": r["concept"], "f1": round(r["f1"], 4), "precision": round(r["precision"], 4),
+             "recall": round(r["recall"], 4), "threshold": r["threshold"]} for r in rows]
 
 
 def unit_dashboard(matrix: sp.spmatrix, unit: int, positions: Positions, strings: list[str],
@@ -91,5 +79,5 @@ def unit_dashboard(matrix: sp.spmatrix, unit: int, positions: Positions, strings
     counts, bin_edges = np.histogram(col[fired], bins=20)
     dash["histogram"] = {"counts": counts.tolist(), "edges": [float(e) for e in bin_edges]}
     if labels is not None:
-        dash["best_concepts"] = best_concepts(col, labels)
+        dash["best_concepts"] = best_concepts(matrix, unit, labels)
     return dash
