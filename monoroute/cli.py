@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import sys
-from pathlib import Path
 
 from monoroute.errors import MonorouteError
 
@@ -54,14 +54,12 @@ def collect_overrides(args) -> dict:
 
 
 def cmd_train(args) -> int:
-    from monoroute.train.checkpoint import CONFIG_FILE, read_json
-    from monoroute.train.config import RunConfig, build_run_config, with_train_overrides
-    from monoroute.train.trainer import train
+    from monoroute.train.config import build_run_config, with_train_overrides
+    from monoroute.train.trainer import read_run_config, train
 
     overrides = collect_overrides(args)
     if args.resume:
-        saved = read_json(Path(args.resume) / CONFIG_FILE, "run config")
-        cfg = with_train_overrides(RunConfig.from_dict(saved["run"]), overrides)
+        cfg = with_train_overrides(read_run_config(args.resume), overrides)
         cfg.out = args.resume
     else:
         preset = overrides.pop("preset", args.preset)
@@ -79,16 +77,20 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from monoroute.data import prepare_data
-    from monoroute.train.trainer import evaluate, load_run
+    from monoroute.train.trainer import evaluate_with_stats, load
 
-    cfg, model = load_run(args.run, args.device)
+    if args.batches is not None and args.batches < 1:
+        raise MonorouteError(f"--batches must be at least 1, got {args.batches}")
+    run = load(args.run, args.device)  # verifies the checkpoint's sha256
+    cfg, model = run.config, run.model
     if args.batches:
         cfg.train.eval_batches = args.batches
     store = prepare_data(cfg.data)
-    val_loss = evaluate(model, store, cfg, next(model.parameters()).device)
+    val_loss, routed = evaluate_with_stats(model, store, cfg, next(model.parameters()).device)
     report = {
+        "step": run.step,
         "val_loss": val_loss,
-        "perplexity": math.exp(val_loss),
+        "perplexity": math.exp(val_loss) if val_loss < 700 else None,  # None: too large for a float
         "params": model.n_params(),
         "active_params": model.n_active_params(),
         "flops_per_token": model.flops_per_token()["total"],
@@ -98,30 +100,44 @@ def cmd_eval(args) -> int:
         report["bits_per_byte"] = val_loss / math.log(2)
     if model.routed_layers():
         report["dead_fraction"] = model.dead_fraction()
+        report.update(routed)  # l0 and live_slot_fraction over the evaluated tokens, per layer and mean
     if args.json:
         print(json.dumps(report))
     else:
         for key, value in report.items():
-            print(f"{key:>20}: {value:,.4f}" if isinstance(value, float) else f"{key:>20}: {value}")
+            if key == "routed":
+                for name, layer in value.items():
+                    print(f"{name:>20}: l0 {layer['l0']:.2f}, live slots {layer['live_slot_fraction']:.3f}")
+            else:
+                print(f"{key:>20}: {value:,.4f}" if isinstance(value, float) else f"{key:>20}: {value}")
     return 0
 
 
 def cmd_sample(args) -> int:
     import torch
 
-    from monoroute.data import load_tokenizer
     from monoroute.models.gpt import generate
-    from monoroute.train.checkpoint import TOKENIZER_FILE
-    from monoroute.train.trainer import load_run
+    from monoroute.train.trainer import load
 
-    cfg, model = load_run(args.run, args.device)
-    tokenizer = load_tokenizer(Path(args.run) / TOKENIZER_FILE)
+    if args.max_new_tokens < 0:
+        raise MonorouteError(f"--max-new-tokens must be 0 or more, got {args.max_new_tokens}")
+    if args.top_k is not None and args.top_k < 1:
+        raise MonorouteError(f"--top-k must be at least 1 (1 = always the likeliest token), got {args.top_k}")
+    if not (args.temperature >= 0 and math.isfinite(args.temperature)):
+        raise MonorouteError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    run = load(args.run, args.device)  # verifies the checkpoint's sha256
+    model, tokenizer = run.model, run.tokenizer
     device = next(model.parameters()).device
-    ids = tokenizer.encode(args.prompt) or [0]
-    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    # An empty prompt starts at a document boundary, which is not printed.
+    ids = tokenizer.encode(args.prompt) if args.prompt else tokenizer.boundary_ids()
+    if max(ids) >= model.cfg.vocab_size:
+        raise MonorouteError(f"the prompt has token ids beyond the model's vocabulary ({model.cfg.vocab_size}); "
+                             f"the run's tokenizer.json does not match its model")
+    idx = torch.tensor([ids[-model.cfg.block_size:]], dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    out = generate(model, idx, args.max_new_tokens, args.temperature, args.top_k, gen)
-    print(tokenizer.decode(out[0].tolist()))
+    out = generate(model, idx, args.max_new_tokens, args.temperature, args.top_k, gen)[0].tolist()
+    new = out[idx.shape[1]:]
+    print(args.prompt + tokenizer.decode(new) if args.prompt else tokenizer.decode(new))
     return 0
 
 
@@ -180,6 +196,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except MonorouteError as exc:
         print(f"monoroute: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk anywhere the commands did not expect it: still one line
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" while writing {exc.filename}" if exc.filename else ""
+        print(f"monoroute: error: disk full{where} ({exc.strerror}); free space and run the command again",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("monoroute: interrupted", file=sys.stderr)

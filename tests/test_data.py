@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,7 +15,7 @@ import torch
 
 from monoroute.data import DataConfig, add_parser, load_tokenizer, prepare_data, split_of
 from monoroute.data import token_store as token_store_module
-from monoroute.data.corpus import cap_bytes, open_source
+from monoroute.data.corpus import CHUNK_CHARS, ChunkKey, cap_bytes, chunk_blocks, merge_chunks, open_source
 from monoroute.data.python_labels import KINDS, label_python, label_python_bytes
 from monoroute.data.token_store import dtype_for
 from monoroute.data.tokenizers import BYTE_SEPARATOR, BPETokenizer, ByteTokenizer
@@ -84,13 +87,15 @@ def test_local_glob_directory_and_single_file(tmp_path):
     (root / ".hidden").write_text("secret\n")
     (root / "blob.bin").write_bytes(b"\xff\xfe\x00binary")  # not UTF-8: skipped
 
+    # Fewer than FEW_FILES files: each file is chunked (here each fits in one chunk, "<path>@0").
     glob_docs = list(open_source(str(root / "**" / "*.txt")).documents())
-    assert glob_docs == [("a.txt", "alpha text\n"), ("sub/b.txt", "beta text\n")]
+    assert glob_docs == [("a.txt@0", "alpha text\n"), ("sub/b.txt@0", "beta text\n")]
+    assert all(isinstance(k, ChunkKey) for k, _ in glob_docs)
     dir_keys = [k for k, _ in open_source(str(root)).documents()]
-    assert dir_keys == ["a.txt", "notes.md", "sub/b.txt"]
+    assert dir_keys == ["a.txt@0", "notes.md@0", "sub/b.txt@0"]
     (tmp_path / "one.txt").write_text("first para\n\n\n\nsecond para\n\nthird")
     assert list(open_source(str(tmp_path / "one.txt")).documents()) == [
-        ("one.txt#0", "first para"), ("one.txt#2", "second para"), ("one.txt#3", "third")]
+        ("one.txt@0", "first para\n\n\n\nsecond para\n\nthird")]
 
     cfg = DataConfig(source=str(root / "**" / "*.txt"), val_fraction=0.0, cache_dir=str(tmp_path / "c"))
     store = prepare_data(cfg)
@@ -111,8 +116,12 @@ def test_hf_dataset_built_locally(tmp_path):
         np.testing.assert_array_equal(np.asarray(store.tokens(split)), expected_stream(docs, split, 0.2))
     assert store.meta["n_documents"] == {"train": sum(split_of(k, 0.2) == "train" for k, _ in docs),
                                         "val": sum(split_of(k, 0.2) == "val" for k, _ in docs)}
-    with pytest.raises(MonorouteError, match=r"no text column 'text'; available columns: content, id"):
+    with pytest.raises(MonorouteError, match=r"no text column 'text'; available columns: content, id; .*"
+                                             r"\(--text-column content\)"):
         prepare_data(DataConfig(source=f"hf:{ds}", cache_dir=str(tmp_path / "c")))
+    with pytest.raises(MonorouteError, match=r"column 'id' of .* holds int, not text; set text_column to a text "
+                                             r"column \(content\)"):
+        prepare_data(DataConfig(source=f"hf:{ds}", text_column="id", cache_dir=str(tmp_path / "c")))
 
 
 # ---- tokenizers -----------------------------------------------------------------------------
@@ -179,7 +188,8 @@ def test_cache_reused_without_retokenising(tmp_path, monkeypatch, byte_store):
     assert other.path != byte_store.path and not other.reused
 
 
-@pytest.mark.parametrize("damage", ["meta_not_json", "meta_missing_keys", "meta_wrong_count", "truncated_bin"])
+@pytest.mark.parametrize("damage", ["meta_not_json", "meta_missing_keys", "meta_wrong_count", "truncated_bin",
+                                    "flipped_bytes"])
 def test_corrupt_cache_is_rebuilt(tmp_path, byte_store, damage):
     path, train = byte_store.path, np.array(byte_store.tokens("train"))
     if damage == "meta_not_json":
@@ -190,9 +200,13 @@ def test_corrupt_cache_is_rebuilt(tmp_path, byte_store, damage):
         meta = json.loads((path / "meta.json").read_text())
         meta["n_tokens"]["train"] += 1
         (path / "meta.json").write_text(json.dumps(meta))
-    else:
+    elif damage == "truncated_bin":
         with open(path / "train.bin", "r+b") as f:
             f.truncate(100)
+    else:  # same size, so only the sha256 in meta.json can tell
+        with open(path / "train.bin", "r+b") as f:
+            f.seek(1000)
+            f.write(b"\x07" * 64)
     with pytest.warns(UserWarning, match="unusable.*rebuilding"):
         store = prepare_data(small_cfg(tmp_path))
     assert not store.reused and store.path == path
@@ -284,8 +298,104 @@ def test_bad_inputs_give_one_clear_line(tmp_path):
     (blank / "a.txt").write_text("  \n\n")
     (blank / "b.bin").write_bytes(b"\xff\xfe")
     for kind in ("byte", "bpe"):
-        assert "empty corpus" in one_line_error(DataConfig(source=str(blank), tokenizer=kind, cache_dir=cache))
+        message = one_line_error(DataConfig(source=str(blank), tokenizer=kind, cache_dir=cache))
+        assert "empty corpus" in message and "of its 2 files, 1 not UTF-8 text (b.bin); 1 empty or blank (a.txt)" \
+            in message and "add UTF-8 text files" in message
     assert not any(p.name.startswith(".") for p in (tmp_path / "c" / "tokens").iterdir())  # no temp left
+
+
+def test_each_corpus_error_names_the_cause_and_the_fix(tmp_path):
+    cache = str(tmp_path / "c")
+
+    def error_for(name, content):
+        path = tmp_path / name
+        path.write_bytes(content)
+        return one_line_error(DataConfig(source=str(path), cache_dir=cache))
+
+    assert "is empty (0 bytes); point --data at a file with text" in error_for("empty.txt", b"")
+    assert "holds only whitespace" in error_for("blank.txt", b"  \n\n\t\n")
+    message = error_for("image.png", b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    assert "is not UTF-8 text (byte 0x89 at offset 0 is not UTF-8)" in message and "iconv" in message
+    assert "is not UTF-8 text" in error_for("zeros.bin", b"abc\x00\x00\x00def")  # valid UTF-8, still binary
+    (tmp_path / "pictures").mkdir()
+    (tmp_path / "pictures" / "a.png").write_bytes(b"\x89PNG\r\n")
+    (tmp_path / "pictures" / "b.jpg").write_bytes(b"\xff\xd8\xff\xe0")
+    message = one_line_error(DataConfig(source=str(tmp_path / "pictures"), cache_dir=cache))
+    assert "has no text: of its 2 files, 2 not UTF-8 text (a.png, b.jpg)" in message
+    assert "contains no files" in one_line_error(DataConfig(source=str(tmp_path / "c"), cache_dir=str(tmp_path / "d")))
+
+
+# ---- one file with no document boundaries ---------------------------------------------------
+
+
+def lines_book(n_lines: int) -> str:
+    """Unique numbered lines, no blank line anywhere (a book with one sentence per line)."""
+    words = "alpha beta gamma delta the of and to in is it that was he for on are with as".split()
+    return "".join(f"{i:06d} " + " ".join(words[(i * 7 + j) % len(words)] for j in range(4 + i % 11)) + "\n"
+                   for i in range(n_lines))
+
+
+def test_a_single_file_without_blank_lines_gets_a_validation_split(tmp_path):
+    text = lines_book(9200)
+    assert 350_000 < len(text) < 450_000 and "\n\n" not in text
+    (tmp_path / "book.txt").write_text(text)
+    cfg = DataConfig(source=str(tmp_path / "book.txt"), val_fraction=0.05, cache_dir=str(tmp_path / "c"))
+    store = prepare_data(cfg)
+    train_text = store.tokenizer.decode(store.tokens("train").tolist())
+    val_text = store.tokenizer.decode(store.tokens("val").tolist())
+    val_bytes = len(val_text) - 2 * store.meta["n_documents"]["val"]  # minus the separators
+    assert 0.04 < val_bytes / len(text) < 0.06
+    train_lines, val_lines = set(train_text.split("\n")) - {""}, set(val_text.split("\n")) - {""}
+    assert not train_lines & val_lines  # chunks end at line breaks: no validation line is trained on
+    assert train_lines | val_lines == set(text.splitlines())
+    # Validation is spread along the file, and train is put back together between its pieces.
+    assert store.meta["n_documents"]["val"] >= 3
+    assert store.meta["n_documents"]["train"] <= store.meta["n_documents"]["val"] + 1
+
+
+def test_chunks_are_contiguous_and_their_split_is_systematic():
+    text = lines_book(3000)
+    blocks = [text[i:i + 10_000] for i in range(0, len(text), 10_000)]  # any block size: the same chunks
+    chunks = list(chunk_blocks(blocks))
+    assert "".join(chunks) == text and chunks == list(chunk_blocks([text]))
+    assert all(c.endswith("\n") and CHUNK_CHARS // 2 <= len(c) <= CHUNK_CHARS for c in chunks[:-1])
+    keys = [ChunkKey("book.txt", i) for i in range(len(chunks))]
+    for fraction in (0.05, 0.1, 0.5):
+        n_val = sum(split_of(k, fraction) == "val" for k in keys)
+        assert abs(n_val - fraction * len(keys)) <= 1  # exactly one in 1/fraction, not a coin flip per chunk
+    assert all(split_of(k, 0.0) == "train" for k in keys)
+    merged = list(merge_chunks(zip(keys, chunks), 0.1))
+    assert "".join(t for _, t in merged) == text
+    splits = [split_of(k, 0.1) for k, _ in merged]
+    assert all(a != b for a, b in zip(splits, splits[1:]))  # same-split neighbours were merged
+    assert splits.count("val") == sum(split_of(k, 0.1) == "val" for k in keys)  # val chunks 10 apart: never merged
+
+
+def test_a_single_text_file_trains_with_the_readme_command(tmp_path, capsys):
+    from monoroute.cli import main
+
+    (tmp_path / "book.txt").write_text(lines_book(9200))
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--data", str(tmp_path / "book.txt"), "--out", str(out),
+                 "--steps", "2", "--eval-batches", "1", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["step"] == 2 and summary["val_loss"] > 0
+
+
+def test_full_disk_while_building_the_cache_leaves_nothing(tmp_path, monkeypatch):
+    def full(docs, tokenizer, folder, dtype, val_fraction):
+        (folder / "train.bin").write_bytes(b"\0" * 10)  # half-written
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    tokens = tmp_path / "cache" / "tokens"
+    (tokens / f".somekey.tmp-{int(dead.stdout)}-abc").mkdir(parents=True)  # a build killed by kill -9
+    monkeypatch.setattr(token_store_module, "write_splits", full)
+    message = one_line_error(small_cfg(tmp_path))
+    assert "disk full while building the token cache" in message and "MONOROUTE_CACHE" in message
+    assert list(tokens.iterdir()) == []  # no half entry, no temporary folder, the dead build's removed too
+    monkeypatch.undo()
+    assert prepare_data(small_cfg(tmp_path)).n_tokens("train") > 0
 
 
 def test_tokenizer_file_errors(tmp_path):

@@ -36,6 +36,14 @@ def copy_run(run, out):
     return out
 
 
+def pointer(out):
+    return json.loads((Path(out) / "checkpoint.json").read_text())
+
+
+def model_file(out):
+    return Path(out) / pointer(out)["path"] / "model.safetensors"
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "tiny"
@@ -45,15 +53,25 @@ def run(tmp_path_factory):
 
 def test_run_directory_contents(run):
     names = {p.name for p in run.iterdir()}
-    assert {"config.json", "model.safetensors", "train_state.json", "train_state.safetensors", "metrics.jsonl",
-            "tokenizer.json", "tensorboard"} <= names
+    assert names == {"config.json", "checkpoint.json", "checkpoints", "metrics.jsonl", "tokenizer.json", "tensorboard"}
+    # One complete checkpoint, in its own step folder, named by the pointer with every file's sha256.
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000006"]
+    ptr = pointer(run)
+    assert (ptr["step"], ptr["tokens"], ptr["path"]) == (6, 6 * 4 * 64, "checkpoints/step-000006")
+    assert set(ptr["sha256"]) == {p.name for p in (run / ptr["path"]).iterdir()} == {
+        "model.safetensors", "train_state.safetensors", "train_state.json"}
     config = json.loads((run / "config.json").read_text())
     assert config["run"]["model"]["ffn"] == "routed"
     assert config["flops_per_token"]["total"] > 0 and config["active_params"] < config["params"]
     records = metrics(run)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     for r in records:
-        assert {"step", "tokens", "train_loss", "lr", "tokens_per_s", "dead_fraction"} <= r.keys()
+        assert {"step", "tokens", "train_loss", "lr", "tokens_per_s", "dead_fraction", "l0", "live_slot_fraction",
+                "routed"} <= r.keys()
+        assert set(r["routed"]) == {"blocks.0.mlp", "blocks.1.mlp"}
+        for layer in r["routed"].values():  # k = 8 in the tiny preset
+            assert 0 <= layer["l0"] <= 8 and layer["live_slot_fraction"] == pytest.approx(layer["l0"] / 8)
+        assert r["l0"] == pytest.approx(sum(v["l0"] for v in r["routed"].values()) / 2)
     assert "val_loss" in records[2] and "val_loss" not in records[1]
     assert records[-1]["tokens"] == 6 * 4 * 64
     assert records[-1]["train_loss"] < records[0]["train_loss"]
@@ -62,7 +80,7 @@ def test_run_directory_contents(run):
 def test_resume_reproduces_the_uninterrupted_run(run, tmp_path):
     out = tmp_path / "split"
     assert train(out, "--until", "3") == 0
-    assert json.loads((out / "train_state.json").read_text())["step"] == 3
+    assert pointer(out)["step"] == 3
     assert main(["train", "--resume", str(out), "--no-progress", "--steps", "6"]) == 0
     split, whole = metrics(out), metrics(run)
     assert [r["step"] for r in split] == [1, 2, 3, 4, 5, 6]
@@ -74,17 +92,31 @@ def test_eval_json_and_sample(run, capsys):
     capsys.readouterr()
     assert main(["eval", str(run), "--json", "--batches", "1"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert {"val_loss", "params", "active_params", "flops_per_token", "dead_fraction", "bits_per_byte"} <= report.keys()
-    assert 0 <= report["dead_fraction"] <= 1
+    assert {"val_loss", "params", "active_params", "flops_per_token", "dead_fraction", "bits_per_byte", "step",
+            "l0", "live_slot_fraction", "routed"} <= report.keys()
+    assert 0 <= report["dead_fraction"] <= 1 and report["step"] == 6
+    assert set(report["routed"]) == {"blocks.0.mlp", "blocks.1.mlp"} and 0 <= report["live_slot_fraction"] <= 1
     assert main(["sample", str(run), "--prompt", "def f", "--max-new-tokens", "20"]) == 0
     assert capsys.readouterr().out.startswith("def f")
+    assert main(["sample", str(run), "--prompt", "", "--max-new-tokens", "5"]) == 0
+    assert not capsys.readouterr().out.startswith("\x00")  # an empty prompt starts at a document boundary
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--top-k", "0"], "--top-k must be at least 1"),
+    (["--max-new-tokens", "-5"], "--max-new-tokens must be 0 or more"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
+])
+def test_sample_refuses_bad_settings(run, argv, message, capsys):
+    assert main(["sample", str(run), *argv]) == 2
+    assert message in error_line(capsys)
 
 
 def test_refuses_to_overwrite_a_run(run, capsys):
-    before = (run / "model.safetensors").read_bytes()
+    before = model_file(run).read_bytes()
     assert train(run) == 2
     assert "is not empty" in error_line(capsys)
-    assert (run / "model.safetensors").read_bytes() == before
+    assert model_file(run).read_bytes() == before
 
 
 def test_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
@@ -103,18 +135,28 @@ def test_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, monkeypatch
     out = tmp_path / "nan"
     assert train(out) == 2
     line = error_line(capsys)
-    assert "loss became nan at step 5" in line and f"{out} (step 4)" in line
-    assert json.loads((out / "train_state.json").read_text())["step"] == 4
+    assert "loss became nan at step 5" in line and f"{out} (step 4)" in line and "nothing after step 4" in line
+    assert pointer(out)["step"] == 4 and not (out / "train.lock").exists()
+    monkeypatch.undo()
+    assert main(["eval", str(out), "--batches", "1"]) == 0  # the named checkpoint is usable
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 0
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5, 6] and pointer(out)["step"] == 6
 
 
-def test_corrupt_checkpoint_is_detected(run, tmp_path, capsys):
+@pytest.mark.parametrize("damage", ["truncated", "64_flipped_bytes"])
+def test_corrupt_checkpoint_is_detected_by_train_eval_and_sample(run, tmp_path, capsys, damage):
     out = copy_run(run, tmp_path / "copy")
-    data = (out / "model.safetensors").read_bytes()
-    (out / "model.safetensors").write_bytes(data[: len(data) // 2])
-    assert main(["train", "--resume", str(out), "--no-progress", "--steps", "8"]) == 2
-    assert "model.safetensors is missing or does not match" in error_line(capsys)
-    assert main(["eval", str(out)]) == 2
-    assert "is corrupt" in error_line(capsys)
+    path = model_file(out)
+    data = bytearray(path.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    else:  # same size, valid header: only the checksum can tell
+        data[-200:-136] = bytes(b ^ 0xFF for b in data[-200:-136])
+    path.write_bytes(bytes(data))
+    for argv in (["train", "--resume", str(out), "--no-progress", "--steps", "8"], ["eval", str(out)],
+                 ["sample", str(out), "--max-new-tokens", "1"]):
+        assert main(argv) == 2
+        assert "model.safetensors does not match its checksum" in error_line(capsys)
 
 
 @pytest.mark.parametrize(
@@ -131,6 +173,11 @@ def test_corrupt_checkpoint_is_detected(run, tmp_path, capsys):
         (["eval", "/nonexistent/run"], "is missing"),
         (["train", "--config", "/nonexistent.yaml"], "config file /nonexistent.yaml not found"),
         (["train", "--device", "tpu"], "unknown device 'tpu'; use --device cpu"),
+        (["train", "--ckpt-every", "0"], "ckpt_every (--ckpt-every) must be a whole number >= 1, got 0"),
+        (["train", "--log-every", "0"], "log_every (--log-every) must be a whole number >= 1, got 0"),
+        (["train", "--batch-size", "0"], "batch_size (--batch-size) must be a whole number >= 1, got 0"),
+        (["train", "--lr", "-1"], "lr (--lr) must be a finite number > 0"),
+        (["train", "--until", "0"], "--until must be a step >= 1"),
     ],
 )
 def test_bad_input_gives_one_error_line(argv, message, tmp_path, capsys):
@@ -139,6 +186,14 @@ def test_bad_input_gives_one_error_line(argv, message, tmp_path, capsys):
     assert main(argv) == 2
     assert message in error_line(capsys)
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_a_split_too_small_is_refused_before_anything_is_written(tmp_path, capsys):
+    (tmp_path / "small.txt").write_text("a few lines of text\n" * 100)  # 2 KB: one chunk, in train
+    out = tmp_path / "out"
+    assert main(["train", "--data", str(tmp_path / "small.txt"), "--out", str(out), "--no-progress"]) == 2
+    assert "the val split has 0 tokens, fewer than block_size+1=65" in error_line(capsys)
+    assert not out.exists()
 
 
 def test_empty_corpus_is_refused(tmp_path, capsys):
@@ -207,3 +262,63 @@ def test_fsdp_two_cpu_processes_saves_a_full_checkpoint_and_resumes(tmp_path, ca
     capsys.readouterr()
     assert main(["eval", str(out), "--json", "--batches", "1"]) == 0  # the saved weights are unsharded
     assert json.loads(capsys.readouterr().out)["val_loss"] < metrics(out)[0]["train_loss"]
+
+
+def test_l0_and_live_slot_fraction_count_the_units_that_fired():
+    from monoroute.train.config import build_run_config
+    from monoroute.train.trainer import RoutedStats
+
+    cfg = build_run_config("tiny").model
+    model = GPT(cfg).eval()
+    stats = RoutedStats(model)
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    for bias, expected in ((-1e4, 0.0), (1e4, float(cfg.k))):  # nothing fires / every selected unit fires
+        for layer in model.routed_layers():
+            layer.b_in.data.fill_(bias)
+        stats.reset()
+        model(x)
+        stats.update()
+        summary = stats.summary()
+        assert summary["l0"] == expected and summary["live_slot_fraction"] == expected / cfg.k
+        assert all(v["l0"] == expected for v in summary["routed"].values())
+    for layer in model.routed_layers():  # a mix: l0 is the mean count of nonzero activations per token
+        layer.b_in.data.normal_(0, 0.05)
+    stats.reset()
+    model(x)
+    model(x[:1])
+    stats.update()  # only the last forward counts
+    layer = model.routed_layers()[0]
+    assert stats.summary()["routed"]["blocks.0.mlp"]["l0"] == pytest.approx(
+        (layer.last_activations.values != 0).sum().item() / 16)
+    assert 0 < stats.summary()["l0"] < cfg.k
+
+
+def test_monoroute_load_returns_model_tokenizer_and_config(run):
+    import monoroute
+    from monoroute.errors import MonorouteError
+
+    loaded = monoroute.load(run, device="cpu")
+    assert loaded.run_dir == run and loaded.step == 6 and loaded.config.model.ffn == "routed"
+    assert not loaded.model.training
+    ids = torch.tensor([loaded.tokenizer.encode("def f(x):")])
+    logits, _ = loaded.model(ids)
+    assert logits.shape == (1, ids.shape[1], loaded.config.model.vocab_size)
+    model, tokenizer, config, run_dir, step = loaded  # a named tuple
+    with pytest.raises(MonorouteError, match="is missing"):
+        monoroute.load(run.parent / "no-such-run")
+
+
+def test_a_run_saved_before_checkpoint_folders_still_loads_and_resumes(run, tmp_path, capsys):
+    """Older runs kept model.safetensors and train_state.* at the top of OUT, with no checkpoint.json."""
+    out = copy_run(run, tmp_path / "legacy")
+    folder = out / pointer(out)["path"]
+    state = json.loads((folder / "train_state.json").read_text())
+    for name in ("model.safetensors", "train_state.safetensors"):
+        shutil.move(folder / name, out / name)
+    state["sha256"] = {name: pointer(out)["sha256"][name] for name in ("model.safetensors", "train_state.safetensors")}
+    (out / "train_state.json").write_text(json.dumps(state))
+    shutil.rmtree(out / "checkpoints")
+    (out / "checkpoint.json").unlink()
+    assert main(["eval", str(out), "--batches", "1"]) == 0
+    assert main(["train", "--resume", str(out), "--no-progress", "--steps", "8"]) == 0
+    assert pointer(out)["step"] == 8 and not (out / "model.safetensors").exists()  # now in the new layout

@@ -9,18 +9,32 @@ Sources (the `source` string of DataConfig):
   `sysconfig.get_paths()["stdlib"]` except installed packages (site-/dist-packages), sorted.
   No download. One file is one document.
 - a file, a directory (every non-hidden file below it, recursively) or a glob (`**` allowed):
-  one file is one document, keyed by its path relative to the directory / the glob's fixed prefix.
-  A source of a single file is split into blank-line-separated paragraphs instead, so it still
-  has a validation split.
+  one file is one document, keyed by its path relative to the directory / the glob's fixed prefix
+  (but see chunks below: one file, or fewer than FEW_FILES, are split into chunks).
 - "hf:NAME[:CONFIG]": the "train" split of a Hugging Face dataset, streamed; one row of
   `text_column` is one document, keyed by its row index. NAME may be a hub id or a local folder of
   jsonl/parquet/csv files (the same `datasets.load_dataset` call reads both).
-Files that cannot be read or decoded as UTF-8 are skipped; blank documents are dropped.
+Files that are not UTF-8 text are skipped and blank documents dropped; when nothing is left, the
+error says which files were skipped and why.
+
+Text without document boundaries is split into chunks. A source that is a single file (a book with
+one sentence per line, a log, a dumped CSV column), every file of a folder or glob with fewer than
+FEW_FILES files, and any document longer than LONG_DOCUMENT_CHARS are cut into contiguous chunks
+of about CHUNK_CHARS characters, each ending at a blank line or else a line break where there is
+one (paragraphs stay whole when they are shorter than a chunk). A chunk's
+key is a `ChunkKey` ("<doc>@<i>"), whose split is systematic: along each document exactly one chunk
+in every 1/val_fraction is validation, at an offset hashed from the document key. So ≈ val_fraction
+of the text is validation even for one short file, the same chunks on every machine, and no
+validation text is trained on. Runs of consecutive chunks that fall in the same split are put back
+together when the token cache is built (`merge_chunks`), so a separator marks only the places where
+validation text was taken out.
 """
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
+import math
 import os
 import platform
 import sysconfig
@@ -35,10 +49,99 @@ HF_PREFIX = "hf:"
 INSTALLED_PACKAGE_DIRS = {"site-packages", "dist-packages"}
 
 
+CHUNK_CHARS = 4096  # target size of one chunk of text that has no document boundaries
+LONG_DOCUMENT_CHARS = 1 << 20  # documents longer than this are chunked in every source
+FEW_FILES = 64  # a folder or glob with fewer files than this is chunked file by file
+MERGED_CHARS = 8 << 20  # merge_chunks never builds a document longer than about this
+READ_CHARS = 1 << 20  # a single-file source is read and chunked this many characters at a time
+
+
+class ChunkKey(str):
+    """The key "<doc>@<index>" of chunk `index` of document `doc`; split_of reads doc and index."""
+
+    doc: str
+    index: int
+
+    def __new__(cls, doc: str, index: int) -> "ChunkKey":
+        self = super().__new__(cls, f"{doc}@{index}")
+        self.doc, self.index = doc, index
+        return self
+
+
+def unit_hash(key: str) -> float:
+    """A stable number in [0, 1) from the first 8 bytes of sha1(key)."""
+    return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") / 2**64
+
+
 def split_of(key: str, val_fraction: float) -> str:
-    """'val' for a stable pseudo-random `val_fraction` of keys (sha1 of the key), else 'train'."""
-    h = int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big")
-    return "val" if h < val_fraction * 2**64 else "train"
+    """'val' for a stable pseudo-random `val_fraction` of keys (sha1 of the key), else 'train'.
+
+    A ChunkKey is systematic instead: chunk i of a document is 'val' when the sequence
+    phase + i * val_fraction crosses an integer between i and i + 1 (phase hashed from the
+    document key), i.e. exactly one chunk in every 1/val_fraction."""
+    if isinstance(key, ChunkKey):
+        if val_fraction <= 0:
+            return "train"
+        phase = unit_hash(key.doc)
+        crossed = math.floor(phase + (key.index + 1) * val_fraction) > math.floor(phase + key.index * val_fraction)
+        return "val" if crossed else "train"
+    return "val" if unit_hash(key) < val_fraction else "train"
+
+
+def cut_point(text: str, start: int, size: int) -> int:
+    """Where the chunk that begins at `start` ends: after the last blank line, else the last line
+    break, in its second half; else after `size` characters."""
+    end = start + size
+    low = start + size // 2
+    cut = text.rfind("\n\n", low, end)
+    if cut >= 0:
+        return cut + 2
+    cut = text.rfind("\n", low, end)
+    return cut + 1 if cut >= 0 else end
+
+
+def chunk_blocks(blocks: Iterable[str], size: int = CHUNK_CHARS) -> Iterator[str]:
+    """Contiguous chunks of about `size` characters that together are exactly the concatenated blocks."""
+    buffer = ""
+    for block in blocks:
+        buffer += block
+        start = 0
+        while len(buffer) - start > 2 * size:
+            cut = cut_point(buffer, start, size)
+            yield buffer[start:cut]
+            start = cut
+        buffer = buffer[start:]
+    start = 0
+    while len(buffer) - start > size:
+        cut = cut_point(buffer, start, size)
+        yield buffer[start:cut]
+        start = cut
+    if start < len(buffer):
+        yield buffer[start:]
+
+
+def chunked(doc: str, blocks: Iterable[str]) -> Iterator[Document]:
+    for index, chunk in enumerate(chunk_blocks(blocks)):
+        if chunk.strip():
+            yield ChunkKey(doc, index), chunk
+
+
+def merge_chunks(docs: Iterable[Document], val_fraction: float) -> Iterator[Document]:
+    """Put consecutive chunks of one document that fall in the same split back together."""
+    run_key, run_texts, run_chars, last = None, [], 0, None
+    for key, text in docs:
+        if isinstance(key, ChunkKey) and isinstance(last, ChunkKey) and key.doc == last.doc \
+                and key.index == last.index + 1 and run_chars < MERGED_CHARS \
+                and split_of(key, val_fraction) == split_of(last, val_fraction):
+            run_texts.append(text)
+            run_chars += len(text)
+        else:
+            if run_key is not None:
+                yield run_key, "".join(run_texts)
+            run_key, run_texts, run_chars = key, [text], len(text)
+        last = key
+    if run_key is not None:
+        yield run_key, "".join(run_texts)
 
 
 def cap_bytes(docs: Iterable[Document], max_bytes: int | None, val_fraction: float) -> Iterator[Document]:
@@ -72,6 +175,42 @@ def read_text(path: Path) -> str | None:
         return None
 
 
+def not_text_error(spec: str, path: Path, exc: UnicodeDecodeError | None, offset: int = 0) -> MonorouteError:
+    where = f" (byte 0x{exc.object[exc.start]:02x} at offset {offset + exc.start} is not UTF-8)" if exc else ""
+    return MonorouteError(
+        f"data file {spec!r} is not UTF-8 text{where}: a binary file, or text in another encoding; convert it "
+        f"(e.g. `iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8.txt`) or point --data at a text file"
+    )
+
+
+def read_blocks(spec: str, path: Path) -> Iterator[str]:
+    """A single file's text, READ_CHARS characters at a time (never the whole file in memory)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
+    offset = 0
+    try:
+        with open(path, "rb") as f:
+            while True:
+                raw = f.read(READ_CHARS)
+                try:
+                    text = decoder.decode(raw, final=not raw)
+                except UnicodeDecodeError as exc:
+                    raise not_text_error(spec, path, exc, offset) from None
+                offset += len(raw)
+                if "\x00" in text:
+                    raise not_text_error(spec, path, None)
+                if text:
+                    yield text
+                if not raw:
+                    return
+    except OSError as exc:
+        raise MonorouteError(f"cannot read data file {spec!r} ({exc.strerror}); check its permissions") from None
+
+
+def name_list(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def files_fingerprint(root: Path, files: list[Path]) -> str:
     """Hash of every file's key, size and mtime: an edited corpus gets a new cache entry."""
     h = hashlib.sha1()
@@ -84,30 +223,53 @@ def files_fingerprint(root: Path, files: list[Path]) -> str:
 class FileSource:
     """Local text files; keys are paths relative to `root`."""
 
-    def __init__(self, spec: str, root: Path, files: list[Path], extra: dict | None = None) -> None:
+    def __init__(self, spec: str, root: Path, files: list[Path], extra: dict | None = None,
+                 chunk_all: bool | None = None) -> None:
         self.spec, self.root, self.files = spec, root, files
-        self.paragraphs = len(files) == 1  # see the module docstring
+        self.single = len(files) == 1
+        # Few files: chunk each of them, else the split could be empty (see the module docstring).
+        self.chunk_all = len(files) < FEW_FILES if chunk_all is None else chunk_all
         self.extra = extra or {}
+        self.not_text: list[str] = []  # filled while documents() runs, for the empty-corpus error
+        self.blank: list[str] = []
 
     def describe(self) -> str:
+        if self.single:
+            return f"data file {str(self.files[0])!r}"
         return f"{self.spec!r} ({len(self.files)} files)"
 
     def fingerprint(self) -> dict:
         return {"spec": self.spec, "files": files_fingerprint(self.root, self.files), **self.extra}
 
     def documents(self) -> Iterator[Document]:
+        self.not_text, self.blank = [], []
         for path in self.files:
-            text = read_text(path)
-            if text is None:
-                continue
             key = path.relative_to(self.root).as_posix()
-            if not self.paragraphs:
-                if text.strip():
-                    yield key, text
+            if self.single:  # streamed; not being text is an error, not a skipped file
+                yield from chunked(key, read_blocks(str(path), path))
                 continue
-            for i, paragraph in enumerate(text.split("\n\n")):
-                if paragraph.strip():
-                    yield f"{key}#{i}", paragraph
+            text = read_text(path)
+            if text is None or "\x00" in text:
+                self.not_text.append(key)
+            elif not text.strip():
+                self.blank.append(key)
+            elif self.chunk_all or len(text) > LONG_DOCUMENT_CHARS:
+                yield from chunked(key, [text])
+            else:
+                yield key, text
+
+    def empty_reason(self) -> str:
+        """Why documents() gave no text, and what to do (for the empty-corpus error)."""
+        if self.single:
+            return f"{self.describe()} is empty or holds only whitespace; point --data at a file with text"
+        parts = []
+        if self.not_text:
+            parts.append(f"{len(self.not_text)} not UTF-8 text ({name_list(self.not_text)})")
+        if self.blank:
+            parts.append(f"{len(self.blank)} empty or blank ({name_list(self.blank)})")
+        what = "; ".join(parts) or "none readable"
+        return (f"{self.spec!r} has no text: of its {len(self.files)} files, {what}; add UTF-8 text files "
+                f"(.txt, .md, .py, ...) or point --data at a folder or glob that has them")
 
 
 class HFSource:
@@ -138,15 +300,40 @@ class HFSource:
 
     def documents(self) -> Iterator[Document]:
         ds = self.load()
+        self.rows = self.blank_rows = 0
         for index, row in enumerate(ds):
-            if index == 0 and self.text_column not in row:
-                raise MonorouteError(
-                    f"{self.describe()} has no text column {self.text_column!r}; available columns: "
-                    f"{', '.join(sorted(row))}; set text_column to one of them"
-                )
+            if index == 0:
+                self.check_column(row)
+            self.rows += 1
             text = row[self.text_column]
-            if isinstance(text, str) and text.strip():
+            if not (isinstance(text, str) and text.strip()):
+                self.blank_rows += 1
+            elif len(text) > LONG_DOCUMENT_CHARS:
+                yield from chunked(str(index), [text])
+            else:
                 yield str(index), text
+
+    def check_column(self, row: dict) -> None:
+        strings = sorted(name for name, value in row.items() if isinstance(value, str))
+        if self.text_column not in row:
+            raise MonorouteError(
+                f"{self.describe()} has no text column {self.text_column!r}; available columns: "
+                f"{', '.join(sorted(row))}; set text_column to one of them (--text-column "
+                f"{strings[0] if strings else 'NAME'})"
+            )
+        value = row[self.text_column]
+        if not isinstance(value, str):
+            raise MonorouteError(
+                f"column {self.text_column!r} of {self.describe()} holds {type(value).__name__}, not text; "
+                f"set text_column to a text column ({', '.join(strings) or 'none found in the first row'})"
+            )
+
+    def empty_reason(self) -> str:
+        rows = getattr(self, "rows", 0)
+        if rows == 0:
+            return f"{self.describe()} has no rows in its train split; check the dataset name and config"
+        return (f"{self.describe()}: all {rows} rows of column {self.text_column!r} are empty or blank; "
+                f"set text_column to the column that holds the text")
 
 
 def stdlib_source() -> FileSource:
@@ -157,7 +344,7 @@ def stdlib_source() -> FileSource:
         files.extend(Path(folder, n) for n in names if n.endswith(".py"))
     files.sort(key=lambda p: p.relative_to(root).as_posix())
     python = f"{platform.python_implementation()} {platform.python_version()}"
-    return FileSource("stdlib", root, files, extra={"python": python})
+    return FileSource("stdlib", root, files, extra={"python": python}, chunk_all=False)
 
 
 def glob_root(pattern: str) -> Path:
@@ -177,12 +364,14 @@ def is_hidden(path: Path, root: Path) -> bool:
 def local_source(spec: str) -> FileSource:
     path = Path(os.path.expanduser(spec))
     if path.is_file():
+        if path.stat().st_size == 0:
+            raise MonorouteError(f"data file {spec!r} is empty (0 bytes); point --data at a file with text")
         return FileSource(spec, path.parent, [path])
     if path.is_dir():
         files = [p for p in path.rglob("*") if p.is_file() and not is_hidden(p, path)]
         files.sort(key=lambda p: p.relative_to(path).as_posix())
         if not files:
-            raise MonorouteError(f"data directory {spec!r} contains no files; point source at a folder of text files")
+            raise MonorouteError(f"data directory {spec!r} contains no files; point --data at a folder of text files")
         return FileSource(spec, path, files)
     if glob.has_magic(spec):
         pattern = os.path.expanduser(spec)

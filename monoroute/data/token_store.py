@@ -4,9 +4,14 @@ Layout of one cache entry, `<cache>/tokens/<key>/`:
     train.bin, val.bin   flat token ids, uint16 (vocab <= 65535) or uint32, documents each followed
                          by the tokenizer's separator, in corpus order
     tokenizer.json       the tokenizer that produced them (BPE is trained here, on the train split)
-    meta.json            source, tokenizer kind, vocab_size, dtype, n_tokens and n_documents per split
+    meta.json            source, tokenizer kind, vocab_size, dtype, n_tokens and n_documents per split,
+                         and the size and sha256 of each .bin file
 `key` hashes (source fingerprint, tokenizer spec, val_fraction, max_bytes). An entry is built in a
-temporary folder and renamed into place, so a crash or a concurrent build never leaves half a cache.
+temporary folder (`.<key>.tmp-<pid>-*`), fsynced and renamed into place, so a crash or a concurrent
+build never leaves half a cache; temporary folders of builds whose process died are removed by the
+next build. Opening an entry checks every .bin file's size and sha256 against meta.json: a truncated
+or corrupted file is rebuilt (with a warning), never read. A full disk during a build is one clear
+error, and nothing is left in the cache.
 
 Batches: `batch()` samples B random windows of T+1 tokens from the train split; the windows are a
 pure function of (seed, step, rank), so a resumed run replays its data exactly and DDP ranks differ.
@@ -14,6 +19,7 @@ pure function of (seed, step, rank), so a resumed run replays its data exactly a
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -28,11 +34,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from monoroute.data.corpus import SPLITS, Document, Source, cap_bytes, split_of
+from monoroute.data.corpus import SPLITS, Document, Source, cap_bytes, merge_chunks, split_of
 from monoroute.data.tokenizers import BPETokenizer, ByteTokenizer, Tokenizer, tokenizer_from_json
 from monoroute.errors import MonorouteError
 
-FORMAT_VERSION = 2  # bump whenever what a key maps to changes (2: per-split max_bytes caps)
+FORMAT_VERSION = 3  # bump whenever what a key maps to changes (2: per-split max_bytes caps, 3: chunks, sha256)
 FLUSH_CHARS = 8 << 20  # encode and write a split's pending documents every ~8 MB of text
 DTYPES = ("uint16", "uint32")
 
@@ -107,11 +113,26 @@ class TokenStore:
         if block_size < 1:
             raise MonorouteError(f"block_size must be >= 1, got {block_size}")
         if len(data) < block_size + 1:
-            raise MonorouteError(
-                f"the {split} split has {len(data)} tokens, fewer than block_size+1={block_size + 1}; "
-                f"lower block_size, raise val_fraction or max_bytes, or use a larger corpus"
-            )
+            raise MonorouteError(f"the {split} split has {len(data)} tokens, fewer than block_size+1="
+                                 f"{block_size + 1}; {self._too_small_fix(split)}")
         return data
+
+    def _too_small_fix(self, split: str) -> str:
+        """The fixes that can work for a split that is too small, given how the corpus was split."""
+        docs = self.meta.get("n_documents", {})
+        total = sum(docs.values()) if docs else 0
+        fixes = ["lower block_size (--block-size)"]
+        if self.meta.get("max_bytes") is not None:
+            fixes.append("raise max_bytes (--max-bytes)")
+        if split == "val":
+            if docs.get("val", 0) == 0 and 0 < total < 20:
+                fixes.append(f"add documents: none of the corpus's {total} documents fell in validation (whole "
+                             f"files are split, not parts of them); or concatenate the files into one file, which "
+                             f"is split into ~4 KB chunks")
+            else:
+                fixes.append("raise val_fraction (--set val_fraction=0.1)")
+        fixes.append("or use a larger corpus")
+        return ", ".join(fixes)
 
     @staticmethod
     def _windows(data: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[Tensor, Tensor]:
@@ -150,8 +171,16 @@ class TokenStore:
         return generate()
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def check_entry(path: Path, meta: dict, tokenizer: Tokenizer, key: str) -> None:
-    """CacheCorrupt unless meta.json, tokenizer.json and the .bin sizes all agree."""
+    """CacheCorrupt unless meta.json, tokenizer.json and the .bin files' sizes and sha256 all agree."""
     if meta["format"] != FORMAT_VERSION or meta["key"] != key:
         raise CacheCorrupt(f"meta.json is for format {meta['format']} key {meta['key']}")
     if meta["vocab_size"] != tokenizer.vocab_size or meta["dtype"] != dtype_for(tokenizer.vocab_size):
@@ -160,8 +189,10 @@ def check_entry(path: Path, meta: dict, tokenizer: Tokenizer, key: str) -> None:
     for split in SPLITS:
         expected = meta["n_tokens"][split] * itemsize
         actual = (path / f"{split}.bin").stat().st_size
-        if actual != expected:
+        if actual != expected or meta["files"][f"{split}.bin"]["bytes"] != expected:
             raise CacheCorrupt(f"{split}.bin has {actual} bytes, meta.json says {expected}")
+        if file_sha256(path / f"{split}.bin") != meta["files"][f"{split}.bin"]["sha256"]:
+            raise CacheCorrupt(f"{split}.bin does not match its sha256 in meta.json (corrupted on disk)")
 
 
 def train_tokenizer(spec: dict, train_texts: Iterable[str]) -> Tokenizer:
@@ -178,11 +209,14 @@ def write_splits(docs: Iterable[Document], tokenizer: Tokenizer, folder: Path, d
     pending: dict[str, list[str]] = {s: [] for s in SPLITS}
     pending_chars = {s: 0 for s in SPLITS}
     files = {s: open(folder / f"{s}.bin", "wb") for s in SPLITS}
+    digests = {s: hashlib.sha256() for s in SPLITS}
 
     def flush(split: str) -> None:
         if pending[split]:
             ids = tokenizer.encode_documents(pending[split])
-            files[split].write(ids.astype(dtype).tobytes())
+            data = ids.astype(dtype).tobytes()
+            files[split].write(data)
+            digests[split].update(data)
             n_tokens[split] += len(ids)
             pending[split], pending_chars[split] = [], 0
 
@@ -196,10 +230,14 @@ def write_splits(docs: Iterable[Document], tokenizer: Tokenizer, folder: Path, d
                 flush(split)
         for split in SPLITS:
             flush(split)
+            files[split].flush()
+            os.fsync(files[split].fileno())
     finally:
         for f in files.values():
             f.close()
-    return {"n_tokens": n_tokens, "n_documents": n_documents}
+    itemsize = np.dtype(dtype).itemsize
+    return {"n_tokens": n_tokens, "n_documents": n_documents,
+            "files": {f"{s}.bin": {"bytes": n_tokens[s] * itemsize, "sha256": digests[s].hexdigest()} for s in SPLITS}}
 
 
 def build(folder: Path, source: Source, tokenizer_spec: dict, val_fraction: float, max_bytes: int | None,
@@ -208,25 +246,26 @@ def build(folder: Path, source: Source, tokenizer_spec: dict, val_fraction: floa
     start = time.perf_counter()
 
     def documents() -> Iterator[Document]:
-        return cap_bytes(source.documents(), max_bytes, val_fraction)
+        return merge_chunks(cap_bytes(source.documents(), max_bytes, val_fraction), val_fraction)
 
-    train_docs = 0
+    train_docs = all_docs = 0
 
     def train_texts() -> Iterator[str]:
-        nonlocal train_docs
+        nonlocal train_docs, all_docs
         for key_, text in documents():
+            all_docs += 1
             if split_of(key_, val_fraction) == "train":
                 train_docs += 1
                 yield text
 
     tokenizer = train_tokenizer(tokenizer_spec, train_texts())
     if tokenizer_spec["kind"] == "bpe" and train_docs == 0:
-        raise empty_corpus(source)
+        raise empty_corpus(source, all_docs > 0)
     dtype = dtype_for(tokenizer.vocab_size)
     counts = write_splits(documents(), tokenizer, folder, dtype, val_fraction)
     if counts["n_documents"]["train"] == 0:
-        raise empty_corpus(source)
-    (folder / "tokenizer.json").write_text(tokenizer.to_json(), encoding="utf-8")
+        raise empty_corpus(source, counts["n_documents"]["val"] > 0)
+    write_synced(folder / "tokenizer.json", tokenizer.to_json())
     meta = {
         "format": FORMAT_VERSION, "key": key, "source": source.spec,
         "source_fingerprint": source.fingerprint(), "tokenizer": tokenizer.kind,
@@ -234,14 +273,54 @@ def build(folder: Path, source: Source, tokenizer_spec: dict, val_fraction: floa
         "val_fraction": val_fraction, "max_bytes": max_bytes, **counts,
         "build_seconds": round(time.perf_counter() - start, 3),
     }
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    write_synced(folder / "meta.json", json.dumps(meta, indent=2))
 
 
-def empty_corpus(source: Source) -> MonorouteError:
+def write_synced(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def empty_corpus(source: Source, any_documents: bool) -> MonorouteError:
+    """The cause (nothing readable, or everything fell in validation) and the fix that works."""
+    if not any_documents:
+        return MonorouteError(f"empty corpus: {source.empty_reason()}")
     return MonorouteError(
-        f"empty corpus: {source.describe()} gave no training text (all files unreadable or blank, "
-        f"or every document fell in the validation split); add text or lower val_fraction"
+        f"empty corpus: every document of {source.describe()} fell in the validation split (whole files are "
+        f"split, not parts of them); lower val_fraction, add files, or concatenate them into one file, which is "
+        f"split into ~4 KB chunks"
     )
+
+
+def disk_full(what: str, where: Path, exc: OSError) -> MonorouteError:
+    return MonorouteError(
+        f"disk full while {what} in {where} ({exc.strerror}); nothing was left in the cache. Free space there, or "
+        f"point the cache at a larger disk (cache_dir, or $MONOROUTE_CACHE)"
+    )
+
+
+def remove_dead_builds(parent: Path) -> None:
+    """Delete the temporary folders of builds whose process is gone (killed mid-build)."""
+    for tmp in parent.glob(".*.tmp-*"):
+        try:
+            pid = int(tmp.name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
+        except (IndexError, ValueError):
+            continue
+        if pid == os.getpid() or pid_alive(pid):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
 
 
 def open_or_build(source: Source, tokenizer_spec: dict, val_fraction: float, max_bytes: int | None,
@@ -267,7 +346,13 @@ def open_or_build(source: Source, tokenizer_spec: dict, val_fraction: float, max
         raise MonorouteError(
             f"cannot create the token cache folder {parent} ({e.strerror}); set cache_dir or $MONOROUTE_CACHE"
         ) from e
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=parent))  # unique per build
+    remove_dead_builds(parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-{os.getpid()}-", dir=parent))  # unique per build
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full("building the token cache", parent, e) from None
+        raise
     try:
         build(tmp, source, tokenizer_spec, val_fraction, max_bytes, key)
         try:
@@ -276,6 +361,10 @@ def open_or_build(source: Source, tokenizer_spec: dict, val_fraction: float, max
             if not final.exists():
                 raise
             # Another process finished the same entry first: keep theirs (it is identical in content).
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full("building the token cache", parent, e) from None
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -6,6 +6,7 @@ A run is fully described by `RunConfig`, saved as OUT/config.json, so `--resume`
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -38,6 +39,33 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 autocast where supported) | float32 | bfloat16
+
+    POSITIVE = ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "log_every", "ckpt_every")
+
+    def check(self) -> "TrainConfig":
+        """One clear error for a value that would crash or silently misbehave later (a zero step
+        interval, an empty batch, a negative or non-finite learning rate, ...)."""
+        for name in self.POSITIVE:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise MonorouteError(f"{name} (--{name.replace('_', '-')}) must be a whole number >= 1, got {value!r}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise MonorouteError(f"warmup (--warmup) must be a whole number >= 0, got {self.warmup!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise MonorouteError(f"seed (--seed) must be a whole number, got {self.seed!r}")
+        for name, low, strict in (("lr", 0.0, True), ("min_lr", 0.0, False), ("weight_decay", 0.0, False),
+                                  ("grad_clip", 0.0, False)):
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
+                value > low if strict else value >= low)
+            if not ok:
+                raise MonorouteError(f"{name} (--{name.replace('_', '-')}) must be a finite number "
+                                     f"{'>' if strict else '>='} {low:g}, got {value!r}")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise MonorouteError(f"{name} must be in [0, 1), got {value!r}")
+        return self
 
 
 @dataclass

@@ -34,19 +34,40 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+def comm_device(info: DistInfo) -> torch.device:
+    """Where a collective's tensor must live: this rank's GPU under NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", info.local_rank)
+    return torch.device("cpu")
+
+
+def sum_across_ranks(values: list[float], info: DistInfo) -> list[float]:
+    if info.world == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=comm_device(info))
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def mean_across_ranks(value: float, info: DistInfo) -> float:
     if info.world == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.item() / info.world
+    return sum_across_ranks([value], info)[0] / info.world
+
+
+def any_across_ranks(flag: bool, info: DistInfo) -> bool:
+    """True on every rank if it is True on any (so all ranks stop together)."""
+    if info.world == 1:
+        return flag
+    return sum_across_ranks([1.0 if flag else 0.0], info)[0] > 0
 
 
 def ranks_in_sync(model: torch.nn.Module, info: DistInfo) -> bool:
     """True if every rank holds the same weights (DDP must keep them identical)."""
     if info.world == 1:
         return True
-    checksum = torch.tensor([sum(p.detach().double().sum().item() for p in model.parameters())], dtype=torch.float64)
+    checksum = torch.tensor([sum(p.detach().double().sum().item() for p in model.parameters())], dtype=torch.float64,
+                            device=comm_device(info))
     low, high = checksum.clone(), checksum.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)

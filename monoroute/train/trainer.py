@@ -1,17 +1,25 @@
-"""The training loop behind `monoroute train`.
+"""The training loop behind `monoroute train`, and loading a finished run (`load`, `load_run`).
 
 AdamW with linear warmup and cosine decay, gradient clipping and accumulation, bf16 autocast on
 devices that support it, periodic validation, metrics to OUT/metrics.jsonl and TensorBoard,
-atomic checkpoints, exact resume on CPU, and data parallelism under torchrun (DDP).
+crash-safe checkpoints (checkpoint.py), one training per run directory (rundir.py), exact resume
+on CPU, and data parallelism under torchrun (DDP, FSDP2).
+
+What happens when things go wrong: every setting and both data splits are checked before anything is
+written into OUT; a non-finite loss, gradient norm or weight stops the run without saving it and
+names the last good checkpoint; a full disk or failed write during a save leaves the previous
+checkpoint in place; a second training on the same OUT is refused while the first one runs.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import math
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.distributed.checkpoint.state_dict import (
@@ -20,20 +28,23 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from monoroute.data import prepare_data
+from monoroute.data import load_tokenizer, prepare_data
+from monoroute.data.tokenizers import Tokenizer
 from monoroute.devices import resolve_device
 from monoroute.errors import MonorouteError
+from monoroute.layers import RoutedFFN
 from monoroute.models import GPT
 from monoroute.train import distributed as D
 from monoroute.train.checkpoint import (
-    CONFIG_FILE, STATE_FILE, TOKENIZER_FILE, load_checkpoint, load_weights, read_json, save_checkpoint, write_json,
-    write_text,
+    CONFIG_FILE, TOKENIZER_FILE, Checkpoint, NonFiniteWeights, current_checkpoint, is_disk_full, load_checkpoint,
+    load_weights, read_json, save_checkpoint, write_json, write_text,
 )
 from monoroute.train.config import RunConfig, TrainConfig
+from monoroute.train.rundir import METRICS_FILE, RunLock, clear_run, start_mode
 from monoroute.train.fsdp import shard_model
 from monoroute.train.optim import build_optimizer, clip_grad_norm_
 
-METRICS_FILE = "metrics.jsonl"
+__all__ = ["LoadedRun", "evaluate", "evaluate_with_stats", "load", "load_run", "train", "METRICS_FILE"]
 
 
 def autocast_for(device: torch.device, dtype: str):
@@ -56,23 +67,86 @@ def lr_at(step: int, tc: TrainConfig) -> float:
     return tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+class RoutedStats:
+    """How many of each routed layer's k selected units fired (h != 0), summed over the tokens seen
+    since the last reset: l0 = fired / tokens, live_slot_fraction = l0 / k."""
+
+    def __init__(self, model: GPT) -> None:
+        self.layers = [(name, m) for name, m in model.named_modules() if isinstance(m, RoutedFFN)]
+        self.reset()
+
+    def reset(self) -> None:
+        self.fired: list = [0] * len(self.layers)
+        self.tokens = 0
+
+    def update(self) -> None:
+        """Count the last forward pass's activations (call after every forward to be counted)."""
+        for i, (_, layer) in enumerate(self.layers):
+            acts = layer.last_activations
+            if acts is not None:
+                self.fired[i] = self.fired[i] + (acts.values != 0).sum()  # stays on the device: no sync
+        if self.layers and self.layers[0][1].last_activations is not None:
+            values = self.layers[0][1].last_activations.values
+            self.tokens += values.numel() // max(1, values.shape[-1])
+
+    def summary(self, info: D.DistInfo | None = None) -> dict:
+        """{"routed": {name: {"l0", "live_slot_fraction"}}, "l0": mean, "live_slot_fraction": mean}, or {}."""
+        if not self.layers:
+            return {}
+        counts = [float(f) for f in self.fired] + [float(self.tokens)]
+        if info is not None:
+            counts = D.sum_across_ranks(counts, info)
+        tokens = counts[-1]
+        if tokens == 0:
+            return {}
+        routed = {}
+        for (name, layer), fired in zip(self.layers, counts[:-1]):
+            l0 = fired / tokens
+            routed[name] = {"l0": l0, "live_slot_fraction": l0 / layer.k}
+        n = len(routed)
+        return {"routed": routed, "l0": sum(r["l0"] for r in routed.values()) / n,
+                "live_slot_fraction": sum(r["live_slot_fraction"] for r in routed.values()) / n}
+
+
 @torch.no_grad()
-def evaluate(model: GPT, store, cfg: RunConfig, device: torch.device) -> float:
-    """Mean validation cross-entropy over the same deterministic windows every time."""
+def evaluate_with_stats(model: GPT, store, cfg: RunConfig, device: torch.device) -> tuple[float, dict]:
+    """Mean validation cross-entropy over the same deterministic windows every time, and for routed
+    models the L0 statistics of those windows (RoutedStats.summary; {} for dense models)."""
     was_training = model.training
     model.eval()
+    stats = RoutedStats(model)
     losses = []
-    for x, y in store.eval_batches(cfg.train.batch_size, cfg.model.block_size, cfg.train.eval_batches):
-        with autocast_for(device, cfg.train.dtype):
-            losses.append(model(x.to(device), y.to(device))[1].item())
-    model.train(was_training)
+    try:
+        for x, y in store.eval_batches(cfg.train.batch_size, cfg.model.block_size, cfg.train.eval_batches):
+            with autocast_for(device, cfg.train.dtype):
+                losses.append(model(x.to(device), y.to(device))[1].item())
+            stats.update()
+    finally:
+        model.train(was_training)
     if not losses:
         raise MonorouteError("the validation split yields no batch; lower block_size or use a larger corpus")
-    return sum(losses) / len(losses)
+    return sum(losses) / len(losses), stats.summary()
+
+
+def evaluate(model: GPT, store, cfg: RunConfig, device: torch.device) -> float:
+    """Mean validation cross-entropy over the same deterministic windows every time."""
+    return evaluate_with_stats(model, store, cfg, device)[0]
+
+
+def flat_scalars(record: dict, prefix: str = ""):
+    """(name, number) pairs of a nested record: {"routed": {"blocks.0.mlp": {"l0": 3}}} -> routed/blocks.0.mlp/l0."""
+    for key, value in record.items():
+        if isinstance(value, dict):
+            yield from flat_scalars(value, f"{prefix}{key}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield prefix + key, value
 
 
 class MetricsLog:
-    """One JSON object per logged step in OUT/metrics.jsonl, mirrored to TensorBoard (main rank only)."""
+    """One JSON object per logged step in OUT/metrics.jsonl, mirrored to TensorBoard (main rank only).
+
+    On resume, records after the checkpoint's step (logged by the run that stopped) and a torn last
+    line (a kill mid-append) are dropped, so the file holds each step once."""
 
     def __init__(self, out: Path, enabled: bool, resume_step: int | None) -> None:
         self.enabled = enabled
@@ -80,33 +154,34 @@ class MetricsLog:
         self.writer = None
         if not enabled:
             return
-        if resume_step is not None and self.path.exists():  # drop steps logged after the checkpoint
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        if resume_step is not None and self.path.exists():
+            kept = []
+            for line in self.path.read_text(errors="replace").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= resume_step:
+                    kept.append(line)
+            write_text(self.path, "".join(line + "\n" for line in kept))
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(out / "tensorboard"))
+        # purge_step: TensorBoard drops events logged after the checkpoint by the run that stopped.
+        self.writer = SummaryWriter(str(out / "tensorboard"),
+                                    purge_step=None if resume_step is None else resume_step + 1)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
+        for key, value in flat_scalars(record):
+            if key != "step":
                 self.writer.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-
-
-def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    if resume:
-        if not (out / STATE_FILE).is_file():
-            raise MonorouteError(f"nothing to resume in {out}: no {STATE_FILE}; check the path or start a new run")
-    elif out.exists() and any(out.iterdir()) and not overwrite:
-        raise MonorouteError(f"output directory {out} is not empty; pick a new --out, --resume it, or pass --overwrite")
 
 
 def run_info(model: GPT) -> dict:
@@ -117,14 +192,50 @@ def run_info(model: GPT) -> dict:
     }
 
 
+def read_run_config(out: str | Path) -> RunConfig:
+    saved = read_json(Path(out) / CONFIG_FILE, "run config")
+    if not isinstance(saved.get("run"), dict):
+        raise MonorouteError(f"run config {Path(out) / CONFIG_FILE} is corrupt (no \"run\" section); restore it or "
+                             f"start a new run")
+    return RunConfig.from_dict(saved["run"])
+
+
 def load_run(out: str | Path, device: str = "cpu") -> tuple[RunConfig, GPT]:
-    """Rebuild a saved run's config and model (weights and firing statistics) for eval/sampling."""
+    """Rebuild a saved run's config and model (weights and firing statistics) for eval/sampling.
+
+    Reads the checkpoint that OUT/checkpoint.json names, after checking its sha256: a corrupt or
+    torn file is a clear error, never silently loaded."""
+    cfg, model, _ = _load_model(out, device)
+    return cfg, model
+
+
+def _load_model(out: str | Path, device: str) -> tuple[RunConfig, GPT, Checkpoint]:
     out = Path(out)
-    saved = read_json(out / CONFIG_FILE, "run config")
-    cfg = RunConfig.from_dict(saved["run"])
+    if not out.is_dir():
+        raise MonorouteError(f"run directory {out} is missing; point at a run directory written by `monoroute train`")
+    cfg = read_run_config(out)
+    target = resolve_device(device)
     model = GPT(cfg.model)
-    load_weights(out, model)
-    return cfg, model.to(resolve_device(device)).eval()
+    ckpt = load_weights(out, model)
+    return cfg, model.to(target).eval(), ckpt
+
+
+class LoadedRun(NamedTuple):
+    """A trained run, ready to use: `model` (GPT, eval mode, on the device), its `tokenizer`,
+    `config` (RunConfig), `run_dir` and the `step` of the checkpoint that was loaded."""
+
+    model: GPT
+    tokenizer: Tokenizer
+    config: RunConfig
+    run_dir: Path
+    step: int
+
+
+def load(run: str | Path, device: str = "cpu") -> LoadedRun:
+    """Load a run directory written by `monoroute train` (its current, checksum-verified checkpoint)."""
+    cfg, model, ckpt = _load_model(run, device)
+    tokenizer = load_tokenizer(Path(run) / TOKENIZER_FILE)
+    return LoadedRun(model, tokenizer, cfg, Path(run), ckpt.step)
 
 
 def train(cfg: RunConfig, resume: bool = False, until: int | None = None, overwrite: bool = False,
@@ -139,11 +250,18 @@ def train(cfg: RunConfig, resume: bool = False, until: int | None = None, overwr
         D.shutdown(info)
 
 
-def _train(cfg: RunConfig, info: D.DistInfo, resume: bool, until: int | None, overwrite: bool, show_progress: bool) -> dict:
-    tc, out = cfg.train, Path(cfg.out)
-    device = resolve_device(tc.device, info.local_rank)
-    # Everything that can refuse the run happens before anything is written into OUT.
+def check_splits(store, cfg: RunConfig) -> None:
+    """Both splits hold at least one window, so step 1 and the first evaluation cannot fail on data."""
+    store.batch(0, 1, cfg.model.block_size, cfg.train.seed)
+    store.eval_batches(1, cfg.model.block_size, 1)
+
+
+def check_settings(cfg: RunConfig, device: torch.device, until: int | None) -> None:
+    tc = cfg.train
+    tc.check()
     autocast_for(device, tc.dtype)
+    if until is not None and (isinstance(until, bool) or not isinstance(until, int) or until < 1):
+        raise MonorouteError(f"--until must be a step >= 1, got {until!r}")
     if cfg.model.sparse_grad and not tc.sparse_rows:
         raise MonorouteError("sparse_grad=true needs the row-sparse optimizer: set sparse_rows=true (or use --sparse-rows)")
     if tc.parallel not in ("ddp", "fsdp"):
@@ -151,8 +269,15 @@ def _train(cfg: RunConfig, info: D.DistInfo, resume: bool, until: int | None, ov
     if tc.parallel == "fsdp" and tc.sparse_rows:
         raise MonorouteError("parallel=fsdp works with plain AdamW only (FSDP2 reduce-scatters dense gradients); "
                              "drop sparse_rows or use parallel=ddp")
+
+
+def _train(cfg: RunConfig, info: D.DistInfo, resume: bool, until: int | None, overwrite: bool, show_progress: bool) -> dict:
+    tc, out = cfg.train, Path(cfg.out)
+    device = resolve_device(tc.device, info.local_rank)
+    # Everything that can refuse the run happens before anything is written into OUT.
+    check_settings(cfg, device, until)
     if info.is_main:
-        check_out_dir(out, resume, overwrite)
+        start_mode(out, resume, overwrite)  # fail fast; decided again under the lock below
         store = prepare_data(cfg.data)  # builds the token cache once, outside OUT
     D.barrier(info)
     if not info.is_main:
@@ -163,16 +288,49 @@ def _train(cfg: RunConfig, info: D.DistInfo, resume: bool, until: int | None, ov
             f"{store.vocab_size}; restore the run's tokenizer/data or start a new run"
         )
     cfg = replace(cfg, model=replace(cfg.model, vocab_size=store.vocab_size))
+    check_splits(store, cfg)
     torch.manual_seed(tc.seed)
     model = GPT(cfg.model).to(device)  # raises the layer's own errors (k, n_units, router, ...)
+    lock = RunLock(out) if info.is_main else None
+    created = not out.exists()
+    try:
+        if lock is not None:
+            lock.acquire()
+            mode = start_mode(out, resume, overwrite)  # now that no other training can write here
+            if lock.took_over:
+                print(f"monoroute: took over the lock of pid {lock.took_over.get('pid')}, which is no longer "
+                      f"running", file=sys.stderr)
+            if mode in ("restart", "overwrite"):
+                if mode == "restart":
+                    print(f"monoroute: {out} holds a run that stopped before its first checkpoint; starting it again",
+                          file=sys.stderr)
+                clear_run(out)
+            if not resume:
+                write_json(out / CONFIG_FILE, {"run": cfg.to_dict(), **run_info(model)})
+                write_text(out / TOKENIZER_FILE, store.tokenizer.to_json())
+        D.barrier(info)
+        return _train_locked(cfg, info, resume, until, show_progress, device, store, model)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        ckpt = current_checkpoint(out) if out.is_dir() else None
+        kept = f"the step-{ckpt.step} checkpoint is intact" if ckpt else "no checkpoint had been written"
+        raise MonorouteError(f"disk full while writing {exc.filename or out} ({exc.strerror}); {kept}. Free space, "
+                             f"then {'`monoroute train --resume ' + str(out) + '`' if ckpt else 'start the run again'}"
+                             ) from None
+    finally:
+        if lock is not None:
+            lock.release()
+            if created and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()  # refused before writing anything: leave no empty folder behind
+
+
+def _train_locked(cfg, info, resume, until, show_progress, device, store, model) -> dict:
+    tc, out = cfg.train, Path(cfg.out)
     fsdp = info.world > 1 and tc.parallel == "fsdp"
     progress, optimizer_state = {"step": 0, "tokens": 0}, None
     if resume:  # every rank reads the full checkpoint, before any sharding
         optimizer_state, progress = load_checkpoint(out, model)
-    elif info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / CONFIG_FILE, {"run": cfg.to_dict(), **run_info(model)})
-        write_text(out / TOKENIZER_FILE, store.tokenizer.to_json())
     if info.is_main:
         print(f"monoroute: {cfg.preset} {cfg.model.ffn} params={model.n_params():,} "
               f"active={model.n_active_params():,} flops/token={model.flops_per_token()['total']:,} device={device}")
@@ -224,6 +382,20 @@ def load_optimizer_state(model: GPT, optimizer, state: dict, fsdp: bool) -> None
         optimizer.load_state_dict(state)
 
 
+def stopped(out: Path, what: str, step: int, last_saved: int | None) -> MonorouteError:
+    """The error for a run stopped by a non-finite value: what was (not) saved and how to go on."""
+    if last_saved is None:
+        return MonorouteError(
+            f"{what} at step {step}; stopped without saving anything (no checkpoint had been written yet). Lower "
+            f"--lr or raise --warmup and start again with the same --out"
+        )
+    return MonorouteError(
+        f"{what} at step {step}; stopped, and nothing after step {last_saved} was saved. Last good checkpoint: "
+        f"{out} (step {last_saved}); `monoroute eval {out}` reads it. Lower --lr or raise --warmup, then "
+        f"`monoroute train --resume {out} --lr LOWER` continues from step {last_saved} (or start again)"
+    )
+
+
 def _loop(cfg, info, model, net, optimizer, store, device, metrics, progress, until, show_progress, fsdp) -> dict:
     tc, out = cfg.train, Path(cfg.out)
     stop = min(tc.steps, until) if until is not None else tc.steps
@@ -233,6 +405,7 @@ def _loop(cfg, info, model, net, optimizer, store, device, metrics, progress, un
     summary: dict = {"step": step, "tokens": tokens}
     bar = tqdm(total=stop, initial=step, disable=not (show_progress and info.is_main), unit="step", dynamic_ncols=True)
     window_start, window_tokens = time.perf_counter(), 0
+    routed = RoutedStats(model)
     net.train()
     while step < stop:
         lr = lr_at(step, tc)
@@ -249,16 +422,17 @@ def _loop(cfg, info, model, net, optimizer, store, device, metrics, progress, un
                 _, loss = net(x, y)
                 aux = model.aux_loss()
                 ((loss + aux) / tc.grad_accum).backward()
+            routed.update()
             loss_sum += loss.item()
             aux_sum += aux.item()
         train_loss = loss_sum / tc.grad_accum
-        if not math.isfinite(train_loss):
-            where = f"{out} (step {last_saved})" if last_saved is not None else "none (no checkpoint was written yet)"
-            raise MonorouteError(
-                f"training loss became {train_loss} at step {step + 1}; stopped without saving. Last good "
-                f"checkpoint: {where}. Lower --lr or raise --warmup, then --resume or start again"
-            )
+        if D.any_across_ranks(not math.isfinite(train_loss), info):
+            what = f"training loss became {train_loss}" if not math.isfinite(train_loss) else \
+                "training loss became non-finite on another rank"
+            raise stopped(out, what, step + 1, last_saved)
         grad_norm = clip_grad_norm_(model.parameters(), tc.grad_clip).item() if tc.grad_clip > 0 else float("nan")
+        if tc.grad_clip > 0 and D.any_across_ranks(not math.isfinite(grad_norm), info):
+            raise stopped(out, f"gradient norm became {grad_norm}", step + 1, last_saved)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -273,16 +447,29 @@ def _loop(cfg, info, model, net, optimizer, store, device, metrics, progress, un
                       "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
             if model.routed_layers():
                 record["dead_fraction"] = model.dead_fraction()
+                record.update(routed.summary(info))  # over this log window's training tokens
+            routed.reset()
             if step % tc.eval_every == 0 or is_last:
                 record["val_loss"] = evaluate(model, store, cfg, device)
             metrics.log(record)
             summary = record
-            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            postfix = {"loss": f"{train_loss:.3f}", "tok_s": f"{record['tokens_per_s']:.0f}"}
+            if "live_slot_fraction" in record:
+                postfix["live"] = f"{record['live_slot_fraction']:.3f}"
+            bar.set_postfix(postfix)
             window_start, window_tokens = time.perf_counter(), 0
         if step % tc.ckpt_every == 0 or is_last:
             to_save, optimizer_state = checkpoint_payload(cfg, model, optimizer, fsdp)
+            failure: MonorouteError | None = None
             if info.is_main:
-                save_checkpoint(out, to_save, optimizer_state, {"step": step, "tokens": tokens})
+                try:
+                    save_checkpoint(out, to_save, optimizer_state, {"step": step, "tokens": tokens})
+                except NonFiniteWeights as exc:
+                    failure = stopped(out, f"the weights became non-finite ({exc})", step, last_saved)
+                except MonorouteError as exc:
+                    failure = exc
+            if D.any_across_ranks(failure is not None, info):
+                raise failure or MonorouteError("rank 0 could not save the checkpoint; see its error")
             last_saved = step
             D.barrier(info)
     bar.close()
