@@ -9,7 +9,6 @@ See corpus.py for the sources and the split, token_store.py for the cache and ba
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from monoroute.data.corpus import open_source, split_of
 from monoroute.data.token_store import TokenStore, default_cache_root, open_or_build
 from monoroute.data.tokenizers import TOKENIZER_KINDS, Tokenizer, check_kind, load_tokenizer
 from monoroute.errors import MonorouteError
+from monoroute.fileio import write_text_atomic
 
 __all__ = ["DataConfig", "prepare_data", "load_tokenizer", "Tokenizer", "TokenStore", "split_of", "add_parser"]
 
@@ -49,12 +49,6 @@ class DataConfig:
         return {"kind": "bpe", "vocab_size": self.bpe_vocab_size}
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def prepare_data(cfg: DataConfig, run_dir: str | None = None) -> TokenStore:
     """Build (or reuse from the cache) the token memmaps for `cfg`. With `run_dir`, also save the
     tokenizer there as tokenizer.json, so the run can decode and be reproduced from its folder."""
@@ -64,7 +58,7 @@ def prepare_data(cfg: DataConfig, run_dir: str | None = None) -> TokenStore:
                           default_cache_root(cfg.cache_dir))
     if run_dir is not None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(run_dir) / "tokenizer.json", store.tokenizer.to_json())
+        write_text_atomic(Path(run_dir) / "tokenizer.json", store.tokenizer.to_json())
     return store
 
 

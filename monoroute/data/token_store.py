@@ -37,6 +37,7 @@ from torch import Tensor
 from monoroute.data.corpus import SPLITS, Document, Source, cap_bytes, merge_chunks, split_of
 from monoroute.data.tokenizers import BPETokenizer, ByteTokenizer, Tokenizer, tokenizer_from_json
 from monoroute.errors import MonorouteError
+from monoroute.fileio import sha256
 
 FORMAT_VERSION = 3  # bump whenever what a key maps to changes (2: per-split max_bytes caps, 3: chunks, sha256)
 FLUSH_CHARS = 8 << 20  # encode and write a split's pending documents every ~8 MB of text
@@ -171,14 +172,6 @@ class TokenStore:
         return generate()
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def check_entry(path: Path, meta: dict, tokenizer: Tokenizer, key: str) -> None:
     """CacheCorrupt unless meta.json, tokenizer.json and the .bin files' sizes and sha256 all agree."""
     if meta["format"] != FORMAT_VERSION or meta["key"] != key:
@@ -191,7 +184,7 @@ def check_entry(path: Path, meta: dict, tokenizer: Tokenizer, key: str) -> None:
         actual = (path / f"{split}.bin").stat().st_size
         if actual != expected or meta["files"][f"{split}.bin"]["bytes"] != expected:
             raise CacheCorrupt(f"{split}.bin has {actual} bytes, meta.json says {expected}")
-        if file_sha256(path / f"{split}.bin") != meta["files"][f"{split}.bin"]["sha256"]:
+        if sha256(path / f"{split}.bin") != meta["files"][f"{split}.bin"]["sha256"]:
             raise CacheCorrupt(f"{split}.bin does not match its sha256 in meta.json (corrupted on disk)")
 
 

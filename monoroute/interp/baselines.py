@@ -30,7 +30,6 @@ import contextlib
 import copy
 import io
 import json
-import math
 import time
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple

@@ -19,9 +19,7 @@ the first shard it does not list (a shard file whose sha256 does not match is re
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,10 +27,11 @@ from typing import Callable
 import numpy as np
 import scipy.sparse as sp
 import torch
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 from torch import Tensor
 
 from monoroute.errors import MonorouteError
+from monoroute.fileio import save_safetensors_atomic, sha256, write_json_atomic
 from monoroute.hooks import SparseActivations
 from monoroute.interp.types import Positions, UnitActivations
 
@@ -95,26 +94,6 @@ def model_unit_sets(model, prefix: str | None = None, layers: list[int] | None =
     return sets
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def save_atomic(path: Path, tensors: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
-
-
 def capture(
     model,
     positions: Positions,
@@ -148,7 +127,7 @@ def capture(
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.glob("shard-*.safetensors"):
             stale.unlink()
-        save_atomic(folder / POSITIONS, {"token_ids": positions.token_ids.astype(np.int64),
+        save_safetensors_atomic(folder / POSITIONS, {"token_ids": positions.token_ids.astype(np.int64),
                                          "doc_ids": positions.doc_ids.astype(np.int64),
                                          "window_pos": positions.window_pos.astype(np.int64)})
         index = dict(settings, shards=[], complete=False)
@@ -183,7 +162,7 @@ def capture(
                 tensors[f"{key}.unit"] = np.concatenate([c[1] for c in chunks]).astype(np.int32)
                 tensors[f"{key}.value"] = np.concatenate([c[2] for c in chunks]).astype(np.float32)
                 nnz[key] = int(len(tensors[f"{key}.pos"]))
-            save_atomic(folder / name, tensors)
+            save_safetensors_atomic(folder / name, tensors)
             index["shards"].append({"file": name, "first_window": shard_start, "n_windows": shard_end - shard_start,
                                     "sha256": sha256(folder / name), "nnz": nnz})
             write_json_atomic(folder / INDEX, index)

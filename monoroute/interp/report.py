@@ -10,10 +10,11 @@ import csv
 import html
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+
+from monoroute.fileio import write_text_atomic
 
 SET_ORDER = ("dense_neurons", "routed_units", "sae", "transcoder", "random_init")
 COLORS = {"dense_neurons": "#1f77b4", "routed_units": "#d62728", "sae": "#2ca02c", "transcoder": "#9467bd",
@@ -24,18 +25,12 @@ def ordered(sets: dict) -> list[str]:
     return [s for s in SET_ORDER if s in sets] + [s for s in sets if s not in SET_ORDER]
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(header)
     writer.writerows(rows)
-    write_atomic(path, buf.getvalue())
+    write_text_atomic(path, buf.getvalue())
 
 
 def fmt(x, digits: int = 3) -> str:
@@ -255,7 +250,7 @@ def build_html(report: dict) -> str:
 
 def write_outputs(report: dict, folder: Path) -> None:
     folder = Path(folder)
-    write_atomic(folder / "report.json", json.dumps(report, indent=1, default=float))
+    write_text_atomic(folder / "report.json", json.dumps(report, indent=1, default=float))
     sets = report["unit_sets"]
     names = ordered(sets)
     write_csv(folder / "unit_sets.csv", ["unit_set", "n_units", "k", "l0", "live_slot_fraction", "dead_fraction",
@@ -279,4 +274,4 @@ def write_outputs(report: dict, folder: Path) -> None:
     if report["interventions"]:
         keys = [k for k in report["interventions"][0] if not isinstance(report["interventions"][0][k], (list, dict))]
         write_csv(folder / "interventions.csv", keys, [[r.get(k) for k in keys] for r in report["interventions"]])
-    write_atomic(folder / "report.html", build_html(report))
+    write_text_atomic(folder / "report.html", build_html(report))

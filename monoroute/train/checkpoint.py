@@ -25,7 +25,6 @@ Runs written before the pointer existed (model.safetensors, train_state.* at the
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -39,6 +38,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from monoroute.errors import MonorouteError
+from monoroute.fileio import fsync_path, sha256, write_text_atomic
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -60,36 +60,9 @@ def reached(stage: str, step: int) -> None:
 # ---- files ------------------------------------------------------------------------------------
 
 
-def fsync_path(path: Path) -> None:
-    """Flush a file's or a folder's entry to disk (a no-op where the OS cannot open folders)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), fsync, then rename over `path`: readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        fsync_path(Path(tmp))
-        os.replace(tmp, path)
-        fsync_path(path.parent)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    """Run files are written durably: fsynced before and after the rename."""
+    write_text_atomic(path, text, durable=True)
 
 
 def write_json(path: Path, obj) -> None:
@@ -107,14 +80,6 @@ def read_json(path: Path, what: str) -> dict:
     if not isinstance(value, dict):
         raise MonorouteError(f"{what} {path} is corrupt (not a JSON object); restore it or start a new run")
     return value
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def is_disk_full(exc: BaseException) -> bool:

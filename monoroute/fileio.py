@@ -1,0 +1,72 @@
+"""Small file primitives every part of monoroute shares: a streamed sha256, and atomic writes
+(write a temporary file beside the target, then rename over it, so a reader sees the old file or
+the new one, never half of one)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks (constant memory for multi-GB tables)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's entry to disk (a no-op where the OS cannot open folders)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[str], None], durable: bool = True) -> None:
+    """Call write(tmp_path), then rename over `path`. With `durable`, fsync the file before the
+    rename and the folder after it, so the rename survives a power cut too. The temporary file is
+    removed if `write` fails (a full disk leaves nothing behind)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        if durable:
+            fsync_path(Path(tmp))
+        os.replace(tmp, path)
+        if durable:
+            fsync_path(path.parent)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text_atomic(path: Path, text: str, durable: bool = False) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), durable)
+
+
+def write_json_atomic(path: Path, obj, durable: bool = False) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=1), durable)
+
+
+def save_safetensors_atomic(path: Path, tensors: dict, durable: bool = False) -> None:
+    """Tensors (torch) or arrays (numpy), as safetensors."""
+    import numpy as np
+
+    if tensors and all(isinstance(v, np.ndarray) for v in tensors.values()):
+        from safetensors.numpy import save_file
+    else:
+        from safetensors.torch import save_file
+    atomic_write(path, lambda tmp: save_file(tensors, tmp), durable)
