@@ -145,13 +145,30 @@ class _WeightedGatherSum(torch.autograd.Function):
         return gh, None, gw, None, None
 
 
-def compose_ffn_forward(kernels, x, w_in, b_in, idx, gate_logits, w_out, activation):
-    """(y, pre, h) of the unit compute from the unfused kernels."""
-    pre = kernels.dot(x, w_in, idx)  # (T, k)
+def compose_unit_ffn(dot, gather_sum, x, w_in, b_in, idx, gate_logits, w_out, activation,
+                     pre_hook=None, post_hook=None):
+    """The unit compute, written once for every caller that does not use a fused kernel:
+
+        pre = dot(x, w_in, idx) + b_in[idx]        (T, k)   -> pre_hook(pre) may replace it
+        h   = act(pre) * sigmoid(gate_logits)      (T, k)   -> post_hook(idx, h) may replace both
+        y   = gather_sum(h', idx', w_out)          (T, d)
+
+    `dot(x, w, idx)` and `gather_sum(h, idx, w)` are one implementation's primitives. `post_hook`
+    returns an object with `.indices` / `.values` of (T, k') (a hook may add units, as steering
+    does). Returns (y, pre, h, post): h is the layer's own activation, before `post_hook`, and post
+    is what `post_hook` returned (None without one)."""
+    pre = dot(x, w_in, idx)  # (T, k)
     if b_in is not None:
         pre = pre + b_in[idx]
+    if pre_hook is not None:
+        pre = pre_hook(pre)
     h = unit_activation(pre, gate_logits, activation)
-    return kernels.gather_sum(h, idx, w_out), pre, h  # (T, d), (T, k), (T, k)
+    post = None
+    out_idx, out_h = idx, h
+    if post_hook is not None:
+        post = post_hook(idx, h)
+        out_idx, out_h = post.indices.reshape(x.shape[0], -1), post.values.reshape(x.shape[0], -1)
+    return gather_sum(out_h, out_idx, w_out), pre, h, post
 
 
 class _UnitFFN(torch.autograd.Function):
@@ -161,7 +178,8 @@ class _UnitFFN(torch.autograd.Function):
     def forward(ctx, x, w_in, b_in, idx, gate_logits, w_out, activation, kernels, sparse_grad):
         x, w_in, idx, w_out = x.contiguous(), w_in.contiguous(), idx.contiguous(), w_out.contiguous()
         if kernels.ffn_forward is None:
-            y, pre, h = compose_ffn_forward(kernels, x, w_in, b_in, idx, gate_logits, w_out, activation)
+            y, pre, h, _ = compose_unit_ffn(kernels.dot, kernels.gather_sum, x, w_in, b_in, idx, gate_logits, w_out,
+                                            activation)
         else:
             y, pre = kernels.ffn_forward(x, w_in, b_in, idx, gate_logits, w_out, activation)
             h = unit_activation(pre, gate_logits, activation)  # (T, k), as the kernel computed it
@@ -287,11 +305,15 @@ def unit_ffn(
     chosen = resolve_impl(impl, x.device)
     if chosen.unit_ffn is not None:
         return chosen.unit_ffn(x, w_in, b_in, idx, gate_logits, w_out, activation, sparse_grad)
-    pre = chosen.sampled_dot(x, w_in, idx, sparse_grad)
-    if b_in is not None:
-        pre = pre + b_in[idx]
-    h = unit_activation(pre, gate_logits, activation)
-    return chosen.weighted_gather_sum(h, idx, w_out, sparse_grad), h
+    y, _, h, _ = compose_unit_ffn(*impl_primitives(chosen, sparse_grad), x, w_in, b_in, idx, gate_logits, w_out,
+                                  activation)
+    return y, h
+
+
+def impl_primitives(chosen: UnitComputeImpl, sparse_grad: bool):
+    """(dot(x, w, idx), gather_sum(h, idx, w)) of an implementation, for `compose_unit_ffn`."""
+    return (lambda x, w, idx: chosen.sampled_dot(x, w, idx, sparse_grad),
+            lambda h, idx, w: chosen.weighted_gather_sum(h, idx, w, sparse_grad))
 
 
 def benchmark_unit_compute(

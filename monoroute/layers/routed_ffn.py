@@ -36,7 +36,8 @@ from torch import Tensor, nn
 
 from monoroute.errors import MonorouteError
 from monoroute.hooks import HookPoint, SparseActivations
-from monoroute.layers.compute import ACTIVATIONS, available_impls, resolve_impl, unit_activation, unit_ffn
+from monoroute.layers.compute import (ACTIVATIONS, available_impls, compose_unit_ffn, impl_primitives, resolve_impl,
+                                     unit_ffn)
 from monoroute.layers.routers import DenseRouter, build_router
 
 GATES = ("sigmoid", "none")
@@ -111,17 +112,16 @@ class RoutedFFN(nn.Module):
             )  # (T, d), (T, k)
             acts = SparseActivations(idx.view(*lead, self.k), h.view(*lead, self.k), self.n_units)
         else:
-            compute = resolve_impl(self.impl, xt.device)
-            pre = compute.sampled_dot(xt, self.w_in, idx, self.sparse_grad)  # (T, k)
-            if self.b_in is not None:
-                pre = pre + self.b_in[idx]
-            pre = self.hook_pre(pre.view(*lead, self.k)).reshape(-1, self.k)
-            h = unit_activation(pre, gate_logits, self.activation)  # (T, k)
-            acts = self.hook_post(SparseActivations(idx.view(*lead, self.k), h.view(*lead, self.k), self.n_units))
-            k_out = acts.indices.shape[-1]  # a hook may add units (steering)
-            y = compute.weighted_gather_sum(
-                acts.values.reshape(-1, k_out), acts.indices.reshape(-1, k_out), self.w_out, self.sparse_grad
-            )
+            # The same unit compute from the two primitives, with the hooks between its steps.
+            def pre_hook(pre: Tensor) -> Tensor:
+                return self.hook_pre(pre.view(*lead, self.k)).reshape(-1, self.k)
+
+            def post_hook(idx: Tensor, h: Tensor) -> SparseActivations:
+                return self.hook_post(SparseActivations(idx.view(*lead, self.k), h.view(*lead, self.k), self.n_units))
+
+            primitives = impl_primitives(resolve_impl(self.impl, xt.device), self.sparse_grad)
+            y, _, h, acts = compose_unit_ffn(*primitives, xt, self.w_in, self.b_in, idx, gate_logits, self.w_out,
+                                             self.activation, pre_hook, post_hook)  # (T, d), _, (T, k), hooked
         self.last_activations = acts.detach()
         if self.training:
             self.record_firing(idx, h)

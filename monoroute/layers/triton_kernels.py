@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from monoroute.layers.compute import UnitKernels, UnitOrder, compose_ffn_forward, kernel_impl, register_impl
+from monoroute.layers.compute import UnitKernels, UnitOrder, compose_unit_ffn, kernel_impl, register_impl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ACT_CODES = {"identity": 0, "relu": 1, "gelu": 2, "silu": 3}
@@ -173,7 +173,7 @@ def ffn_forward(x, w_in, b_in, idx, gate_logits, w_out, activation):
     d = x.shape[1]
     block_d = triton.next_power_of_2(d)
     if block_d > MAX_FUSED_D:
-        return compose_ffn_forward(UNIT_KERNELS, x, w_in, b_in, idx, gate_logits, w_out, activation)[:2]
+        return compose_unit_ffn(dot, gather_sum, x, w_in, b_in, idx, gate_logits, w_out, activation)[:2]
     y, pre = x.new_empty(t, d), x.new_empty(t, k)
     if t:
         # Null pointers are not allowed: pass `pre` where an absent input is never read (constexpr off).
