@@ -70,7 +70,7 @@ def test_analyze_dense_run_with_post_hoc_baselines(runs, capsys):
         assert sets[kind]["l0"] <= 512  # tiny routed width stands in for N; k caps L0 below
     assert main(["compare", str(runs[0]), str(dense)]) == 0
     table = capsys.readouterr().out
-    assert "routed_units" in table and "dense_neurons" in table and "sae" in table
+    assert "routed_units" in table and "dense_neurons" in table and "sae" in table and "purity null" in table
 
 
 def test_bad_inputs_give_one_line_and_leave_no_analysis(runs, tmp_path, capsys):

@@ -10,7 +10,8 @@ from monoroute.errors import MonorouteError
 COMPARE_MODEL = [("val loss", "val_loss"), ("FLOPs/token", "flops_per_token"), ("active params", "active_params"),
                  ("tokens/s", "tokens_per_s")]
 COMPARE_UNITS = [("L0", "l0"), ("live-slot", "live_slot_fraction"), ("dead %", "dead_fraction"),
-                 ("coverage", "coverage"), ("purity", "mean_purity"), ("probe F1", "sparse_probe_f1"),
+                 ("coverage", "coverage"), ("purity", "mean_purity"), ("purity null", "mean_purity_null"),
+                 ("probe F1", "sparse_probe_f1"),
                  ("expl. F1", "explanation_f1")]
 FLOOR_KEYS = ("coverage", "mean_purity", "sparse_probe_f1", "explanation_f1")
 
@@ -118,7 +119,8 @@ def compare_table(reports: list[dict]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
     out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
-    out.append("(in brackets: the same architecture at random init; dead % over the analysed tokens)")
+    out.append("(in brackets: the same architecture at random init; purity null: the same units' firings moved to "
+               "random positions; dead % over the analysed tokens)")
     return "\n".join(out)
 
 
