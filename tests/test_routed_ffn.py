@@ -113,11 +113,13 @@ def test_firing_statistics_and_dead_window():
     fired = layer.last_activations.indices[layer.last_activations.values != 0].unique()
     assert set((layer.last_fired >= 0).nonzero().flatten().tolist()) == set(fired.tolist())
     assert int(layer.fire_count.sum()) == int((layer.last_activations.values != 0).sum())
-    assert layer.dead_fraction() == pytest.approx(1 - fired.numel() / 16)
+    assert fired.numel() < 16 and layer.dead_fraction() == 0.0  # 4 tokens < dead_window: the unfired are untried
     with torch.no_grad():
         layer.b_in.fill_(-100.0)  # nothing fires any more
-    for _ in range(3):
-        layer(x)  # 12 more tokens > dead_window
+    layer(x)
+    assert layer.dead_fraction() == 0.0  # 8 tokens: still inside every unit's grace window
+    for _ in range(2):
+        layer(x)  # 16 tokens: the units that fired at token 4 are now 12 > dead_window tokens back
     assert layer.dead_fraction() == 1.0
     layer.eval()
     before = layer.tokens_seen.clone()
@@ -127,10 +129,10 @@ def test_firing_statistics_and_dead_window():
 
 @pytest.mark.parametrize("router", ["dense", "product_key"])
 def test_revival_loss_reaches_dead_units_only(router):
-    layer = make_layer(router, n_units=64, k=2, aux_coef=1.0, aux_units=8)
+    layer = make_layer(router, n_units=64, k=2, aux_coef=1.0, aux_units=8, dead_window=4)
     layer.train()
     x = torch.randn(4, 8, dtype=torch.double)
-    layer(x)
+    layer(x)  # 4 tokens = dead_window: the units not fired on them are dead
     assert layer.aux_loss > 0
     layer.zero_grad()
     layer.aux_loss.backward()
@@ -176,6 +178,7 @@ def test_sparse_activations_to_dense():
         (dict(n_units=64, k=4, router="hash"), "unknown router 'hash'"),
         (dict(n_units=64, k=4, activation="tanh"), "unknown activation 'tanh'"),
         (dict(n_units=64, k=4, impl="cuda-magic"), "unknown impl 'cuda-magic'"),
+        (dict(n_units=64, k=4, dead_window=0), "dead_window must be a whole number of tokens >= 1, got 0"),
     ],
 )
 def test_bad_arguments_raise_one_clear_error(kwargs, message):
@@ -185,7 +188,7 @@ def test_bad_arguments_raise_one_clear_error(kwargs, message):
 
 @pytest.mark.parametrize("router", ["dense", "product_key"])
 def test_sparse_grad_survives_the_revival_loss(router):
-    layer = make_layer(router, aux_coef=1.0, aux_units=8, sparse_grad=True, impl="cpu")
+    layer = make_layer(router, aux_coef=1.0, aux_units=8, sparse_grad=True, impl="cpu", dead_window=6)
     layer.train()
     y = layer(torch.randn(6, 8, dtype=torch.double))
     (y.sum() + layer.aux_loss).backward()
@@ -196,3 +199,22 @@ def test_training_on_zero_tokens():
     layer = make_layer("product_key", aux_coef=1.0)
     layer.train()
     assert layer(torch.randn(0, 8, dtype=torch.double)).shape == (0, 8)
+
+
+def test_never_fired_units_get_a_grace_window():
+    # A 64-token step of a 4096-unit layer tries ~k*64 units; the untried ones are not dead yet.
+    layer = make_layer("product_key", n_units=4096, k=4, d=8, aux_coef=1.0, dead_window=200)
+    layer.train()
+    x = torch.randn(64, 8, dtype=torch.double)
+    layer(x)
+    assert int((layer.last_fired >= 0).sum()) < 4096 // 4 and int(layer.dead_mask().sum()) == 0
+    assert layer.aux_loss == 0  # no dead unit: nothing to revive
+    layer(x)
+    layer(x)  # 192 tokens: still < dead_window
+    assert int(layer.dead_mask().sum()) == 0
+    layer(x)  # 256 tokens > dead_window: a never-fired unit is dead, one fired on the last step is not
+    never = layer.last_fired < 0
+    recent = layer.last_fired == 256
+    assert never.any() and recent.any()
+    assert bool(layer.dead_mask()[never].all()) and not bool(layer.dead_mask()[recent].any())
+    assert layer.aux_loss > 0

@@ -20,7 +20,8 @@ Sparse compute: only the two primitives of `compute.py` touch the unit tables, s
 memory is O(T·k) and only the selected rows of w_in/w_out receive gradient.
 
 Dead units: the layer records, per unit, the token count at which it last fired (h != 0) and
-calls it dead when it has not fired in the last `dead_window` tokens. In training it adds a
+calls it dead when it has not fired in the last `dead_window` tokens (a unit that never fired
+counts from token 0, so nothing is dead before `dead_window` training tokens). In training it adds a
 revival loss (on by default): for up to `aux_units` dead units, on the token where each scores
 highest, pull its routing score up to that token's selection threshold (and, for ReLU, its
 pre-activation above zero). Like AuxK (Gao et al. 2024) it gives dead units gradient on the inputs
@@ -69,6 +70,9 @@ class RoutedFFN(nn.Module):
         super().__init__()
         if not 1 <= k <= n_units:
             raise MonorouteError(f"k must be between 1 and n_units={n_units}, got k={k}; lower k or raise n_units")
+        if isinstance(dead_window, bool) or not isinstance(dead_window, int) or dead_window < 1:
+            raise MonorouteError(f"dead_window must be a whole number of tokens >= 1, got {dead_window!r}; "
+                                 f"use e.g. 200000 (a few thousand steps' worth of tokens)")
         check_choice("activation", activation, ACTIVATIONS)
         gate = gate or ("none" if router == "dense" else "sigmoid")
         check_choice("gate", gate, GATES)
@@ -138,9 +142,13 @@ class RoutedFFN(nn.Module):
         self.fire_count.index_add_(0, fired, torch.ones_like(fired))
 
     def dead_mask(self) -> Tensor:
-        """(N,) True for units with no firing in the last `dead_window` tokens (or never)."""
-        never = self.last_fired < 0
-        return never | (self.last_fired <= self.tokens_seen - self.dead_window)
+        """(N,) True for units with no firing in the last `dead_window` tokens.
+
+        A unit that never fired counts as having fired at token 0: every unit gets a grace window
+        of `dead_window` tokens (as AuxK does), so nothing is dead before that many tokens were
+        seen. Without it, after one step almost every unit of a large layer is "dead" merely for
+        not having been tried yet, and the revival loss spends itself on them."""
+        return self.last_fired.clamp(min=0) <= self.tokens_seen - self.dead_window
 
     def dead_fraction(self) -> float:
         return self.dead_mask().float().mean().item()
