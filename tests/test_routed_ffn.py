@@ -218,3 +218,30 @@ def test_never_fired_units_get_a_grace_window():
     assert never.any() and recent.any()
     assert bool(layer.dead_mask()[never].all()) and not bool(layer.dead_mask()[recent].any())
     assert layer.aux_loss > 0
+
+
+def test_revival_loss_reuses_the_forward_half_scores():
+    layer = make_layer("product_key", n_units=64, k=2, aux_coef=1.0, aux_units=8, dead_window=4)
+    layer.train()
+    calls = []
+    layer.router.query.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(4, 8, dtype=torch.double)
+    layer(x)
+    assert len(calls) == 1 and layer.aux_loss > 0  # the revival loss ran, on the forward's query
+    params = dict(layer.named_parameters())
+
+    def revival(recompute: bool):
+        torch.manual_seed(0)  # the same sample of dead units both times
+        routing = layer.router(x)
+        if recompute:
+            routing = routing._replace(halves=None)
+        loss = layer.revival_loss(x, routing)
+        return loss, torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+
+    (reused, g_reused), (recomputed, g_recomputed) = revival(False), revival(True)
+    torch.testing.assert_close(reused, recomputed, rtol=1e-12, atol=0)
+    for name, a, b in zip(params, g_reused, g_recomputed):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15, msg=name)
+    assert g_reused[list(params).index("router.query.weight")].abs().sum() > 0  # the query is on the gradient path

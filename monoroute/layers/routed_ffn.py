@@ -39,7 +39,7 @@ from monoroute.errors import MonorouteError
 from monoroute.hooks import HookPoint, SparseActivations
 from monoroute.layers.compute import (ACTIVATIONS, available_impls, compose_unit_ffn, impl_primitives, resolve_impl,
                                      unit_ffn)
-from monoroute.layers.routers import DenseRouter, build_router
+from monoroute.layers.routers import DenseRouter, Routing, build_router
 
 GATES = ("sigmoid", "none")
 
@@ -129,7 +129,7 @@ class RoutedFFN(nn.Module):
         self.last_activations = acts.detach()
         if self.training:
             self.record_firing(idx, h)
-            self.aux_loss = self.auxiliary_loss(xt, routing.scores, h)
+            self.aux_loss = self.auxiliary_loss(xt, routing, h)
         else:
             self.aux_loss = None
         return y.view(*lead, self.d_model)
@@ -153,22 +153,25 @@ class RoutedFFN(nn.Module):
     def dead_fraction(self) -> float:
         return self.dead_mask().float().mean().item()
 
-    def auxiliary_loss(self, xt: Tensor, selected_scores: Tensor, h: Tensor) -> Tensor:
+    def auxiliary_loss(self, xt: Tensor, routing: Routing, h: Tensor) -> Tensor:
         """Dead-unit revival (weighted by aux_coef) plus an L1 pressure on unit activations."""
         loss = self.l1_coef * h.abs().sum(-1).mean()
         if self.aux_coef > 0:
-            loss = loss + self.aux_coef * self.revival_loss(xt, selected_scores)
+            loss = loss + self.aux_coef * self.revival_loss(xt, routing)
         return loss
 
-    def revival_loss(self, xt: Tensor, selected_scores: Tensor) -> Tensor:
+    def revival_loss(self, xt: Tensor, routing: Routing) -> Tensor:
+        """For up to aux_units dead units: pull the score up to the selection threshold on the token
+        where it is highest (and, for ReLU under a router with its own scores, the pre-activation
+        above 0). `routing` is this forward's, whose half scores the product-key router reuses."""
         dead = self.dead_mask().nonzero().squeeze(1)
         if dead.numel() == 0 or xt.shape[0] == 0:
             return xt.new_zeros(())
         units = dead[torch.randperm(dead.numel(), device=dead.device)[: self.aux_units]]  # (U,)
-        scores = self.router.score_units(xt, units, self.w_in, self.b_in, self.sparse_grad)  # (T, U)
+        scores = self.router.score_units(xt, units, self.w_in, self.b_in, self.sparse_grad, routing)  # (T, U)
         best_token = scores.detach().argmax(0)  # (U,) where each dead unit is closest to selection
         best_score = scores.gather(0, best_token.unsqueeze(0)).squeeze(0)  # (U,)
-        threshold = selected_scores.detach().min(-1).values[best_token]  # (U,)
+        threshold = routing.scores.detach().min(-1).values[best_token]  # (U,)
         if self.activation == "relu" and isinstance(self.router, DenseRouter):
             threshold = threshold.clamp(min=0)  # selected but not positive is still not firing
         loss = F.relu(threshold - best_score).mean()

@@ -31,6 +31,9 @@ ROUTERS = ("dense", "product_key")
 class Routing(NamedTuple):
     indices: Tensor  # (T, k) int64 unit ids
     scores: Tensor  # (T, k) routing scores of those units (differentiable for product_key)
+    # product_key: this step's (T, n_sub) half scores (s1, s2), with gradient, so `score_units`
+    # can score other units on the same tokens without running the query and sub-keys again.
+    halves: tuple[Tensor, Tensor] | None = None
 
 
 class DenseRouter(nn.Module):
@@ -51,8 +54,10 @@ class DenseRouter(nn.Module):
             top = self.all_scores(x, w_in, b_in).topk(self.k, dim=-1, sorted=False)
         return Routing(top.indices, top.values)
 
-    def score_units(self, x: Tensor, units: Tensor, w_in: Tensor, b_in: Tensor | None, sparse_grad: bool = False) -> Tensor:
-        """(T, d), (U,) -> (T, U) scores of the given units on every token."""
+    def score_units(self, x: Tensor, units: Tensor, w_in: Tensor, b_in: Tensor | None, sparse_grad: bool = False,
+                    routing: Routing | None = None) -> Tensor:
+        """(T, d), (U,) -> (T, U) scores of the given units on every token (`routing` is not needed:
+        the O(T·U·d) product is all there is to compute)."""
         scores = x @ F.embedding(units, w_in, sparse=sparse_grad).t()  # row-sparse gradient if asked
         return scores if b_in is None else scores + b_in[units]
 
@@ -110,7 +115,7 @@ class ProductKeyRouter(nn.Module):
             b = top2.indices.gather(-1, self.cand_j[best])
         # Gathering k of the half scores keeps the backward at O(T·k), with no (T, k_sub^2) tensor.
         scores = s1.gather(-1, a) + s2.gather(-1, b)  # (T, k)
-        return Routing(a * self.n_sub + b, scores)
+        return Routing(a * self.n_sub + b, scores, (s1, s2))
 
     def all_scores(self, x: Tensor) -> Tensor:
         """(T, N) scores of every unit: the dense reference the candidate search must match."""
@@ -118,8 +123,11 @@ class ProductKeyRouter(nn.Module):
         return (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)
 
     def score_units(self, x: Tensor, units: Tensor, w_in: Tensor | None = None, b_in: Tensor | None = None,
-                    sparse_grad: bool = False) -> Tensor:
-        s1, s2 = self.half_scores(x)
+                    sparse_grad: bool = False, routing: Routing | None = None) -> Tensor:
+        """(T, d), (U,) -> (T, U) scores of the given units on every token. Given the forward's
+        `routing` of the same x, its half scores are indexed (gradient included) instead of
+        running the query projection and sub-key scoring a second time."""
+        s1, s2 = routing.halves if routing is not None and routing.halves is not None else self.half_scores(x)
         return s1[:, units // self.n_sub] + s2[:, units % self.n_sub]  # (T, U)
 
 
