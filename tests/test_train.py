@@ -232,9 +232,61 @@ def test_ddp_two_cpu_processes(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary["ranks_in_sync"] is True
+    assert summary["ranks_in_sync"] is True  # weights and the firing-statistics buffers
     assert summary["tokens"] == 3 * 2 * 4 * 64  # both ranks' tokens counted
     assert len(metrics(out)) == 3  # only rank 0 writes
+    import monoroute
+
+    for layer in monoroute.load(out).model.routed_layers():  # rank 0's saved statistics are the global ones
+        assert int(layer.tokens_seen) == 3 * 2 * 4 * 64 and int(layer.last_fired.max()) == 3 * 2 * 4 * 64
+
+
+def _firing_sync_worker(rank, port, steps, result_dir):
+    import torch.distributed as dist
+
+    from monoroute.layers import RoutedFFN
+    from monoroute.train.distributed import DistInfo, FiringSync
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)  # the same layer on both ranks
+    layer = RoutedFFN(8, 64, 2, aux_coef=0.0, impl="reference", dead_window=30).double().train()
+    sync = FiringSync([layer], DistInfo(rank, 2, rank))
+    for step in range(steps):
+        layer(torch.randn(6 + 4 * rank, 8, dtype=torch.double, generator=torch.Generator().manual_seed(10 * step + rank)))
+        sync()
+    torch.save({name: b.clone() for name, b in layer.named_buffers() if name in ("last_fired", "fire_count",
+                                                                                 "tokens_seen")},
+               f"{result_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_firing_statistics_are_merged_across_ranks(tmp_path):
+    """Two gloo ranks see different tokens (6 and 10 per step); after each merge both hold exactly
+    the statistics of one layer that saw both ranks' tokens of every step."""
+    import torch.multiprocessing as mp
+
+    from monoroute.layers import RoutedFFN
+
+    steps = 4
+    mp.spawn(_firing_sync_worker, args=(free_port(), steps, str(tmp_path)), nprocs=2)
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    torch.manual_seed(0)
+    reference = RoutedFFN(8, 64, 2, aux_coef=0.0, impl="reference", dead_window=30).double().train()
+    for step in range(steps):
+        reference(torch.cat([torch.randn(6 + 4 * r, 8, dtype=torch.double,
+                                         generator=torch.Generator().manual_seed(10 * step + r)) for r in range(2)]))
+    for stats in got:
+        for name in ("last_fired", "fire_count", "tokens_seen"):
+            assert torch.equal(stats[name], getattr(reference, name)), name
+    assert int(got[0]["tokens_seen"]) == steps * 16
+    # What rank 0 alone would hold (the bug): fewer units tried, and judged on 24 tokens, nothing dead.
+    torch.manual_seed(0)
+    alone = RoutedFFN(8, 64, 2, aux_coef=0.0, impl="reference", dead_window=30).double().train()
+    for step in range(steps):
+        alone(torch.randn(6, 8, dtype=torch.double, generator=torch.Generator().manual_seed(10 * step)))
+    fired_alone, fired_all = (set(m.last_fired.ge(0).nonzero().flatten().tolist()) for m in (alone, reference))
+    assert fired_alone < fired_all
+    assert not alone.dead_mask().any() and 0 < int(reference.dead_mask().sum()) < 64
 
 
 def test_resume_refuses_a_vocab_mismatch(run, tmp_path, capsys):

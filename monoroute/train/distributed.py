@@ -62,11 +62,50 @@ def any_across_ranks(flag: bool, info: DistInfo) -> bool:
     return sum_across_ranks([1.0 if flag else 0.0], info)[0] > 0
 
 
+class FiringSync:
+    """Makes every rank's RoutedFFN firing statistics the global ones, once per optimizer step.
+
+    Each rank records firings on its own tokens (DDP runs with broadcast_buffers=False, else rank 0's
+    statistics would overwrite everyone's each forward and units would be judged on 1/world of the
+    data). `__call__` merges what each rank recorded since the previous call: the global token clock
+    advances by every rank's tokens; a unit that fired on any rank since then is stamped with the new
+    global count (MAX over ranks); fire counts add up (SUM of the increments). Stamping a whole step
+    with its end count is as exact as dead_window needs (one step is far below it). Two all-reduces
+    of (N,) integers per routed layer per step: small next to the gradient all-reduce."""
+
+    def __init__(self, layers: list, info: DistInfo) -> None:
+        self.layers, self.info = layers, info
+        self.mark()
+
+    def mark(self) -> None:
+        """Remember the (identical on every rank) statistics the next merge starts from."""
+        self.base = [(layer.tokens_seen.clone(), layer.fire_count.clone()) for layer in self.layers]
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        if self.info.world == 1:
+            return
+        device = comm_device(self.info)
+        for layer, (tokens0, count0) in zip(self.layers, self.base):
+            increments = torch.cat([layer.fire_count - count0, (layer.tokens_seen - tokens0).view(1)]).to(device)
+            dist.all_reduce(increments)  # SUM: every rank's new firings and tokens
+            now = tokens0.to(device) + increments[-1]
+            fired = layer.last_fired.to(device) > tokens0.to(device)  # fired here since the last merge
+            last = torch.where(fired, now, layer.last_fired.to(device))
+            dist.all_reduce(last, op=dist.ReduceOp.MAX)
+            layer.fire_count.copy_(count0 + increments[:-1].to(count0.device))
+            layer.tokens_seen.copy_(now)
+            layer.last_fired.copy_(last)
+        self.mark()
+
+
 def ranks_in_sync(model: torch.nn.Module, info: DistInfo) -> bool:
-    """True if every rank holds the same weights (DDP must keep them identical)."""
+    """True if every rank holds the same weights and buffers (DDP must keep the weights identical;
+    FiringSync the routed layers' firing statistics)."""
     if info.world == 1:
         return True
-    checksum = torch.tensor([sum(p.detach().double().sum().item() for p in model.parameters())], dtype=torch.float64,
+    tensors = [*model.parameters(), *model.buffers()]
+    checksum = torch.tensor([sum(t.detach().double().sum().item() for t in tensors)], dtype=torch.float64,
                             device=comm_device(info))
     low, high = checksum.clone(), checksum.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)

@@ -355,7 +355,10 @@ def parallelize(model: GPT, info: D.DistInfo, fsdp: bool) -> torch.nn.Module:
     """The module to run forward on: the model itself, DDP around it, or the model sharded in place."""
     if fsdp:
         return shard_model(model)
-    return DistributedDataParallel(model) if info.world > 1 else model
+    # broadcast_buffers=False: the only buffers that change are the routed layers' firing statistics,
+    # which FiringSync merges across ranks; DDP's default would overwrite them with rank 0's each forward.
+    # (Any future buffer that must match across ranks, e.g. BatchNorm running stats, needs the same care.)
+    return DistributedDataParallel(model, broadcast_buffers=False) if info.world > 1 else model
 
 
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -406,6 +409,7 @@ def _loop(cfg, info, model, net, optimizer, store, device, metrics, progress, un
     bar = tqdm(total=stop, initial=step, disable=not (show_progress and info.is_main), unit="step", dynamic_ncols=True)
     window_start, window_tokens = time.perf_counter(), 0
     routed = RoutedStats(model)
+    firing = D.FiringSync(model.routed_layers(), info)  # FSDP2 leaves buffers per rank too
     net.train()
     while step < stop:
         lr = lr_at(step, tc)
@@ -435,6 +439,7 @@ def _loop(cfg, info, model, net, optimizer, store, device, metrics, progress, un
             raise stopped(out, f"gradient norm became {grad_norm}", step + 1, last_saved)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        firing()
         step += 1
         tokens += tokens_per_step
         window_tokens += tokens_per_step
