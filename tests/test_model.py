@@ -15,7 +15,8 @@ def model_for(**kw):
 
 @pytest.mark.parametrize(
     "kw",
-    [dict(ffn="dense"), dict(ffn="routed"), dict(ffn="routed", router="dense"), dict(ffn="dense,routed", d_key=16)],
+    [dict(ffn="dense"), dict(ffn="routed"), dict(ffn="routed", router="dense"), dict(ffn="dense,routed", d_key=16),
+     dict(ffn="routed", router_heads=4), dict(ffn="routed", coupling="preact")],
 )
 def test_analytic_flops_match_flop_counter(kw):
     model = model_for(**kw)

@@ -4,9 +4,10 @@ import torch
 import torch.nn.functional as F
 
 from monoroute import MonorouteError, RoutedFFN, SparseActivations
+from monoroute.layers import Routing
 
 
-def make_layer(router, n_units=64, k=4, d=8, **kw):
+def make_layer(router="product_key", n_units=64, k=4, d=8, **kw):
     kw.setdefault("aux_coef", 0.0)
     kw.setdefault("impl", "reference")
     return RoutedFFN(d, n_units, k, router=router, **kw).double()
@@ -33,10 +34,13 @@ def grads(layer, x, fn):
     return out
 
 
-@pytest.mark.parametrize("router", ["dense", "product_key"])
+ROUTERS = [dict(router="dense"), dict(router="product_key"), dict(router="product_key", router_heads=3)]
+
+
+@pytest.mark.parametrize("kw", ROUTERS)
 @pytest.mark.parametrize("k", [1, 4, 64])
-def test_matches_dense_masked_reference(router, k):
-    layer = make_layer(router, k=k)
+def test_matches_dense_masked_reference(kw, k):
+    layer = make_layer(k=k, **kw)
     x = torch.randn(10, 8, dtype=torch.double)
     fast, ref = grads(layer, x, layer), grads(layer, x, lambda x: dense_reference(layer, x))
     assert fast.keys() == ref.keys()
@@ -53,9 +57,9 @@ def test_product_key_search_finds_exact_top_k(k):
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("router", ["dense", "product_key"])
-def test_gradcheck(router):
-    layer = make_layer(router, n_units=16, k=3, d=4)
+@pytest.mark.parametrize("kw", ROUTERS)
+def test_gradcheck(kw):
+    layer = make_layer(n_units=16, k=3, d=4, **kw)
     x = torch.randn(5, 4, dtype=torch.double, requires_grad=True)
     params = [p for p in layer.parameters()]
 
@@ -179,6 +183,12 @@ def test_sparse_activations_to_dense():
         (dict(n_units=64, k=4, activation="tanh"), "unknown activation 'tanh'"),
         (dict(n_units=64, k=4, impl="cuda-magic"), "unknown impl 'cuda-magic'"),
         (dict(n_units=64, k=4, dead_window=0), "dead_window must be a whole number of tokens >= 1, got 0"),
+        (dict(n_units=64, k=4, router_heads=0), "router_heads must be a whole number >= 1, got 0"),
+        (dict(n_units=64, k=4, router="dense", router_heads=2), "router_heads and coupling='preact' need router="),
+        (dict(n_units=64, k=4, coupling="both"), "unknown coupling 'both'"),
+        (dict(n_units=64, k=4, coupling="agreement", activation="gelu"), "needs router='product_key' and activation="),
+        (dict(n_units=64, k=4, coupling="preact", router="dense"), "needs router='product_key' and activation="),
+        (dict(n_units=64, k=4, agree_coef=-1.0), "agree_coef must be a finite number >= 0"),
     ],
 )
 def test_bad_arguments_raise_one_clear_error(kwargs, message):
@@ -245,3 +255,100 @@ def test_revival_loss_reuses_the_forward_half_scores():
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15, msg=name)
     assert g_reused[list(params).index("router.query.weight")].abs().sum() > 0  # the query is on the gradient path
+
+
+def no_gradient(grad) -> bool:
+    """None, or exactly zero (the l1 term, 0 * |h|, links h to the graph with a zero weight)."""
+    return grad is None or not grad.any()
+
+
+@pytest.mark.parametrize("k", [1, 5, 64])
+def test_multi_head_search_is_exact_per_head_and_merges_without_repeats(k):
+    layer = make_layer("product_key", k=k, router_heads=3)
+    router, x = layer.router, torch.randn(50, 8, dtype=torch.double)
+    per_head, _ = router.search_heads(*router.half_scores(x))  # (T, 3, k)
+    full = router.head_scores(x)  # (T, 3, N) dense reference
+    assert torch.equal(per_head.sort(-1).values, full.topk(k, dim=-1).indices.sort(-1).values)
+    got = router(x).indices.sort(-1).values  # (T, k)
+    assert not (got[:, 1:] == got[:, :-1]).any()  # no unit twice for one token
+    assert torch.equal(got, full.amax(1).topk(k, dim=-1).indices.sort(-1).values)  # top-k of the best head's score
+    if k < 64:  # the heads disagree, so the union really mixes them (at k = N every head finds all units)
+        assert not torch.equal(got, per_head[:, 0].sort(-1).values)
+
+
+def test_multi_head_gradients_reach_every_head_query():
+    layer = make_layer("product_key", k=4, router_heads=3)
+    g = grads(layer, torch.randn(32, 8, dtype=torch.double), layer)["router.query.weight"].view(3, 8, 8)
+    assert (g.abs().sum((1, 2)) > 0).all()  # each head is the best one for some selected unit
+
+
+def test_agreement_loss_on_a_hand_built_case():
+    layer = make_layer("product_key", n_units=16, k=3, d=4, coupling="agreement")
+    scores = torch.tensor([[2.0, 1.0, 0.5], [0.1, 0.3, 0.2]], dtype=torch.double, requires_grad=True)
+    routing = Routing(torch.zeros(2, 3, dtype=torch.long), scores)
+    fires = torch.tensor([[0.3, 0.1, 0.2], [0.1, 0.2, 0.4]], dtype=torch.double)
+    assert layer.agreement_loss(routing, fires) == 0
+    silenced = fires.clone()
+    silenced[0, 1] = 0.0  # selected with score 1.0 above the threshold 0.5, but ReLU keeps it at zero
+    loss = layer.agreement_loss(routing, silenced)
+    assert loss.item() == pytest.approx((1.0 - 0.5) / 6)
+    (grad,) = torch.autograd.grad(loss, scores)
+    expected = torch.zeros_like(grad)
+    expected[0, 1] = 1 / 6  # positive: gradient descent lowers only the silenced unit's score
+    torch.testing.assert_close(grad, expected)
+
+
+def test_agreement_loss_in_the_layer_trains_the_router_only():
+    layer = make_layer("product_key", n_units=16, k=3, d=4, coupling="agreement", agree_coef=1.0)
+    layer.train()
+    x = torch.randn(8, 4, dtype=torch.double)
+    with torch.no_grad():
+        layer.b_in.fill_(100.0)  # every selected unit fires
+    layer(x)
+    assert layer.aux_loss == 0
+    with torch.no_grad():
+        layer.b_in[::2] = -100.0  # half the units can never fire
+    layer(x)
+    acts, routing = layer.last_activations, layer.router(x)
+    silent = (acts.values == 0).double()
+    expected = ((routing.scores - routing.scores.min(-1, keepdim=True).values) * silent).sum() / 24
+    torch.testing.assert_close(layer.aux_loss, expected)
+    assert layer.aux_loss > 0.05
+    params = dict(layer.named_parameters())
+    grad = dict(zip(params, torch.autograd.grad(layer.aux_loss, list(params.values()), allow_unused=True)))
+    assert no_gradient(grad["w_in"]) and grad["router.query.weight"].abs().sum() > 0
+
+
+def test_preact_selection_keeps_firing_units_against_a_dense_reference():
+    T, N, k = 60, 64, 4
+    layer = make_layer("product_key", n_units=N, k=k, coupling="preact")
+    with torch.no_grad():
+        layer.b_in.normal_(0, 0.3)
+    x = torch.randn(T, 8, dtype=torch.double)
+    got = layer.router(x, layer.w_in, layer.b_in).indices
+    scores = layer.router.all_scores(x)  # (T, N) float64 dense reference
+    pre = x @ layer.w_in.t() + layer.b_in  # (T, N)
+    mattered = 0
+    for t in range(T):
+        cand = scores[t].topk(2 * k).indices.tolist()  # by score, best first
+        firing = [u for u in cand if pre[t, u] > 0]
+        want = (firing + [u for u in cand if pre[t, u] <= 0])[:k]
+        assert set(got[t].tolist()) == set(want)
+        if len(firing) >= k:
+            assert bool((pre[t, got[t]] > 0).all())
+            mattered += set(want) != set(cand[:k])
+    assert mattered >= 10  # plain top-k by score would have kept silent units on these tokens
+
+
+def test_gelu_units_always_fire_and_revival_moves_only_the_router():
+    """GELU/SiLU are nonzero almost everywhere: every selected unit fires (L0 = k, k is a quota),
+    so a unit is dead only if never selected and the revival loss pulls its score alone."""
+    for activation in ("gelu", "silu"):
+        layer = make_layer("product_key", k=4, activation=activation, aux_coef=1.0, dead_window=8)
+        layer.train()
+        layer(torch.randn(8, 8, dtype=torch.double))
+        assert bool((layer.last_activations.values != 0).all())
+        assert int(layer.fire_count.sum()) == 8 * 4
+        params = dict(layer.named_parameters())
+        grad = dict(zip(params, torch.autograd.grad(layer.aux_loss, list(params.values()), allow_unused=True)))
+        assert layer.aux_loss > 0 and no_gradient(grad["w_in"]) and grad["router.keys"].abs().sum() > 0

@@ -374,3 +374,18 @@ def test_a_run_saved_before_checkpoint_folders_still_loads_and_resumes(run, tmp_
     assert main(["eval", str(out), "--batches", "1"]) == 0
     assert main(["train", "--resume", str(out), "--no-progress", "--steps", "8"]) == 0
     assert pointer(out)["step"] == 8 and not (out / "model.safetensors").exists()  # now in the new layout
+
+
+def test_coupling_and_router_heads_are_config_keys_and_flags(tmp_path, capsys):
+    from monoroute.cli import build_parser, collect_overrides
+    from monoroute.train.config import build_run_config
+
+    default = GPT(build_run_config("tiny").model).routed_layers()[0]
+    assert (default.coupling, default.agree_coef, default.router.heads) == ("none", 0.1, 1)
+    args = build_parser().parse_args(["train", "--coupling", "agreement", "--agree-coef", "0.5",
+                                      "--set", "router_heads=2"])
+    layer = GPT(build_run_config("tiny", collect_overrides(args)).model).routed_layers()[0]
+    assert (layer.coupling, layer.agree_coef, layer.router.heads) == ("agreement", 0.5, 2)
+    assert train(tmp_path / "bad", "--coupling", "both") == 2
+    assert "unknown coupling 'both'; choose one of none, agreement, preact" in error_line(capsys)
+    assert not (tmp_path / "bad").exists()

@@ -42,6 +42,9 @@ from monoroute.layers.compute import (ACTIVATIONS, available_impls, compose_unit
 from monoroute.layers.routers import DenseRouter, Routing, build_router
 
 GATES = ("sigmoid", "none")
+# How the router's choice is made to agree with the unit's firing (see `agreement_loss` and
+# ProductKeyRouter(select="preact")); "none" is the plain layer.
+COUPLINGS = ("none", "agreement", "preact")
 
 
 def check_choice(kind: str, value: str, choices) -> None:
@@ -66,6 +69,9 @@ class RoutedFFN(nn.Module):
         dead_window: int = 200_000,
         impl: str = "auto",
         sparse_grad: bool = False,
+        router_heads: int = 1,
+        coupling: str = "none",
+        agree_coef: float = 0.1,
     ) -> None:
         super().__init__()
         if not 1 <= k <= n_units:
@@ -77,12 +83,23 @@ class RoutedFFN(nn.Module):
         gate = gate or ("none" if router == "dense" else "sigmoid")
         check_choice("gate", gate, GATES)
         check_choice("impl", impl, available_impls())
+        check_choice("coupling", coupling, COUPLINGS)
+        if coupling != "none" and (router == "dense" or activation != "relu"):
+            raise MonorouteError(
+                f"coupling={coupling!r} makes a product-key router agree with which ReLU units fire; it needs "
+                f"router='product_key' and activation='relu' (got {router!r}, {activation!r}). The dense router's "
+                f"score is the pre-activation already, and GELU/SiLU units fire whenever selected: use coupling='none'"
+            )
+        if isinstance(agree_coef, bool) or not isinstance(agree_coef, (int, float)) or not 0 <= agree_coef < math.inf:
+            raise MonorouteError(f"agree_coef must be a finite number >= 0, got {agree_coef!r}; e.g. 0.1")
         self.d_model, self.n_units, self.k = d_model, n_units, k
         self.activation, self.gate, self.impl = activation, gate, impl
         # sparse_grad: w_in/w_out get row-sparse COO gradients (touched rows only), for a row-sparse optimizer.
         self.sparse_grad = sparse_grad
         self.aux_coef, self.aux_units, self.l1_coef, self.dead_window = aux_coef, aux_units, l1_coef, dead_window
-        self.router = build_router(router, d_model, n_units, k, d_key)
+        self.coupling, self.agree_coef = coupling, agree_coef
+        self.router = build_router(router, d_model, n_units, k, d_key, router_heads,
+                                   "preact" if coupling == "preact" else "score", impl)
         self.router_name = router
         self.w_in = nn.Parameter(torch.empty(n_units, d_model).uniform_(-1, 1) / math.sqrt(d_model))
         self.b_in = nn.Parameter(torch.zeros(n_units)) if bias else None
@@ -99,7 +116,7 @@ class RoutedFFN(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, n_units={self.n_units}, k={self.k}, router={self.router_name}, "
-            f"activation={self.activation}, gate={self.gate}"
+            f"activation={self.activation}, gate={self.gate}, coupling={self.coupling}"
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -154,11 +171,27 @@ class RoutedFFN(nn.Module):
         return self.dead_mask().float().mean().item()
 
     def auxiliary_loss(self, xt: Tensor, routing: Routing, h: Tensor) -> Tensor:
-        """Dead-unit revival (weighted by aux_coef) plus an L1 pressure on unit activations."""
+        """Dead-unit revival (weighted by aux_coef), an L1 pressure on unit activations, and with
+        coupling="agreement" the agreement loss (weighted by agree_coef)."""
         loss = self.l1_coef * h.abs().sum(-1).mean()
         if self.aux_coef > 0:
             loss = loss + self.aux_coef * self.revival_loss(xt, routing)
+        if self.coupling == "agreement" and self.agree_coef > 0:
+            loss = loss + self.agree_coef * self.agreement_loss(routing, h)
         return loss
+
+    def agreement_loss(self, routing: Routing, h: Tensor) -> Tensor:
+        """Mean over the T·k slots of relu(score - threshold) on the selected units ReLU silences.
+
+        A silenced unit (pre <= 0, so h = 0) gives its gate, hence the router, no gradient: the
+        router never learns that picking it was wasted, and at init about half the k slots are
+        (score and pre-activation are uncorrelated). This pushes such a unit's score down to the
+        token's selection threshold (its k-th selected score, detached) so that units which fire
+        take its place; units that fire are not touched, so the pre-activations and L0 are left to
+        the main loss."""
+        silent = h.detach() <= 0  # ReLU: h = sigmoid(s)·relu(pre) is 0 exactly when pre <= 0
+        threshold = routing.scores.detach().min(-1, keepdim=True).values  # (T, 1)
+        return (F.relu(routing.scores - threshold) * silent).sum() / max(1, h.numel())
 
     def revival_loss(self, xt: Tensor, routing: Routing) -> Tensor:
         """For up to aux_units dead units: pull the score up to the selection threshold on the token

@@ -63,9 +63,28 @@ class DenseRouter(nn.Module):
 
 
 class ProductKeyRouter(nn.Module):
-    """Sub-linear top-k routing with product keys. n_units must be a perfect square."""
+    """Sub-linear top-k routing with product keys. n_units must be a perfect square.
 
-    def __init__(self, d_model: int, n_units: int, k: int, d_key: int | None = None) -> None:
+    heads=h (PEER): h query projections share one set of sub-keys. A unit's score is its best
+    head's, max_h (q1_h·K1[a] + q2_h·K2[b]). Each head retrieves its own exact top-k; the k best of
+    their union (a unit found by several heads counted once, at its best score) are the exact
+    top-k of that max score, because a unit in the overall top k is in the top k of the head that
+    gives its max. Shared keys, as PEER: a unit keeps one identity (one key pair) and one score
+    the gate and the revival loss can use; the heads are h points in one key space, so a token
+    can reach units in h directions at an extra cost of only h-1 query projections and sub-key
+    scorings. Query normalisation is the cosine below (each half L2-normalised per token), which
+    needs no running statistics (BatchNorm's would differ per rank and between train and eval).
+
+    select="preact" makes the selection agree with firing: search the top 2k units by score,
+    compute their pre-activations (a sparse dot, no gradient) and keep the k best-scoring of those
+    whose pre-activation is > 0 (silent ones only fill slots when fewer than k fire), so a chosen
+    slot is a live one. It needs the layer's w_in/b_in in forward and doubles the sampled dot.
+    """
+
+    SELECTS = ("score", "preact")
+
+    def __init__(self, d_model: int, n_units: int, k: int, d_key: int | None = None, heads: int = 1,
+                 select: str = "score", impl: str = "auto") -> None:
         super().__init__()
         n_sub = math.isqrt(n_units)
         if n_sub * n_sub != n_units:
@@ -77,50 +96,102 @@ class ProductKeyRouter(nn.Module):
         d_key = d_key or d_model
         if d_key % 2:
             raise MonorouteError(f"d_key must be even to split the query in halves, got {d_key}")
-        self.n_units, self.k, self.n_sub, self.d_half = n_units, k, n_sub, d_key // 2
-        # k_sub^2 >= k candidates always: k <= n_sub gives k^2 >= k, else n_sub^2 = N >= k.
-        self.k_sub = min(k, n_sub)
+        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+            raise MonorouteError(f"router_heads must be a whole number >= 1, got {heads!r}; 1 is a single query")
+        if select not in self.SELECTS:
+            raise MonorouteError(f"unknown select {select!r}; choose one of {', '.join(self.SELECTS)}")
+        self.n_units, self.k, self.n_sub, self.d_half, self.heads = n_units, k, n_sub, d_key // 2, heads
+        self.select, self.impl = select, impl
+        self.k_search = min(2 * k, n_units) if select == "preact" else k  # units each head retrieves
+        # k_sub^2 >= k_search candidates always: k_search <= n_sub gives k_search^2 >= k_search, else n_sub^2 = N.
+        self.k_sub = min(self.k_search, n_sub)
         ranks = torch.arange(self.k_sub)
         cand_i, cand_j = torch.cartesian_prod(ranks, ranks).unbind(-1)
-        # The only rank pairs that can reach the top k. The pattern holds >= k pairs: the top k of
-        # any score grid (with distinct values) lies inside it, and the grid has k_sub^2 >= k pairs.
-        keep = (cand_i + 1) * (cand_j + 1) <= k
+        # The only rank pairs that can reach the top k_search. The pattern holds >= k_search pairs: the
+        # top of any score grid (with distinct values) lies inside it, and the grid has enough pairs.
+        keep = (cand_i + 1) * (cand_j + 1) <= self.k_search
         self.register_buffer("cand_i", cand_i[keep], persistent=False)  # (C,) rank in the first list
         self.register_buffer("cand_j", cand_j[keep], persistent=False)  # (C,) rank in the second list
-        self.query = nn.Linear(d_model, d_key, bias=False)
+        self.query = nn.Linear(d_model, heads * d_key, bias=False)
         self.keys = nn.Parameter(torch.randn(2, n_sub, self.d_half) / math.sqrt(self.d_half))
         self.log_scale = nn.Parameter(torch.full((1,), math.log(4.0)))  # gate sharpness; (1,) as FSDP2 shards no scalars
 
     def half_scores(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Scaled cosine similarity of each query half to its sub-keys: (T, n_sub) each.
+        """Scaled cosine similarity of each head's query halves to the sub-keys: (T, H, n_sub) each.
 
         Cosine, not dot product: with raw dot products a few keys grow in norm and win for every
         token (router collapse: 98 % dead units in our cpu-small run). Normalised, a key wins only
         by pointing where queries point. The shared scale sets the gate's sharpness, not the choice.
         """
-        q = self.query(x)  # (T, d_key)
+        q = self.query(x).view(x.shape[0], self.heads, 2 * self.d_half)  # (T, H, d_key)
         q1, q2 = F.normalize(q[..., : self.d_half], dim=-1), F.normalize(q[..., self.d_half :], dim=-1)
         k1, k2 = F.normalize(self.keys, dim=-1).unbind(0)  # (n_sub, d_half) each
         scale = self.log_scale.exp()
         return scale * (q1 @ k1.t()), scale * (q2 @ k2.t())
 
-    def forward(self, x: Tensor, w_in: Tensor | None = None, b_in: Tensor | None = None) -> Routing:
-        s1, s2 = self.half_scores(x)  # (T, n_sub) each
-        with torch.no_grad():  # selection only; the chosen scores are re-read below with gradient
-            top1 = s1.topk(self.k_sub, dim=-1)  # (T, k_sub), sorted: the candidate pattern is by rank
-            top2 = s2.topk(self.k_sub, dim=-1)
-            cand = top1.values.index_select(1, self.cand_i) + top2.values.index_select(1, self.cand_j)  # (T, C)
-            best = cand.topk(self.k, dim=-1, sorted=False).indices  # (T, k) into the C candidates
-            a = top1.indices.gather(-1, self.cand_i[best])  # (T, k) first sub-key of each unit
-            b = top2.indices.gather(-1, self.cand_j[best])
-        # Gathering k of the half scores keeps the backward at O(T·k), with no (T, k_sub^2) tensor.
-        scores = s1.gather(-1, a) + s2.gather(-1, b)  # (T, k)
-        return Routing(a * self.n_sub + b, scores, (s1, s2))
+    def unit_scores(self, s1: Tensor, s2: Tensor, units: Tensor) -> Tensor:
+        """(T, H, n_sub) halves, (T, m) unit ids -> (T, m) scores max_h s1[h, a] + s2[h, b], with
+        gradient (to the best head). Gathering keeps the backward at O(T·H·m): no (T, N) tensor."""
+        a, b = (i.unsqueeze(1).expand(-1, self.heads, -1) for i in (units // self.n_sub, units % self.n_sub))
+        return (s1.gather(-1, a) + s2.gather(-1, b)).amax(1)
 
-    def all_scores(self, x: Tensor) -> Tensor:
-        """(T, N) scores of every unit: the dense reference the candidate search must match."""
+    @torch.no_grad()
+    def search_heads(self, s1: Tensor, s2: Tensor) -> tuple[Tensor, Tensor]:
+        """Each head's exact top-k_search units: ids and scores, (T, H, k_search) each."""
+        top1 = s1.topk(self.k_sub, dim=-1)  # (T, H, k_sub), sorted: the candidate pattern is by rank
+        top2 = s2.topk(self.k_sub, dim=-1)
+        cand = top1.values.index_select(-1, self.cand_i) + top2.values.index_select(-1, self.cand_j)  # (T, H, C)
+        best = cand.topk(self.k_search, dim=-1, sorted=False)  # into the C candidates
+        a = top1.indices.gather(-1, self.cand_i[best.indices])  # first sub-key of each unit
+        b = top2.indices.gather(-1, self.cand_j[best.indices])
+        return a * self.n_sub + b, best.values
+
+    @torch.no_grad()
+    def search(self, s1: Tensor, s2: Tensor) -> tuple[Tensor, Tensor]:
+        """The exact top-k_search units by max-over-heads score, no unit twice: (T, k_search) ids, scores."""
+        units, values = (t.flatten(1) for t in self.search_heads(s1, s2))  # (T, H·k_search)
+        if self.heads == 1:
+            return units, values
+        # A unit found by several heads: keep its best score once. Sorted by score, then stably by
+        # unit, each unit's first slot holds its best score; the repeats drop out of the top-k.
+        order = values.argsort(-1, descending=True)
+        units, values = units.gather(-1, order), values.gather(-1, order)
+        units, by_unit = units.sort(dim=-1, stable=True)
+        values = values.gather(-1, by_unit)
+        repeat = torch.zeros_like(units, dtype=torch.bool)
+        repeat[:, 1:] = units[:, 1:] == units[:, :-1]
+        best = values.masked_fill(repeat, float("-inf")).topk(self.k_search, dim=-1, sorted=False)
+        return units.gather(-1, best.indices), best.values
+
+    @torch.no_grad()
+    def keep_firing(self, x: Tensor, units: Tensor, scores: Tensor, w_in: Tensor, b_in: Tensor | None) -> Tensor:
+        """(T, k_search) candidates -> (T, k): the best-scoring ones whose pre-activation is > 0 first."""
+        from monoroute.layers.compute import sampled_dot  # compute.py imports nothing from here
+
+        pre = sampled_dot(x, w_in, units, self.impl)
+        if b_in is not None:
+            pre = pre + b_in[units]
+        # |cosine score| <= 2·scale, so this penalty ranks every firing unit above every silent one
+        # and keeps the score order within each group.
+        penalty = (4 * self.log_scale.exp() + 1) * (pre <= 0)
+        return units.gather(-1, (scores - penalty).topk(self.k, dim=-1, sorted=False).indices)
+
+    def forward(self, x: Tensor, w_in: Tensor | None = None, b_in: Tensor | None = None) -> Routing:
+        s1, s2 = self.half_scores(x)  # (T, H, n_sub) each
+        units, scores = self.search(s1, s2)  # selection only, no gradient
+        if self.select == "preact":
+            units = self.keep_firing(x, units, scores, w_in, b_in)
+        # The chosen units' scores are re-read from the half scores, with gradient.
+        return Routing(units, self.unit_scores(s1, s2, units), (s1, s2))
+
+    def head_scores(self, x: Tensor) -> Tensor:
+        """(T, H, N) every head's score of every unit: the dense reference the search must match."""
         s1, s2 = self.half_scores(x)
         return (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)
+
+    def all_scores(self, x: Tensor) -> Tensor:
+        """(T, N) scores of every unit (best head): the dense reference of the selection."""
+        return self.head_scores(x).amax(1)
 
     def score_units(self, x: Tensor, units: Tensor, w_in: Tensor | None = None, b_in: Tensor | None = None,
                     sparse_grad: bool = False, routing: Routing | None = None) -> Tensor:
@@ -128,12 +199,16 @@ class ProductKeyRouter(nn.Module):
         `routing` of the same x, its half scores are indexed (gradient included) instead of
         running the query projection and sub-key scoring a second time."""
         s1, s2 = routing.halves if routing is not None and routing.halves is not None else self.half_scores(x)
-        return s1[:, units // self.n_sub] + s2[:, units % self.n_sub]  # (T, U)
+        return self.unit_scores(s1, s2, units.expand(x.shape[0], -1))  # (T, U)
 
 
-def build_router(name: str, d_model: int, n_units: int, k: int, d_key: int | None = None) -> nn.Module:
+def build_router(name: str, d_model: int, n_units: int, k: int, d_key: int | None = None, heads: int = 1,
+                 select: str = "score", impl: str = "auto") -> nn.Module:
     if name == "dense":
+        if heads != 1 or select != "score":
+            raise MonorouteError("router_heads and coupling='preact' need router='product_key'; the dense router "
+                                 "already scores every unit by its own pre-activation")
         return DenseRouter(n_units, k)
     if name == "product_key":
-        return ProductKeyRouter(d_model, n_units, k, d_key)
+        return ProductKeyRouter(d_model, n_units, k, d_key, heads, select, impl)
     raise MonorouteError(f"unknown router {name!r}; choose one of {', '.join(ROUTERS)}")

@@ -32,6 +32,11 @@ class GPTConfig:
     dead_window: int = 200_000
     impl: str = "auto"
     sparse_grad: bool = False  # row-sparse COO gradients for the unit tables (needs train.sparse_rows)
+    router_heads: int = 1  # product-key query heads sharing the sub-keys (PEER); 1 = one query
+    # Making the router's choice agree with ReLU firing: "none", "agreement" (loss, weight agree_coef)
+    # or "preact" (keep the best-scoring firing units of the top 2k). See RoutedFFN.
+    coupling: str = "none"
+    agree_coef: float = 0.1
 
     @property
     def ffn_width(self) -> int:

@@ -31,6 +31,10 @@ def router_flops(cfg: GPTConfig) -> int:
     d = cfg.d_model
     if cfg.router == "dense":
         return 2 * cfg.n_units * d  # every unit's pre-activation
-    d_key = cfg.d_key or d
+    d_key, heads = cfg.d_key or d, cfg.router_heads
     n_sub = math.isqrt(cfg.n_units)
-    return 2 * d * d_key + 2 * n_sub * d_key  # query projection, both halves against sqrt(N) sub-keys
+    # Per head: query projection, both halves against sqrt(N) sub-keys.
+    flops = heads * (2 * d * d_key + 2 * n_sub * d_key)
+    if cfg.coupling == "preact":
+        flops += 2 * min(2 * cfg.k, cfg.n_units) * d  # pre-activations of the 2k candidates
+    return flops
