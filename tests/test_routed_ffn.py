@@ -291,10 +291,10 @@ def test_agreement_loss_on_a_hand_built_case():
     silenced = fires.clone()
     silenced[0, 1] = 0.0  # selected with score 1.0 above the threshold 0.5, but ReLU keeps it at zero
     loss = layer.agreement_loss(routing, silenced)
-    assert loss.item() == pytest.approx((1.0 - 0.5) / 6)
+    assert loss.item() == pytest.approx((1.0 - 0.5) / 4.0 / 6)  # in units of the router's scale, 4 at init
     (grad,) = torch.autograd.grad(loss, scores)
     expected = torch.zeros_like(grad)
-    expected[0, 1] = 1 / 6  # positive: gradient descent lowers only the silenced unit's score
+    expected[0, 1] = 1 / 4.0 / 6  # positive: gradient descent lowers only the silenced unit's score
     torch.testing.assert_close(grad, expected)
 
 
@@ -311,12 +311,14 @@ def test_agreement_loss_in_the_layer_trains_the_router_only():
     layer(x)
     acts, routing = layer.last_activations, layer.router(x)
     silent = (acts.values == 0).double()
-    expected = ((routing.scores - routing.scores.min(-1, keepdim=True).values) * silent).sum() / 24
+    scale = layer.router.log_scale.exp().squeeze()
+    expected = ((routing.scores - routing.scores.min(-1, keepdim=True).values) * silent).sum() / scale / 24
     torch.testing.assert_close(layer.aux_loss, expected)
-    assert layer.aux_loss > 0.05
+    assert layer.aux_loss > 0.01
     params = dict(layer.named_parameters())
     grad = dict(zip(params, torch.autograd.grad(layer.aux_loss, list(params.values()), allow_unused=True)))
     assert no_gradient(grad["w_in"]) and grad["router.query.weight"].abs().sum() > 0
+    assert grad["router.log_scale"].abs().item() < 1e-12  # shrinking the scale is no way out of the loss
 
 
 def test_preact_selection_keeps_firing_units_against_a_dense_reference():

@@ -69,6 +69,15 @@ def run_shard_memory(args) -> int:
     return 0
 
 
+def run_agreement(args) -> int:
+    from monoroute.bench.agreement import format_agreement, run_agreement as measure
+
+    result = measure(args.runs, args.d_model, args.n_units, args.k, args.tokens, args.couplings.split(","),
+                     list(args.heads))
+    _emit(result, format_agreement(result), args.json)
+    return 0
+
+
 def add_parser(subparsers) -> None:
     """Register `bench` and its sub-commands on the main CLI's subparsers."""
     bench = subparsers.add_parser("bench", help="benchmarks: layer cost vs N and k, training throughput, sharding")
@@ -102,6 +111,17 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_train)
+
+    p = sub.add_parser("agreement", help="live-slot fraction and score/pre-activation correlation: fresh layer, runs")
+    p.add_argument("runs", nargs="*", help="run directories to measure on their validation windows")
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--n-units", type=int, default=16384)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--tokens", type=int, default=2048, help="random input tokens for the fresh layer")
+    p.add_argument("--couplings", default="none,preact", help="couplings to build the fresh layer with")
+    p.add_argument("--heads", type=_ints, default=(1,), help="router_heads values for the fresh layer, e.g. 1,4")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run_agreement)
 
     p = sub.add_parser("shard-memory", help="bytes per rank of column-sharded unit tables under FSDP2 (computed)")
     p.add_argument("--json", action="store_true")

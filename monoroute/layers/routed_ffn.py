@@ -181,7 +181,7 @@ class RoutedFFN(nn.Module):
         return loss
 
     def agreement_loss(self, routing: Routing, h: Tensor) -> Tensor:
-        """Mean over the T·k slots of relu(score - threshold) on the selected units ReLU silences.
+        """Mean over the T·k slots of relu(score - threshold) / scale on the selected units ReLU silences.
 
         A silenced unit (pre <= 0, so h = 0) gives its gate, hence the router, no gradient: the
         router never learns that picking it was wasted, and at init about half the k slots are
@@ -190,8 +190,13 @@ class RoutedFFN(nn.Module):
         take its place; units that fire are not touched, so the pre-activations and L0 are left to
         the main loss."""
         silent = h.detach() <= 0  # ReLU: h = sigmoid(s)·relu(pre) is 0 exactly when pre <= 0
-        threshold = routing.scores.detach().min(-1, keepdim=True).values  # (T, 1)
-        return (F.relu(routing.scores - threshold) * silent).sum() / max(1, h.numel())
+        # On the cosines (scores over the router's scale; threshold detached, the token's k-th
+        # selected one): else the cheapest way down is to shrink the shared scale, which flattens
+        # every gate and changes no choice.
+        cosines = routing.scores / self.router.log_scale.exp()  # (T, k); no gradient to the scale
+        threshold = cosines.detach().min(-1, keepdim=True).values  # (T, 1)
+        margin = cosines - threshold
+        return (F.relu(margin) * silent).sum() / max(1, h.numel())
 
     def revival_loss(self, xt: Tensor, routing: Routing) -> Tensor:
         """For up to aux_units dead units: pull the score up to the selection threshold on the token
