@@ -354,3 +354,17 @@ def test_gelu_units_always_fire_and_revival_moves_only_the_router():
         params = dict(layer.named_parameters())
         grad = dict(zip(params, torch.autograd.grad(layer.aux_loss, list(params.values()), allow_unused=True)))
         assert layer.aux_loss > 0 and no_gradient(grad["w_in"]) and grad["router.keys"].abs().sum() > 0
+
+
+def test_routing_agreement_measures_live_slots_and_score_pre_correlation():
+    from monoroute.bench.agreement import routing_agreement
+
+    x = torch.randn(64, 8, dtype=torch.double)
+    dense = make_layer("dense", k=4)
+    got = routing_agreement(dense, x)
+    pre = x @ dense.w_in.t() + dense.b_in
+    assert got["score_pre_corr"] == pytest.approx(1.0)  # the dense router's score is the pre-activation
+    assert got["live_slot_fraction"] == pytest.approx((pre.topk(4, -1).values > 0).double().mean().item())
+    with torch.no_grad():
+        dense.b_in.fill_(-100.0)
+    assert routing_agreement(dense, x)["live_slot_fraction"] == 0.0

@@ -16,6 +16,13 @@ rather than PEER's softmax over the k scores so that a unit's activation depends
 that unit alone, not on which competitors were picked, which keeps activations readable. The dense
 router's score *is* the pre-activation, so it has no gate (gate="none": the "TopK MLP").
 
+Coupling (`coupling`): at init the product-key score and the pre-activation are independent, so
+about half the k selected units are silenced by ReLU, and a silenced unit sends its gate (hence the
+router) no gradient. "agreement" adds a loss (weight `agree_coef`) pushing silenced units' scores
+down to the token's selection threshold; "preact" selects, among the top 2k by score, the units
+whose pre-activation is positive. "none" (default) is the plain layer. GELU/SiLU units are nonzero
+almost everywhere, so every selected unit fires (L0 = k, k is a quota) and coupling does not apply.
+
 Sparse compute: only the two primitives of `compute.py` touch the unit tables, so activation
 memory is O(T·k) and only the selected rows of w_in/w_out receive gradient.
 

@@ -1,7 +1,8 @@
 """Routers: pick k of N units for each token.
 
-Both routers return `Routing(indices (T, k), scores (T, k))` and can score any given set of units
-on every token (`score_units`), which the dead-unit revival loss uses.
+Both routers return `Routing(indices (T, k), scores (T, k), halves)` and can score any given set of
+units on every token (`score_units`), which the dead-unit revival loss uses (the product-key router
+from the forward's `halves`, without recomputing them).
 
 - `DenseRouter` is the exact reference: the score of unit i is its own pre-activation
   w_in[i]·x + b_i, and the top-k by value are chosen. It costs O(N·d) per token, as much as a
@@ -13,6 +14,8 @@ on every token (`score_units`), which the dead-unit revival loss uses.
   Fewer still: with both sub-top-k lists sorted, the pair of ranks (i, j) is beaten by the
   (i+1)(j+1) - 1 pairs of lower ranks, so only pairs with (i+1)(j+1) <= k can make the top k:
   about k·ln(k) candidates (119 instead of 1024 at k=32), a fixed pattern computed once.
+  Options: `heads` query heads over shared sub-keys (PEER) and `select="preact"` (keep firing
+  units among the top 2k); see the class docstring.
 """
 from __future__ import annotations
 
