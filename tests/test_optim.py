@@ -162,3 +162,32 @@ def test_clip_mixed_grads_equals_dense():
         torch.testing.assert_close(total, expected.to(total.dtype))
         for a, b in zip(mixed_params, dense_params):
             torch.testing.assert_close(a.grad.to_dense(), b.grad)
+
+
+@pytest.mark.parametrize("sparse_rows", [False, True])
+def test_table_lr_mult_scales_only_the_unit_tables(sparse_rows):
+    """One AdamW step moves a parameter by ~lr (the first Adam step is lr·sign(g)), so with
+    table_lr_mult = 3 the unit tables move 3x as far as the router's query, and with 1 as far."""
+    torch.manual_seed(0)
+    moved = {}
+    for mult in (1.0, 3.0):
+        layer = RoutedFFN(8, 16, 4, sparse_grad=sparse_rows, aux_coef=0.0)
+        with torch.no_grad():
+            layer.b_in.fill_(1.0)  # every selected unit fires, so w_in and w_out both get gradient
+        before = {n: p.detach().clone() for n, p in layer.named_parameters()}
+        opt = build_optimizer(layer, lr=1e-2, weight_decay=0.0, sparse_rows=sparse_rows, table_lr_mult=mult)
+        layer(torch.randn(32, 8)).pow(2).sum().backward()
+        opt.step()
+        moved[mult] = {n: (p.detach() - before[n]).abs().max().item() for n, p in layer.named_parameters()}
+    for name in ("w_in", "w_out"):
+        assert moved[1.0][name] == pytest.approx(1e-2, rel=1e-3)
+        assert moved[3.0][name] == pytest.approx(3e-2, rel=1e-3)
+    assert moved[3.0]["router.query.weight"] == pytest.approx(moved[1.0]["router.query.weight"], rel=1e-6)
+    assert moved[1.0]["router.query.weight"] == pytest.approx(1e-2, rel=1e-3)
+
+
+def test_table_lr_mult_must_be_positive():
+    from monoroute.train.config import TrainConfig
+
+    with pytest.raises(MonorouteError, match="table_lr_mult"):
+        TrainConfig(table_lr_mult=0.0).check()

@@ -31,6 +31,9 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     sparse_rows: bool = False  # lazy row-wise AdamW for the routed unit tables
+    # Learning rate of the routed unit tables (w_in, b_in, w_out) relative to `lr`: each row is
+    # selected for only a few tokens per step, so memory-layer work trains such tables faster.
+    table_lr_mult: float = 1.0
     parallel: str = "ddp"  # under torchrun: "ddp" (replicate) or "fsdp" (FSDP2, unit tables column-sharded)
     eval_every: int = 100
     eval_batches: int = 20
@@ -54,7 +57,7 @@ class TrainConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise MonorouteError(f"seed (--seed) must be a whole number, got {self.seed!r}")
         for name, low, strict in (("lr", 0.0, True), ("min_lr", 0.0, False), ("weight_decay", 0.0, False),
-                                  ("grad_clip", 0.0, False)):
+                                  ("grad_clip", 0.0, False), ("table_lr_mult", 0.0, True)):
             value = getattr(self, name)
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
                 value > low if strict else value >= low)

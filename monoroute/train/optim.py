@@ -184,11 +184,15 @@ def build_optimizer(
     weight_decay: float,
     betas: tuple[float, float] = (0.9, 0.95),
     sparse_rows: bool = False,
+    table_lr_mult: float = 1.0,
 ) -> torch.optim.Optimizer:
     """AdamW over `model` with no-decay groups; with sparse_rows, RowSparseAdamW for unit tables.
 
     Returns one optimizer: torch AdamW, or (sparse_rows=True) a CombinedOptimizer of torch AdamW
-    and RowSparseAdamW. Every group has an "lr" the trainer may set; group names are in "name".
+    and RowSparseAdamW. Every group has an "lr" the trainer may set and an "lr_mult" it multiplies
+    that lr by (`table_lr_mult` for the routed unit tables, else 1); group names are in "name".
+    The tables get groups of their own only when they need them (sparse rows or a multiplier),
+    so the optimizer state of a plain run keeps the two-group layout older checkpoints have.
     """
     decay, no_decay, tables_decay, tables_no_decay = [], [], [], []
     table_ids = {id(p) for m in model.modules() if isinstance(m, RoutedFFN) for n in UNIT_TABLES
@@ -202,28 +206,33 @@ def build_optimizer(
         if not p.requires_grad:
             continue
         decays = p.dim() >= 2 and id(p) not in no_decay_ids
-        if sparse_rows and id(p) in table_ids:
+        if (sparse_rows or table_lr_mult != 1.0) and id(p) in table_ids:
             (tables_decay if decays else tables_no_decay).append(p)
         else:
             (decay if decays else no_decay).append(p)
+    table_groups = groups(("tables_decay", tables_decay, weight_decay, table_lr_mult),
+                          ("tables_no_decay", tables_no_decay, 0.0, table_lr_mult))
+    dense_groups = groups(("decay", decay, weight_decay), ("no_decay", no_decay, 0.0))
+    if not sparse_rows and (tables_decay or tables_no_decay):
+        dense_groups += table_groups
+    for g in dense_groups + table_groups:
+        g["lr"] = lr * g["lr_mult"]
     dense = torch.optim.AdamW(
-        groups(("decay", decay, weight_decay), ("no_decay", no_decay, 0.0)), lr=lr, betas=betas, weight_decay=0.0,
+        dense_groups, lr=lr, betas=betas, weight_decay=0.0,
         fused=True,  # one pass over each tensor instead of ~7 foreach passes: the unit tables are large
     )
     if not sparse_rows:
         return dense
-    rows = RowSparseAdamW(
-        groups(("tables_decay", tables_decay, weight_decay), ("tables_no_decay", tables_no_decay, 0.0)),
-        lr=lr, betas=betas, weight_decay=0.0,
-    )
+    rows = RowSparseAdamW(table_groups, lr=lr, betas=betas, weight_decay=0.0)
     return CombinedOptimizer([dense, rows])
 
 
-def groups(*specs: tuple[str, list[Tensor], float]) -> list[dict]:
-    """Param groups from (name, params, weight_decay), dropping empty ones (an empty optimizer
-    is an error in torch, so at least one group is always kept)."""
-    out = [{"name": name, "params": params, "weight_decay": wd} for name, params, wd in specs if params]
-    return out or [{"name": specs[0][0], "params": [], "weight_decay": specs[0][2]}]
+def groups(*specs: tuple) -> list[dict]:
+    """Param groups from (name, params, weight_decay[, lr_mult]), dropping empty ones (an empty
+    optimizer is an error in torch, so at least one group is always kept)."""
+    out = [{"name": s[0], "params": s[1], "weight_decay": s[2], "lr_mult": s[3] if len(s) > 3 else 1.0}
+           for s in specs if s[1]]
+    return out or [{"name": specs[0][0], "params": [], "weight_decay": specs[0][2], "lr_mult": 1.0}]
 
 
 @torch.no_grad()

@@ -337,7 +337,7 @@ def _train_locked(cfg, info, resume, until, show_progress, device, store, model)
     net = parallelize(model, info, fsdp)
     # Built after sharding: under FSDP2 the optimizer must hold the sharded (DTensor) parameters.
     optimizer = build_optimizer(model, lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.beta1, tc.beta2),
-                                sparse_rows=tc.sparse_rows)
+                                sparse_rows=tc.sparse_rows, table_lr_mult=tc.table_lr_mult)
     if optimizer_state is not None:
         load_optimizer_state(model, optimizer, optimizer_state, fsdp)
     metrics = MetricsLog(out, info.is_main, progress["step"] if resume else None)
@@ -414,7 +414,7 @@ def _loop(cfg, info, model, net, optimizer, store, device, metrics, progress, un
     while step < stop:
         lr = lr_at(step, tc)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)
         loss_sum = aux_sum = 0.0
         for micro in range(tc.grad_accum):
             x, y = store.batch(step * tc.grad_accum + micro, tc.batch_size, cfg.model.block_size, tc.seed,
