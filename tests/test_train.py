@@ -162,7 +162,7 @@ def test_corrupt_checkpoint_is_detected_by_train_eval_and_sample(run, tmp_path, 
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["train", "--preset", "huge"], "unknown preset 'huge'; choose one of tiny, cpu-small, gpt2-small"),
+        (["train", "--preset", "huge"], "unknown preset 'huge'; choose one of tiny, cpu-small, cpu-long, gpt2-small"),
         (["train", "--set", "n_unit=4"], "unknown config key 'n_unit'; valid keys:"),
         (["train", "--k", "300"], "k must be between 1 and n_units=256"),
         (["train", "--n-units", "300"], "perfect square, got 300; use 289 or 324"),
@@ -186,6 +186,15 @@ def test_bad_input_gives_one_error_line(argv, message, tmp_path, capsys):
     assert main(argv) == 2
     assert message in error_line(capsys)
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("k: 4\nsteps: 2\nk: 8\n")  # plain YAML would silently keep k: 8
+    out = tmp_path / "out"
+    assert main(["train", "--config", str(config), "--out", str(out), "--no-progress"]) == 2
+    assert "key 'k' appears twice in one mapping (line 3)" in error_line(capsys)
+    assert not out.exists()
 
 
 def test_a_split_too_small_is_refused_before_anything_is_written(tmp_path, capsys):

@@ -108,6 +108,14 @@ PRESETS: dict[str, dict] = {
         "model": dict(n_layer=4, n_head=4, d_model=128, block_size=128, ffn="routed", n_units=16384, k=32, d_ff=512),
         "train": dict(steps=600, batch_size=16, warmup=30, eval_every=100, eval_batches=20, log_every=10, ckpt_every=200),
     },
+    # The cpu-small model trained on ~3.5x the tokens (2100 steps, same batch): with N=16384 and k=32 each
+    # unit table row is updated only a few times per step, so 600 steps may stop before the units settle.
+    # About 3.5x cpu-small's time (~9 min routed on 2 cores).
+    "cpu-long": {
+        "model": dict(n_layer=4, n_head=4, d_model=128, block_size=128, ffn="routed", n_units=16384, k=32, d_ff=512),
+        "train": dict(steps=2100, batch_size=16, warmup=100, eval_every=300, eval_batches=20, log_every=10,
+                      ckpt_every=300),
+    },
     # GPT-2 small shape for GPUs. 32761 = 181^2 is the perfect square nearest 32768 (product keys need one).
     "gpt2-small": {
         "model": dict(n_layer=12, n_head=12, d_model=768, block_size=1024, ffn="routed", n_units=32761, k=32, d_ff=3072,
@@ -164,25 +172,58 @@ def flatten_overrides(overrides: dict) -> list[tuple[str, object]]:
     return flat
 
 
-def load_config_file(path: str) -> dict:
-    """Overrides from a YAML (.yaml/.yml), TOML (.toml) or JSON file: flat keys or model/data/train sections."""
+class DuplicateKey(ValueError):
+    def __init__(self, key, line: int | None = None) -> None:
+        at = f" (line {line})" if line else ""
+        super().__init__(f"key {key!r} appears twice in one mapping{at}; keep one (names must be unique)")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping: plain YAML keeps the last one, so a
+    repeated key (or run name) would silently drop the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def unique_pairs(pairs: list) -> dict:
+    """json.loads object_pairs_hook: the same refusal for JSON files."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def load_config_file(path: str, what: str = "config file") -> dict:
+    """Overrides from a YAML (.yaml/.yml), TOML (.toml) or JSON file: flat keys or model/data/train sections.
+    `what` names the file in errors ("config file", "sweep spec")."""
     file = Path(path)
     if not file.is_file():
-        raise MonorouteError(f"config file {path} not found; pass an existing .yaml, .toml or .json file")
+        raise MonorouteError(f"{what} {path} not found; pass an existing .yaml, .toml or .json file")
     text = file.read_text()
     try:
         if file.suffix in (".yaml", ".yml"):
-            values = yaml.safe_load(text) or {}
+            values = yaml.load(text, Loader=UniqueKeyLoader) or {}
         elif file.suffix == ".toml":
-            values = tomllib.loads(text)
+            values = tomllib.loads(text)  # TOML itself forbids repeated keys
         elif file.suffix == ".json":
-            values = json.loads(text)
+            values = json.loads(text, object_pairs_hook=unique_pairs)
         else:
-            raise MonorouteError(f"config file {path} must end in .yaml, .yml, .toml or .json")
+            raise MonorouteError(f"{what} {path} must end in .yaml, .yml, .toml or .json")
+    except DuplicateKey as exc:
+        raise MonorouteError(f"{what} {path}: {exc}") from None
     except (ValueError, yaml.YAMLError) as exc:  # TOMLDecodeError and JSONDecodeError are ValueErrors
-        raise MonorouteError(f"config file {path} does not parse: {str(exc).splitlines()[0]}") from None
+        raise MonorouteError(f"{what} {path} does not parse: {str(exc).splitlines()[0]}") from None
     if not isinstance(values, dict):
-        raise MonorouteError(f"config file {path} must hold a mapping of keys to values")
+        raise MonorouteError(f"{what} {path} must hold a mapping of keys to values")
     return values
 
 
