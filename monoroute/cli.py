@@ -77,31 +77,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from monoroute.data import prepare_data
-    from monoroute.train.trainer import evaluate_with_stats, load
+    from monoroute.train.evaluation import eval_report
 
-    if args.batches is not None and args.batches < 1:
-        raise MonorouteError(f"--batches must be at least 1, got {args.batches}")
-    run = load(args.run, args.device)  # verifies the checkpoint's sha256
-    cfg, model = run.config, run.model
-    if args.batches:
-        cfg.train.eval_batches = args.batches
-    store = prepare_data(cfg.data)
-    val_loss, routed = evaluate_with_stats(model, store, cfg, next(model.parameters()).device)
-    report = {
-        "step": run.step,
-        "val_loss": val_loss,
-        "perplexity": math.exp(val_loss) if val_loss < 700 else None,  # None: too large for a float
-        "params": model.n_params(),
-        "active_params": model.n_active_params(),
-        "flops_per_token": model.flops_per_token()["total"],
-        "flops_by_component": model.flops_per_token(),
-    }
-    if cfg.data.tokenizer == "byte":
-        report["bits_per_byte"] = val_loss / math.log(2)
-    if model.routed_layers():
-        report["dead_fraction"] = model.dead_fraction()
-        report.update(routed)  # l0 and live_slot_fraction over the evaluated tokens, per layer and mean
+    report = eval_report(args.run, args.device, args.batches)
     if args.json:
         print(json.dumps(report))
     else:
