@@ -9,7 +9,7 @@ What a re-run reuses, and why it is safe:
 - a finished run (checkpoint at the spec's steps, same config) is not trained again;
 - its evaluation, when the previous sweep.json recorded one for the same checkpoint (step + model sha256);
 - its analysis, when OUT/NAME/analysis/ holds the marker this sweep wrote beside the report naming that
-  checkpoint, token count and SAE setting. `monoroute analyze` replaces the whole analysis folder,
+  checkpoint, token count, SAE setting and analyze_options. `monoroute analyze` replaces the whole analysis folder,
   so an analysis made by hand (possibly with other settings) has no marker and is redone.
 """
 from __future__ import annotations
@@ -118,13 +118,14 @@ def run_one(spec: SweepSpec, p: Planned, out: Path, previous: dict | None, progr
     analysis = None
     if p.run.analyze:
         t0 = time.perf_counter()
-        request = {**identity, "tokens": spec.analyze_tokens, "sae": p.run.sae}
+        request = {**identity, "tokens": spec.analyze_tokens, "sae": p.run.sae, **spec.analyze_options}
         report = reusable_analysis(run_dir, request)
         if report is None:
-            log(f"{p.run.name}: analysing {spec.analyze_tokens} tokens" + (" (with the SAE baseline)" if p.run.sae else ""))
+            with_sae = " (with the SAE baseline)" if p.run.sae else ""
+            log(f"{p.run.name}: analysing {spec.analyze_tokens} tokens{with_sae}")
             with contextlib.redirect_stdout(sys.stderr):
                 report = A.analyze(run_dir, A.AnalyzeOptions(tokens=spec.analyze_tokens, sae=p.run.sae, device=device,
-                                                             progress=progress))
+                                                             progress=progress, **spec.analyze_options))
             write_json_atomic(run_dir / A.OUT_DIR / MARKER, request)
             seconds["analyze"] = round(time.perf_counter() - t0, 1)
         else:

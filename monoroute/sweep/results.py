@@ -64,7 +64,8 @@ def row(entry: dict) -> dict:
     r.update(run=entry["name"], status=entry["status"], ffn=cfg["ffn"], d_ff=cfg.get("d_ff"),
              n_units=cfg.get("n_units"), k=cfg.get("k"), router=cfg.get("router"), l1_coef=cfg.get("l1_coef"),
              sparse_rows=cfg.get("sparse_rows"), steps=cfg["steps"], unit_set=an.get("unit_set"),
-             n_positions=an.get("n_positions"), units_l0=units.get("l0"), units_dead_fraction=units.get("dead_fraction"),
+             n_positions=an.get("n_positions"), units_l0=units.get("l0"),
+             units_dead_fraction=units.get("dead_fraction"),
              mean_purity_null=units.get("mean_purity_null"))
     r.update({key: ev.get(key) for key in ("step", "val_loss", "flops_per_token", "params", "active_params",
                                            "tokens_per_s", "l0", "live_slot_fraction", "dead_fraction")})
@@ -75,7 +76,7 @@ def row(entry: dict) -> dict:
 
 
 def document(spec, out: Path, entries: list[dict]) -> dict:
-    return {"format": FORMAT, "spec": {"path": spec.path, "analyze_tokens": spec.analyze_tokens, **spec.raw},
+    return {"format": FORMAT, "spec": {"path": spec.path, **spec.raw, "analyze_tokens": spec.analyze_tokens},
             "out": str(out), "runs": entries, "rows": [row(e) for e in entries]}
 
 
@@ -129,6 +130,6 @@ def text_table(rows: list[dict]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
     out += ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
-    out.append("(in brackets: the same architecture at random init; purity null: the same firing counts at random positions; "
-               "SAE rows: val loss with the SAE spliced in)")
+    out.append("(in brackets: the same architecture at random init; purity null: the same firing counts at "
+               "random positions; SAE rows: val loss with the SAE spliced in)")
     return "\n".join(out)

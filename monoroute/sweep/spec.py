@@ -4,6 +4,7 @@ checked) before anything trains.
     preset: cpu-small                 # required: the base preset
     set: {steps: 600, data: stdlib}   # optional: base overrides, flat keys exactly as `--set` takes them
     analyze_tokens: 200000            # optional: positions `analyze` scores (--analyze-tokens wins)
+    analyze_options: {dashboards: 8}  # optional: interventions, dashboards, baseline_tokens (as `analyze` takes them)
     runs:                             # a mapping name -> overrides, or a list of mappings with `name:`
       dense-256: {ffn: dense, d_ff: 256}
       dense-512: {ffn: dense, d_ff: 512, sae: true}   # sae: also train the post-hoc SAE in analyze
@@ -23,7 +24,10 @@ from pathlib import Path
 from monoroute.errors import MonorouteError
 from monoroute.train.config import RunConfig, build_run_config, flatten_overrides, load_config_file
 
-SPEC_KEYS = ("preset", "set", "runs", "analyze_tokens")
+SPEC_KEYS = ("preset", "set", "runs", "analyze_tokens", "analyze_options")
+# `analyze` settings a spec may change; the rest keep analyze's defaults so every run is scored alike.
+# interventions / dashboards only shape report.html (0 skips them), baseline_tokens sizes the SAE.
+ANALYZE_OPTIONS = {"interventions": 0, "dashboards": 0, "baseline_tokens": 1}  # name -> smallest value
 RUN_FLAGS = ("analyze", "sae", "preset")  # per-run settings that are not config keys
 DEFAULT_ANALYZE_TOKENS = 100_000
 # A run's name is its folder in the sweep directory: portable characters only, and none of the
@@ -49,6 +53,7 @@ class SweepSpec:
     base: dict  # flat `set:` overrides
     runs: list[SweepRun]
     analyze_tokens: int
+    analyze_options: dict  # AnalyzeOptions fields from ANALYZE_OPTIONS
     raw: dict  # the spec as written, recorded in sweep.json
 
     def run(self, name: str) -> SweepRun:
@@ -83,8 +88,17 @@ def build_spec(raw: dict, path: str, out: Path, analyze_tokens: int | None = Non
     tokens = analyze_tokens if analyze_tokens is not None else raw.get("analyze_tokens", DEFAULT_ANALYZE_TOKENS)
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
         raise MonorouteError(f"{where}: analyze_tokens (--analyze-tokens) must be a whole number >= 1, got {tokens!r}")
+    options = raw.get("analyze_options") or {}
+    if not isinstance(options, dict):
+        raise MonorouteError(f"{where}: analyze_options: must be a mapping, e.g. `analyze_options: {{dashboards: 0}}`")
+    for key, value in options.items():
+        if key not in ANALYZE_OPTIONS:
+            raise MonorouteError(f"{where}: unknown analyze_options key {key!r}; valid: {', '.join(ANALYZE_OPTIONS)}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < ANALYZE_OPTIONS[key]:
+            raise MonorouteError(f"{where}: analyze_options {key} must be a whole number >= {ANALYZE_OPTIONS[key]}, "
+                                 f"got {value!r}")
     runs = [build_run(name, body, preset, base, out, where) for name, body in named_runs(raw.get("runs"), where)]
-    return SweepSpec(path, preset, base, runs, tokens, raw)
+    return SweepSpec(path, preset, base, runs, tokens, dict(options), raw)
 
 
 def named_runs(runs, where: str) -> list[tuple[str, dict]]:
@@ -113,7 +127,8 @@ def named_runs(runs, where: str) -> list[tuple[str, dict]]:
     for name, body in pairs:
         if not isinstance(name, str) or not NAME.fullmatch(name) or name.lower() in RESERVED:
             raise MonorouteError(f"{where}: run name {name!r} cannot be a folder name; use letters, digits, '.', "
-                                 f"'_' and '-' (at most 64, not starting with a symbol, not one of {', '.join(RESERVED)})")
+                                 f"'_' and '-' (at most 64, not starting with a symbol, not one of "
+                                 f"{', '.join(RESERVED)})")
         if name.lower() in seen:
             raise MonorouteError(f"{where}: run name {name!r} is used twice (as {seen[name.lower()]!r} before); "
                                  f"give each run its own name")
