@@ -235,6 +235,7 @@ SPEC_HEAD = "preset: tiny\nset: {steps: 2}\n"
     (SPEC_HEAD + "runs:\n  r: {sparse_grad: true}\n", "sparse_grad=true needs the row-sparse optimizer"),
     (SPEC_HEAD + "runs:\n  r: {}\nstep: 3\n", "unknown top-level key(s) step"),
     ("runs:\n  r: {}\n", "needs a base preset"),
+    (SPEC_HEAD + "runs:\n  r: {data: 2024-01-01}\n", "holds a value JSON cannot store"),
 ])
 def test_a_bad_spec_gives_one_error_line_and_writes_nothing(text, message, tmp_path, capsys):
     spec = tmp_path / "bad.yaml"

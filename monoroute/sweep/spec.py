@@ -17,6 +17,7 @@ the analysed layer, n_layer // 2) and `preset` (a different base preset for this
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,11 @@ def load_spec(path: str | Path, out: str | Path, analyze_tokens: int | None = No
 
 def build_spec(raw: dict, path: str, out: Path, analyze_tokens: int | None = None) -> SweepSpec:
     where = f"sweep spec {path}"
+    try:  # the spec is copied into sweep.json after every run: a date or other non-JSON value must fail now
+        json.dumps(raw)
+    except (TypeError, ValueError) as exc:
+        raise MonorouteError(f"{where}: holds a value JSON cannot store ({exc}); use numbers, strings, true/false, "
+                             f"lists and mappings") from None
     unknown = sorted(set(raw) - set(SPEC_KEYS))
     if unknown:
         raise MonorouteError(f"{where}: unknown top-level key(s) {', '.join(map(str, unknown))}; valid: "
