@@ -147,6 +147,24 @@ def test_text_table_and_dry_run(swept, tmp_path, capsys):
     assert not fresh.exists()  # a dry run writes nothing
 
 
+def test_json_and_toml_specs_plan_like_the_yaml_one(tmp_path, capsys):
+    spec = yaml.safe_load(TINY.read_text())
+    (tmp_path / "s.json").write_text(json.dumps(spec))
+    toml = ["preset = 'tiny'", "analyze_tokens = 4096", "[set]", "steps = 20", "batch_size = 8", "warmup = 5",
+            "eval_every = 10", "eval_batches = 1", "log_every = 5", "ckpt_every = 10", "device = 'cpu'",
+            "[analyze_options]", "interventions = 0", "dashboards = 0",
+            "[runs.dense-32]", "ffn = 'dense'", "d_ff = 32", "[runs.dense-64]", "ffn = 'dense'", "d_ff = 64",
+            "analyze = false", "[runs.routed]"]
+    (tmp_path / "s.toml").write_text("\n".join(toml) + "\n")
+    plans = []
+    for path in (TINY, tmp_path / "s.json", tmp_path / "s.toml"):
+        assert sweep(path, tmp_path / "out", "--dry-run", "--json") == 0
+        plans.append(json.loads(capsys.readouterr().out)["runs"])
+    assert plans[0] == plans[1] == plans[2]
+    assert [(r["name"], r["config"].get("d_ff"), r["analyze"]) for r in plans[0]] == [
+        ("dense-32", 32, True), ("dense-64", 64, False), ("routed", None, True)]  # routed: no d_ff
+
+
 def test_running_again_trains_and_analyses_nothing(swept, monkeypatch, capsys):
     out, _ = swept
     before = doc(out)

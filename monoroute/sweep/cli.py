@@ -13,8 +13,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("sweep", help="train, evaluate and analyse the runs of a spec file; table, CSV and plots "
                                      "(resumable: run it again to continue)")
     p.add_argument("spec", help="YAML/TOML/JSON spec: preset, set, runs (see sweeps/*.yaml)")
-    p.add_argument("--out", help="sweep directory; each run goes to OUT/NAME (default runs/SPEC-NAME)")
-    p.add_argument("--analyze-tokens", type=int, help="positions each analysis scores (default: the spec's "
+    p.add_argument("--out", metavar="DIR", help="sweep directory; each run goes to DIR/NAME (default: runs/ and the "
+                                                "spec's file name without its extension)")
+    p.add_argument("--analyze-tokens", type=int, metavar="N", help="positions each analysis scores (default: the spec's "
                                                       "analyze_tokens, else 100000)")
     p.add_argument("--dry-run", action="store_true", help="check the spec and print what each run would do; "
                                                           "train nothing")
