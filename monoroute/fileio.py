@@ -42,6 +42,9 @@ def atomic_write(path: Path, write: Callable[[str], None], durable: bool = True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        # mkstemp makes the file 0600; the result gets the mode a plain open() would give it
+        # (0666 less the umask), so reports and run files stay readable as before.
+        os.chmod(tmp, 0o666 & ~_umask())
         write(tmp)
         if durable:
             fsync_path(Path(tmp))
@@ -51,6 +54,12 @@ def atomic_write(path: Path, write: Callable[[str], None], durable: bool = True)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(path: Path, text: str, durable: bool = False) -> None:
