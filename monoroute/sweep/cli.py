@@ -65,7 +65,8 @@ def dry_run_json(spec, planned, out: Path) -> dict:
                      for p in planned]}
 
 
-MODEL_KEYS = ("ffn", "d_ff", "n_units", "k", "router", "activation", "l1_coef", "sparse_grad", "sparse_rows")
+MODEL_KEYS = ("ffn", "d_ff", "n_units", "k", "router", "router_heads", "coupling", "activation", "l1_coef", "sparse_grad",
+              "sparse_rows", "table_lr_mult")
 
 
 def dry_run_text(spec, planned, out: Path) -> str:

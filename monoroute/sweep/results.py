@@ -18,7 +18,8 @@ FLOOR_KEYS = ("coverage", "mean_purity", "sparse_probe_f1", "explanation_f1")
 SAE_KEYS = ("coverage", "mean_purity", "sparse_probe_f1", "explanation_f1", "l0", "spliced_val_loss",
             "clean_val_loss", "explained_variance", "loss_recovered")
 COLUMNS = (
-    ["run", "status", "ffn", "d_ff", "n_units", "k", "router", "l1_coef", "sparse_rows", "steps", "step",
+    ["run", "status", "ffn", "d_ff", "n_units", "k", "router", "router_heads", "coupling", "activation", "l1_coef",
+     "sparse_rows", "table_lr_mult", "steps", "step",
      "val_loss", "flops_per_token", "params", "active_params", "tokens_per_s", "l0", "live_slot_fraction",
      "dead_fraction", "unit_set", "n_positions"]
     + [f"units_{key}" for key in ("l0", "dead_fraction")]
@@ -35,8 +36,9 @@ def key_settings(cfg: RunConfig) -> dict:
     if "dense" in kinds:
         out["d_ff"] = m.ffn_width
     if "routed" in kinds:
-        out.update(n_units=m.n_units, k=m.k, router=m.router, activation=m.activation, l1_coef=m.l1_coef,
-                   aux_coef=m.aux_coef, sparse_grad=m.sparse_grad)
+        out.update(n_units=m.n_units, k=m.k, router=m.router, router_heads=m.router_heads, coupling=m.coupling,
+                   activation=m.activation, l1_coef=m.l1_coef, aux_coef=m.aux_coef, sparse_grad=m.sparse_grad,
+                   table_lr_mult=t.table_lr_mult)
     out.update(steps=t.steps, batch_size=t.batch_size, grad_accum=t.grad_accum, lr=t.lr, sparse_rows=t.sparse_rows,
                data=cfg.data.source, tokenizer=cfg.data.tokenizer)
     return out
@@ -62,8 +64,9 @@ def row(entry: dict) -> dict:
     units, floor, sae = an.get("units", {}), an.get("random_init", {}), an.get("sae", {})
     r = {c: None for c in COLUMNS}
     r.update(run=entry["name"], status=entry["status"], ffn=cfg["ffn"], d_ff=cfg.get("d_ff"),
-             n_units=cfg.get("n_units"), k=cfg.get("k"), router=cfg.get("router"), l1_coef=cfg.get("l1_coef"),
-             sparse_rows=cfg.get("sparse_rows"), steps=cfg["steps"], unit_set=an.get("unit_set"),
+             n_units=cfg.get("n_units"), k=cfg.get("k"), router=cfg.get("router"),
+             router_heads=cfg.get("router_heads"), coupling=cfg.get("coupling"), activation=cfg.get("activation"),
+             l1_coef=cfg.get("l1_coef"), sparse_rows=cfg.get("sparse_rows"), table_lr_mult=cfg.get("table_lr_mult"), steps=cfg["steps"], unit_set=an.get("unit_set"),
              n_positions=an.get("n_positions"), units_l0=units.get("l0"),
              units_dead_fraction=units.get("dead_fraction"),
              mean_purity_null=units.get("mean_purity_null"))
