@@ -15,7 +15,7 @@ OVERRIDE_FLAGS = [
     ("--activation", "activation", str), ("--d-model", "d_model", int), ("--n-layer", "n_layer", int),
     ("--n-head", "n_head", int), ("--block-size", "block_size", int), ("--d-ff", "d_ff", int),
     ("--impl", "impl", str), ("--aux-coef", "aux_coef", float), ("--l1-coef", "l1_coef", float),
-    ("--dead-window", "dead_window", int), ("--router-heads", "router_heads", int), ("--coupling", "coupling", str),
+    ("--dead-window", "dead_window", int), ("--dead-grace", "dead_grace", int), ("--router-heads", "router_heads", int), ("--coupling", "coupling", str),
     ("--agree-coef", "agree_coef", float),
     ("--data", "data", str), ("--tokenizer", "tokenizer", str), ("--bpe-vocab-size", "bpe_vocab_size", int),
     ("--max-bytes", "max_bytes", int), ("--text-column", "text_column", str),

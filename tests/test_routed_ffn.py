@@ -230,6 +230,19 @@ def test_never_fired_units_get_a_grace_window():
     assert layer.aux_loss > 0
 
 
+def test_dead_grace_zero_counts_untried_units_dead_from_the_first_step():
+    # dead_grace=0 is the behaviour before the grace window: every never-fired unit is dead (and a
+    # revival target) at once, while a unit that fired stays alive for dead_window tokens.
+    layer = make_layer("product_key", n_units=4096, k=4, d=8, aux_coef=1.0, dead_window=200, dead_grace=0)
+    layer.train()
+    layer(torch.randn(64, 8, dtype=torch.double))
+    fired = layer.last_fired >= 0
+    assert 0 < int(fired.sum()) < 4096 // 4
+    assert torch.equal(layer.dead_mask(), ~fired) and layer.aux_loss > 0
+    with pytest.raises(MonorouteError, match="dead_grace"):
+        make_layer("product_key", n_units=64, k=2, dead_grace=-1)
+
+
 def test_revival_loss_reuses_the_forward_half_scores():
     layer = make_layer("product_key", n_units=64, k=2, aux_coef=1.0, aux_units=8, dead_window=4)
     layer.train()

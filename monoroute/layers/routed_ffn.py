@@ -74,6 +74,7 @@ class RoutedFFN(nn.Module):
         aux_units: int = 256,
         l1_coef: float = 0.0,
         dead_window: int = 200_000,
+        dead_grace: int | None = None,
         impl: str = "auto",
         sparse_grad: bool = False,
         router_heads: int = 1,
@@ -86,6 +87,10 @@ class RoutedFFN(nn.Module):
         if isinstance(dead_window, bool) or not isinstance(dead_window, int) or dead_window < 1:
             raise MonorouteError(f"dead_window must be a whole number of tokens >= 1, got {dead_window!r}; "
                                  f"use e.g. 200000 (a few thousand steps' worth of tokens)")
+        if dead_grace is not None and (isinstance(dead_grace, bool) or not isinstance(dead_grace, int) or dead_grace < 0):
+            raise MonorouteError(f"dead_grace must be a whole number of tokens >= 0 (or unset for dead_window), "
+                                 f"got {dead_grace!r}")
+        self.dead_grace = dead_window if dead_grace is None else dead_grace
         check_choice("activation", activation, ACTIVATIONS)
         gate = gate or ("none" if router == "dense" else "sigmoid")
         check_choice("gate", gate, GATES)
@@ -168,11 +173,15 @@ class RoutedFFN(nn.Module):
     def dead_mask(self) -> Tensor:
         """(N,) True for units with no firing in the last `dead_window` tokens.
 
-        A unit that never fired counts as having fired at token 0: every unit gets a grace window
-        of `dead_window` tokens (as AuxK does), so nothing is dead before that many tokens were
-        seen. Without it, after one step almost every unit of a large layer is "dead" merely for
-        not having been tried yet, and the revival loss spends itself on them."""
-        return self.last_fired.clamp(min=0) <= self.tokens_seen - self.dead_window
+        A unit that never fired counts as dead only once `dead_grace` tokens were seen (default
+        `dead_window`: AuxK's grace window, so nothing is dead before that many tokens). Without it,
+        after one step almost every unit of a large layer is "dead" merely for not having been tried
+        yet, and the revival loss spends itself on them; `dead_grace=0` keeps that behaviour, in
+        which revival doubles as a pull of untried units into selection (see the README's frontier
+        for what each costs)."""
+        never = self.last_fired < 0
+        stale = ~never & (self.last_fired <= self.tokens_seen - self.dead_window)
+        return stale | (never & (self.tokens_seen >= self.dead_grace))
 
     def dead_fraction(self) -> float:
         return self.dead_mask().float().mean().item()

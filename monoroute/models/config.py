@@ -30,6 +30,9 @@ class GPTConfig:
     aux_coef: float = 0.1
     l1_coef: float = 0.0
     dead_window: int = 200_000
+    # Tokens before a never-fired unit may count as dead (None: dead_window, AuxK's grace window;
+    # 0: dead from the start, so the revival loss also pulls never-tried units into selection).
+    dead_grace: int | None = None
     impl: str = "auto"
     sparse_grad: bool = False  # row-sparse COO gradients for the unit tables (needs train.sparse_rows)
     router_heads: int = 1  # product-key query heads sharing the sub-keys (PEER); 1 = one query
