@@ -390,11 +390,15 @@ def test_coupling_and_router_heads_are_config_keys_and_flags(tmp_path, capsys):
     from monoroute.train.config import build_run_config
 
     default = GPT(build_run_config("tiny").model).routed_layers()[0]
-    assert (default.coupling, default.agree_coef, default.router.heads) == ("none", 0.1, 1)
+    # coupling "auto" (the default) is "preact" for product keys with ReLU, "none" where it cannot apply
+    assert (default.coupling, default.agree_coef, default.router.heads) == ("preact", 0.1, 1)
+    dense_router = GPT(build_run_config("tiny", {"router": "dense"}).model).routed_layers()[0]
+    gelu = GPT(build_run_config("tiny", {"activation": "gelu"}).model).routed_layers()[0]
+    assert dense_router.coupling == "none" and gelu.coupling == "none"
     args = build_parser().parse_args(["train", "--coupling", "agreement", "--agree-coef", "0.5",
                                       "--set", "router_heads=2"])
     layer = GPT(build_run_config("tiny", collect_overrides(args)).model).routed_layers()[0]
     assert (layer.coupling, layer.agree_coef, layer.router.heads) == ("agreement", 0.5, 2)
     assert train(tmp_path / "bad", "--coupling", "both") == 2
-    assert "unknown coupling 'both'; choose one of none, agreement, preact" in error_line(capsys)
+    assert "unknown coupling 'both'; choose one of auto, none, agreement, preact" in error_line(capsys)
     assert not (tmp_path / "bad").exists()

@@ -51,7 +51,15 @@ from monoroute.layers.routers import DenseRouter, Routing, build_router
 GATES = ("sigmoid", "none")
 # How the router's choice is made to agree with the unit's firing (see `agreement_loss` and
 # ProductKeyRouter(select="preact")); "none" is the plain layer.
-COUPLINGS = ("none", "agreement", "preact")
+COUPLINGS = ("auto", "none", "agreement", "preact")
+
+
+def resolve_coupling(coupling: str, router: str, activation: str) -> str:
+    """"auto" is "preact" where it applies (product keys with ReLU units: the best design of the
+    frontier sweep in the README) and "none" elsewhere; any other value is returned as given."""
+    if coupling != "auto":
+        return coupling
+    return "preact" if router == "product_key" and activation == "relu" else "none"
 
 
 def check_choice(kind: str, value: str, choices) -> None:
@@ -96,6 +104,7 @@ class RoutedFFN(nn.Module):
         check_choice("gate", gate, GATES)
         check_choice("impl", impl, available_impls())
         check_choice("coupling", coupling, COUPLINGS)
+        coupling = resolve_coupling(coupling, router, activation)
         if coupling != "none" and (router == "dense" or activation != "relu"):
             raise MonorouteError(
                 f"coupling={coupling!r} makes a product-key router agree with which ReLU units fire; it needs "

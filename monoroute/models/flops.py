@@ -35,6 +35,6 @@ def router_flops(cfg: GPTConfig) -> int:
     n_sub = math.isqrt(cfg.n_units)
     # Per head: query projection, both halves against sqrt(N) sub-keys.
     flops = heads * (2 * d * d_key + 2 * n_sub * d_key)
-    if cfg.coupling == "preact":
+    if cfg.layer_coupling == "preact":
         flops += 2 * min(2 * cfg.k, cfg.n_units) * d  # pre-activations of the 2k candidates
     return flops

@@ -36,7 +36,7 @@ def key_settings(cfg: RunConfig) -> dict:
     if "dense" in kinds:
         out["d_ff"] = m.ffn_width
     if "routed" in kinds:
-        out.update(n_units=m.n_units, k=m.k, router=m.router, router_heads=m.router_heads, coupling=m.coupling,
+        out.update(n_units=m.n_units, k=m.k, router=m.router, router_heads=m.router_heads, coupling=m.layer_coupling,
                    activation=m.activation, l1_coef=m.l1_coef, aux_coef=m.aux_coef, sparse_grad=m.sparse_grad,
                    table_lr_mult=t.table_lr_mult)
     out.update(steps=t.steps, batch_size=t.batch_size, grad_accum=t.grad_accum, lr=t.lr, sparse_rows=t.sparse_rows,
