@@ -67,6 +67,7 @@ def test_analyze_dense_run_with_post_hoc_baselines(runs, capsys):
     for kind in ("sae", "transcoder"):
         assert sets[kind]["explained_variance"] <= 1
         assert sets[kind]["spliced_val_loss"] > 0
+        assert sets[kind]["train_tokens"] == 4096  # --baseline-tokens reaches the trainer
         assert sets[kind]["l0"] <= 512  # tiny routed width stands in for N; k caps L0 below
     assert main(["compare", str(runs[0]), str(dense)]) == 0
     table = capsys.readouterr().out

@@ -166,15 +166,16 @@ def analyze(run_dir: str | Path, opts: AnalyzeOptions | None = None) -> dict:
                 continue
             t0 = time.perf_counter()
             trainer = B.train_sae if kind == "sae" else B.train_transcoder
-            base = trainer(model, store, layer, n_latents, k_latents, seed=opts.seed, device=str(device),
-                           progress=opts.progress)
+            tokens = opts.baseline_tokens or (B.SAE_TOKENS if kind == "sae" else B.TRANSCODER_TOKENS)
+            base = trainer(model, store, layer, n_latents, k_latents, tokens=tokens, seed=opts.seed,
+                           device=str(device), progress=opts.progress)
             base.save(work / kind)
             windows = torch.from_numpy(stream.positions.token_ids[: 64 * block].reshape(-1, block))
             info = B.explained_variance(base, model, windows)
             clean, spliced, zero = B.spliced_loss(model, base, store, cfg)
             info.update(clean_val_loss=clean, spliced_val_loss=spliced, zero_ablation_val_loss=zero,
                         loss_recovered=(zero - spliced) / (zero - clean) if zero != clean else None,
-                        n_latents=n_latents, k=k_latents, train_seconds=round(time.perf_counter() - t0, 1))
+                        n_latents=n_latents, k=k_latents, train_tokens=tokens, train_seconds=round(time.perf_counter() - t0, 1))
             baselines_info[kind] = info
             baseline_sets.append(UnitSet(f"{kind}.L{layer}", kind, layer, n_latents, k_latents, base.hook,
                                          base.extractor()))
@@ -318,7 +319,7 @@ def publish(run: Path, work: Path) -> None:
 def summary(report: dict) -> dict:
     """The compact JSON `--json` prints: per unit set the headline numbers, plus the model's."""
     keep = HEADLINE + ("explained_variance", "spliced_val_loss", "clean_val_loss", "zero_ablation_val_loss",
-                       "loss_recovered", "n_units", "k")
+                       "loss_recovered", "n_units", "k", "train_tokens")
     return {
         "run": report["run"], "layer": report["layer"], "n_positions": report["n_positions"],
         "model": report["model"],
