@@ -58,23 +58,24 @@ class SplitSpy:
         return self.store.batch(*args, split=split, **kwargs)
 
 
+def trained_pair(trainer, model, store):
+    """(untrained, trained) baselines from the same seed: lr ~ 0 leaves the initialisation in place;
+    the trained one must read only the train split."""
+    spy = SplitSpy(store)
+    trained = trainer(model, spy, LAYER, N, K, tokens=STEPS * 8 * BLOCK, lr=1e-2, **TRAIN)
+    assert set(spy.splits) == {"train"}
+    init = trainer(model, store, LAYER, N, K, tokens=8 * BLOCK, lr=1e-12, **TRAIN)
+    return init, trained
+
+
 @pytest.fixture(scope="module")
 def sae_pair(model, store):
-    """(untrained, trained) SAEs from the same seed: lr ~ 0 leaves the initialisation in place."""
-    spy = SplitSpy(store)
-    trained = B.train_sae(model, spy, LAYER, N, K, tokens=STEPS * 8 * BLOCK, lr=1e-2, **TRAIN)
-    assert set(spy.splits) == {"train"}
-    init = B.train_sae(model, store, LAYER, N, K, tokens=8 * BLOCK, lr=1e-12, **TRAIN)
-    return init, trained
+    return trained_pair(B.train_sae, model, store)
 
 
 @pytest.fixture(scope="module")
 def transcoder_pair(model, store):
-    spy = SplitSpy(store)
-    trained = B.train_transcoder(model, spy, LAYER, N, K, tokens=STEPS * 8 * BLOCK, lr=1e-2, **TRAIN)
-    assert set(spy.splits) == {"train"}
-    init = B.train_transcoder(model, store, LAYER, N, K, tokens=8 * BLOCK, lr=1e-12, **TRAIN)
-    return init, trained
+    return trained_pair(B.train_transcoder, model, store)
 
 
 def layer_inputs(base: B.Baseline, model, windows) -> tuple[torch.Tensor, torch.Tensor]:
