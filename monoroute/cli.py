@@ -1,4 +1,4 @@
-"""The `monoroute` command line: train, eval, sample, data, toy, bench, analyze, compare, sweep."""
+"""The `monoroute` command line: train, eval, sample, data, toy, bench, analyze, compare, sweep, export."""
 from __future__ import annotations
 
 import argparse
@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_run_parsers(sub)
     data.add_parser(sub)
-    for module in ("monoroute.toy.cli", "monoroute.bench.cli", "monoroute.interp.cli", "monoroute.sweep.cli"):
+    for module in ("monoroute.toy.cli", "monoroute.bench.cli", "monoroute.interp.cli", "monoroute.sweep.cli",
+                   "monoroute.serve.cli", "monoroute.interp.export"):
         __import__(module, fromlist=["add_parser"]).add_parser(sub)
     return parser
 

@@ -50,3 +50,20 @@ def test_bench_train_json(capsys):
     assert set(result["variants"]) == {"dense", "routed", "routed_sparse_rows"}
     assert all(positive_finite(v["tokens_per_s"]) and math.isfinite(v["val_loss"]) for v in result["variants"].values())
     assert positive_finite(result["routed_vs_dense_tokens_per_s"])
+
+
+def test_bench_serve_times_a_synthetic_store_and_a_real_run(analysed_runs, tmp_path, capsys):
+    from monoroute.bench.serve import synthetic_store
+    from monoroute.interp.store import AnalysisStore
+
+    store = AnalysisStore(synthetic_store(tmp_path / "syn", n_units=5000, n_positions=1024, k=8))
+    df = store.table("routed_units")
+    assert len(df) == 5000 and df.n_firings.sum() == store.activations("routed_units").nnz
+    assert main(["serve", str(analysed_runs[0]), "--n-units", "3000", "--positions", "1024", "--k", "4",
+                 "--repeats", "1", "--browser", "off", "--out", str(tmp_path / "out"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n_units"] == 3000 and not result["browser"]
+    assert {"first_open", "search 'concept:07'", "sort by density"} <= set(result["list"])
+    row = result["runs"][0]
+    assert row["set"] == "routed_units" and row["unit page (API)"]["n"] >= 1
+    assert (tmp_path / "out" / "bench_serve.json").is_file()

@@ -1,4 +1,4 @@
-"""`monoroute bench {layer,train,shard-memory}`: argparse wiring for the benchmarks.
+"""`monoroute bench {layer,train,agreement,serve,shard-memory}`: argparse wiring for the benchmarks.
 
 Progress and (with --json) the table go to stderr, so with --json stdout is exactly one JSON object.
 """
@@ -78,6 +78,18 @@ def run_agreement(args) -> int:
     return 0
 
 
+def run_serve(args) -> int:
+    from monoroute.bench.serve import format_table, run_serve_bench
+
+    result = run_serve_bench(args.runs, args.n_units, args.positions, args.k, args.repeats, args.browser, log=_stderr)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_serve.json").write_text(json.dumps(result, indent=1))
+    _stderr(f"wrote {out / 'bench_serve.json'}")
+    _emit(result, format_table(result), args.json)
+    return 0
+
+
 def add_parser(subparsers) -> None:
     """Register `bench` and its sub-commands on the main CLI's subparsers."""
     bench = subparsers.add_parser("bench", help="benchmarks: layer cost vs N and k, training throughput, sharding")
@@ -122,6 +134,19 @@ def add_parser(subparsers) -> None:
     p.add_argument("--heads", type=_ints, default=(1,), help="router_heads values for the fresh layer, e.g. 1,4")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_agreement)
+
+    p = sub.add_parser("serve", help="unit browser response times: unit list at N=1M (synthetic), unit pages "
+                                     "and live prompt of analysed runs")
+    p.add_argument("runs", nargs="*", help="analysed run directories to time unit pages and the live prompt on")
+    p.add_argument("--n-units", type=int, default=1_000_000, help="units in the synthetic store (default 1M)")
+    p.add_argument("--positions", type=int, default=100_000, help="positions in the synthetic store")
+    p.add_argument("--k", type=int, default=32, help="firings per position in the synthetic store")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--browser", default="auto", choices=["auto", "on", "off"],
+                   help="also time pages in headless Chromium (auto: where it is installed)")
+    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run_serve)
 
     p = sub.add_parser("shard-memory", help="bytes per rank of column-sharded unit tables under FSDP2 (computed)")
     p.add_argument("--json", action="store_true")

@@ -30,6 +30,7 @@ from monoroute.interp.stream import Stream, build_stream, doc_token_rows
 
 WORK_DIR = ".analysis-work"
 OUT_DIR = "analysis"
+STORE_FORMAT = 2  # 2: + labels.safetensors and units/<set>.parquet, what `monoroute serve` reads
 HEADLINE = ("l0", "live_slot_fraction", "dead_fraction", "coverage", "mean_purity", "mean_purity_null",
             "share_pure", "share_pure_null", "sparse_probe_f1", "sparse_probe_f1_top1", "explanation_f1")
 
@@ -220,12 +221,25 @@ def analyze(run_dir: str | Path, opts: AnalyzeOptions | None = None) -> dict:
         unit_sets[kind].update(info)
     lap("metrics", t0)
 
-    # --- dashboards and interventions on the headline layer's trained units -------------------------
+    # --- the browser's store: concept labels and one row per unit of each headline unit set ---------
     t0 = time.perf_counter()
-    from monoroute.interp.dashboards import unit_dashboard, vocab_strings
-    from monoroute.interp.interventions import specificity_table, unit_logit_effect
+    from monoroute.interp.dashboards import vocab_strings
+    from monoroute.interp.store import save_labels
+    from monoroute.interp.unit_table import build_unit_table, write_unit_table
 
     strings = vocab_strings(tokenizer, cfg.model.vocab_size)
+    save_labels(labels, work / "labels.safetensors")
+    for set_name, acts in loaded.items():
+        if set_name != "random_init":
+            write_unit_table(build_unit_table(acts, labels, stream.positions, strings, seed=opts.seed),
+                             work / "units" / f"{set_name}.parquet")
+    lap("unit_tables", t0)
+
+    # --- dashboards and interventions on the headline layer's trained units -------------------------
+    t0 = time.perf_counter()
+    from monoroute.interp.dashboards import unit_dashboard
+    from monoroute.interp.interventions import specificity_table, unit_logit_effect
+
     trained_name = "routed_units" if kinds[layer] == "routed" else "dense_neurons"
     chosen = pick_concepts(unit_sets[trained_name], max(opts.dashboards, opts.interventions))
     dashboards = []
@@ -260,7 +274,7 @@ def analyze(run_dir: str | Path, opts: AnalyzeOptions | None = None) -> dict:
     lap("interventions", t0)
 
     report = {
-        "run": str(run), "data": source, "n_positions": len(stream.positions), "n_documents": len(stream.docs),
+        "store_format": STORE_FORMAT, "run": str(run), "data": source, "n_positions": len(stream.positions), "n_documents": len(stream.docs),
         "layer": layer, "scored_layers": score_layers, "config": cfg.to_dict(), "model": model_info,
         "concepts": {"names": labels.names, "frequency": [round(float(f), 6) for f in labels.frequency()]},
         "unit_sets": unit_sets, "per_layer": per_layer, "interventions": interventions,

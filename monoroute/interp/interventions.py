@@ -304,13 +304,19 @@ def unit_logit_effect(model, layer: int, unit: int, top: int = 10, tokenizer=Non
     Returns boosted / suppressed: the `top` token ids with the largest / most negative effect, in
     order, with their effects (boosted_logits / suppressed_logits), and boosted_text /
     suppressed_text when a tokenizer (or a list of vocab strings) is given. Computed in float64."""
-    direction = unit_direction(model, layer, unit).double()
+    return dict(direction_logit_effect(model, unit_direction(model, layer, unit), top, tokenizer),
+                layer=layer, unit=unit)
+
+
+@torch.no_grad()
+def direction_logit_effect(model, direction: Tensor, top: int = 10, tokenizer=None) -> dict:
+    """`unit_logit_effect` for any residual-stream direction (d,), e.g. an SAE latent's decoder row
+    mapped through the MLP's down projection."""
     w_ln = model.ln_f.weight.detach().double()
-    effect = model.lm_head.weight.detach().double() @ (direction * w_ln)  # (V,)
+    effect = model.lm_head.weight.detach().double() @ (direction.detach().to(w_ln) * w_ln)  # (V,)
     top = min(top, effect.numel())
     up, down = effect.topk(top), (-effect).topk(top)
     out = {
-        "layer": layer, "unit": unit,
         "boosted": up.indices.tolist(), "boosted_logits": up.values.tolist(),
         "suppressed": down.indices.tolist(), "suppressed_logits": (-down.values).tolist(),
     }

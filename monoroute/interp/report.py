@@ -149,8 +149,9 @@ def shade(tokens: list[str], acts: list[float], peak: float, focus: int) -> str:
 
 
 def dashboard_html(d: dict) -> str:
-    parts = [f'<div class="dash"><h3>{html.escape(d["set"])} · layer {d["layer"]} · unit {d["unit"]} '
-             f'<span class="muted">(best unit for {html.escape(d["concept"])})</span></h3>',
+    # "concept": the concept this unit is coverage's best unit for; a unit picked otherwise has none.
+    best_for = f' <span class="muted">(best unit for {html.escape(d["concept"])})</span>' if d.get("concept") else ""
+    parts = [f'<div class="dash"><h3>{html.escape(d["set"])} · layer {d["layer"]} · unit {d["unit"]}{best_for}</h3>',
              f'<p class="muted">fires on {d["n_firings"]} positions (density {d["density"]:.4%}), max {d["max"]:.3f}</p>']
     if d.get("best_concepts"):
         parts.append("<p>best concepts: " + ", ".join(

@@ -197,7 +197,15 @@ def read_run_config(out: str | Path) -> RunConfig:
     if not isinstance(saved.get("run"), dict):
         raise MonorouteError(f"run config {Path(out) / CONFIG_FILE} is corrupt (no \"run\" section); restore it or "
                              f"start a new run")
-    return RunConfig.from_dict(saved["run"])
+    run = dict(saved["run"])
+    if isinstance(run.get("model"), dict):  # keys added after a run was saved mean what the code did then
+        run["model"] = {**LEGACY_MODEL_DEFAULTS, **run["model"]}
+    return RunConfig.from_dict(run)
+
+
+# Model settings introduced after runs were already being saved, with the behaviour those runs were
+# trained with (not today's defaults): an old run must load as the model it was.
+LEGACY_MODEL_DEFAULTS = {"coupling": "none", "dead_grace": 0}
 
 
 def load_run(out: str | Path, device: str = "cpu") -> tuple[RunConfig, GPT]:

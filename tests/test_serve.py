@@ -1,0 +1,234 @@
+"""`monoroute serve`: the JSON API against references, the live prompt's interventions, security, refusals."""
+import http.client
+import json
+import shutil
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from monoroute.cli import main
+from monoroute.interp.store import AnalysisStore
+from monoroute.serve import live
+from monoroute.serve.app import UnitIndex, create_app
+from monoroute.serve.cli import BackgroundServer
+
+PROMPT = "def main(args):\n    return args.x + 1\n"
+
+
+@pytest.fixture(scope="module")
+def stores(analysed_runs):
+    return [AnalysisStore(r).warm() for r in analysed_runs]
+
+
+@pytest.fixture(scope="module")
+def client(stores):
+    from fastapi.testclient import TestClient
+
+    return TestClient(create_app(stores))
+
+
+def test_unit_list_sorts_filters_searches_and_pages_like_pandas(stores, client):
+    df = stores[0].table("routed_units")
+    r = client.get("/api/runs/0/sets/routed_units/units", params={"sort": "density", "order": "desc", "per_page": 7,
+                                                                   "page": 1})
+    assert r.status_code == 200
+    data = r.json()
+    ref = df.sort_values(["density", "unit"], ascending=[False, True], kind="stable")
+    assert data["total"] == len(df) == data["n_units"]
+    assert [row["unit"] for row in data["rows"]] == ref["unit"].tolist()[7:14]
+    # search over explanations, concepts and top tokens, case-insensitive, and a density filter
+    live_rows = df[df.n_firings > 0]
+    word = live_rows.iloc[0]["best_concept"]
+    hay = (df.best_concept + "\0" + df.f1_concept + "\0" + df.top_tokens + "\0" + df.explanation).str.lower()
+    expect = df[hay.str.contains(word.lower(), regex=False) & (df.density >= 0.001)]
+    r = client.get("/api/runs/0/sets/routed_units/units", params={"q": word.upper(), "min_density": 0.001,
+                                                                   "per_page": 200, "sort": "unit", "order": "asc"})
+    assert [row["unit"] for row in r.json()["rows"]] == expect["unit"].tolist()[:200]
+    assert r.json()["total"] == len(expect) > 0
+    # NaN purity sorts last in both directions
+    rows = client.get("/api/runs/0/sets/routed_units/units", params={"sort": "purity", "order": "asc",
+                                                                      "per_page": 200}).json()["rows"]
+    vals = [x["purity"] for x in rows]
+    finite = [v for v in vals if v is not None]
+    assert finite == sorted(finite) and (None not in vals or vals.index(None) >= len(finite))
+
+
+def test_unit_index_at_a_million_units_is_paged():
+    import pandas as pd
+
+    N = 1_000_000
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"unit": np.arange(N, dtype=np.int32), "n_firings": rng.integers(0, 50, N).astype(np.int32),
+                       "density": rng.random(N).astype(np.float32), "max_act": rng.random(N).astype(np.float32),
+                       "mean_act": rng.random(N).astype(np.float32), "purity": rng.random(N).astype(np.float32),
+                       "best_concept": np.where(np.arange(N) % 1000 == 7, "py:kw:lambda", "txt:letter"),
+                       "lift": np.ones(N, np.float32), "f1_concept": "txt:letter", "f1": np.zeros(N, np.float32),
+                       "top_tokens": "a · b", "explanation": "", "explanation_f1": np.full(N, np.nan, np.float32)})
+    index = UnitIndex(df)
+    res = index.query(q="LAMBDA", sort="unit", descending=False, per_page=3)
+    assert res["total"] == 1000 and [r["unit"] for r in res["rows"]] == [7, 1007, 2007]
+    res = index.query(sort="density", per_page=2)
+    assert res["rows"][0]["unit"] == int(np.argmax(df.density.to_numpy()))
+
+
+def test_unit_page_matches_the_capture(stores, client):
+    store = stores[0]
+    df = store.table("routed_units")
+    u = int(df.n_firings.idxmax())
+    d = client.get(f"/api/runs/0/sets/routed_units/units/{u}").json()
+    col = store.activations("routed_units")[:, u].toarray().ravel()
+    assert d["n_firings"] == int((col > 0).sum()) == df.n_firings[u]
+    assert d["max"] == pytest.approx(float(col.max()))
+    top = d["top"][0]
+    assert max(top["acts"]) == pytest.approx(float(col.max()), abs=1e-4)  # the top context holds the peak
+    assert top["acts"][top["focus"]] == pytest.approx(float(col.max()), abs=1e-4)
+    assert sum(d["histogram"]["counts"]) == d["n_firings"]
+    assert d["best_concepts"] and d["best_concepts"][0]["f1"] >= d["best_concepts"][-1]["f1"]
+    assert len(d["logit_effect"]["boosted_text"]) == 10
+    # the dense run's SAE latents have pages too, and links between sets name real units
+    dense = stores[1]
+    lat = int(dense.table("sae").n_firings.idxmax())
+    d = client.get(f"/api/runs/1/sets/sae/units/{lat}").json()
+    assert d["n_firings"] > 0 and d["set"] == "sae"
+    for link in d["links"]:
+        assert 0 <= link["unit"] < stores[link["run"]].activations(link["set"]).shape[1]
+
+
+def test_prompt_lists_the_units_the_model_fires(stores, client):
+    store = stores[0]
+    res = client.post("/api/runs/0/prompt", json={"text": PROMPT}).json()
+    ids = store.tokenizer.encode(PROMPT)
+    assert [t["id"] for t in res["tokens"]] == ids
+    _, cache = store.model.run_with_cache(torch.tensor([ids]), names_filter=[f"blocks.{store.layer}.mlp.hook_post"])
+    acts = cache[f"blocks.{store.layer}.mlp.hook_post"].to_dense()[0]  # (T, N)
+    for t, tok in enumerate(res["tokens"]):
+        fired = {int(u) for u in torch.nonzero(acts[t] > 0).ravel()}
+        assert {x["unit"] for x in tok["units"]} <= fired
+        if tok["units"]:
+            assert tok["units"][0]["act"] == pytest.approx(float(acts[t].max()), rel=1e-3)
+    dense = client.post("/api/runs/1/prompt", json={"text": PROMPT, "set": "sae"}).json()
+    assert dense["set"] == "sae" and len(dense["tokens"]) == len(ids)
+    assert all(len(t["units"]) <= live.TOP_UNITS for t in dense["tokens"])
+
+
+def test_interventions_change_only_what_they_should(stores):
+    store = stores[0]
+    ids = store.tokenizer.encode(PROMPT)
+    _, cache = store.model.run_with_cache(torch.tensor([ids]), names_filter=[f"blocks.{store.layer}.mlp.hook_post"])
+    acts = cache[f"blocks.{store.layer}.mlp.hook_post"].to_dense()[0]
+    fired = torch.nonzero(acts.sum(0) > 0).ravel()
+    silent = int(torch.nonzero(acts.sum(0) == 0).ravel()[0])
+    # ablating a unit that never fires on the prompt changes nothing; one that fires changes the output
+    res = live.intervene(store, PROMPT, "routed_units", silent, "ablate", max_new_tokens=4)
+    assert res["kl"] == pytest.approx(0.0, abs=1e-12) and res["continuation_before"] == res["continuation_after"]
+    strongest = int(fired[acts[:, fired].sum(0).argmax()])
+    big = live.intervene(store, PROMPT, "routed_units", strongest, "steer", alpha=50.0, max_new_tokens=4)
+    assert big["kl"] > 1e-4
+    assert live.intervene(store, PROMPT, "routed_units", strongest, "steer", alpha=0.0, max_new_tokens=0)["kl"] == \
+        pytest.approx(0.0, abs=1e-12)
+    # SAE latent, error-preserving: clamping a latent to 0 where it is already 0 is exact no-op;
+    # ablating a latent that fires changes the next-token distribution
+    dense = stores[1]
+    base = dense.baseline("sae")
+    dids = dense.tokenizer.encode(PROMPT)
+    _, dc = dense.model.run_with_cache(torch.tensor([dids]), names_filter=base.hooks)
+    idx, val = base.extractor()(dc)
+    on = idx[-1][val[-1] > 0]
+    never = sorted(set(range(base.n_latents)) - set(idx[val > 0].ravel().tolist()))[0]
+    res = live.intervene(dense, PROMPT, "sae", never, "clamp", alpha=0.0, max_new_tokens=0)
+    assert res["kl"] == pytest.approx(0.0, abs=1e-10)
+    res = live.intervene(dense, PROMPT, "sae", int(on[0]), "ablate", max_new_tokens=0)
+    assert res["kl"] > 0
+    res = live.intervene(dense, PROMPT, "transcoder", 0, "steer", alpha=10.0, max_new_tokens=0)
+    assert res["kl"] > 0
+
+
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(client):
+    bad = [
+        ("get", "/api/runs/9/sets/routed_units/units", None, 404),
+        ("get", "/api/runs/0/sets/nope/units", None, 404),
+        ("get", "/api/runs/0/sets/routed_units/units?sort=__class__", None, 400),
+        ("get", "/api/runs/0/sets/routed_units/units?per_page=100000", None, 422),
+        ("get", "/api/runs/0/sets/routed_units/units?page=-1", None, 422),
+        ("get", "/api/runs/x/sets/routed_units/units", None, 422),
+        ("get", "/api/runs/0/sets/routed_units/units/999999", None, 404),
+        ("post", "/api/runs/0/prompt", {"text": ""}, 400),
+        ("post", "/api/runs/0/prompt", {"text": "x" * (live.MAX_PROMPT_CHARS + 1)}, 400),
+        ("post", "/api/runs/0/prompt", {"text": 5}, 422),
+        ("post", "/api/runs/0/prompt", [1, 2], 422),
+        ("post", "/api/runs/0/intervene", {"text": "ab", "unit": 0, "kind": "delete"}, 400),
+        ("post", "/api/runs/0/intervene", {"text": "ab", "unit": 0, "max_new_tokens": live.MAX_NEW_TOKENS + 1}, 400),
+        ("post", "/api/runs/0/intervene", {"text": "ab", "unit": 10 ** 9}, 400),
+        ("post", "/api/runs/0/intervene", {"text": "ab", "unit": 0, "alpha": "1"}, 422),
+        ("post", "/api/runs/0/intervene", {"text": "ab", "unit": 0, "kind": "steer", "alpha": 1e300}, 400),
+    ]
+    for method, path, body, code in bad:
+        r = client.post(path, json=body) if method == "post" else client.get(path)
+        assert r.status_code == code, (path, body, r.status_code, r.text)
+    r = client.post("/api/runs/0/prompt", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    assert client.get("/api/runs").status_code == 200
+
+
+def raw_get(url: str, path: str) -> tuple[int, bytes]:
+    """A GET with the path sent byte for byte (no client-side normalisation of .. or %2e)."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.putrequest("GET", path, skip_host=False, skip_accept_encoding=True)
+    conn.endheaders()
+    r = conn.getresponse()
+    body = r.read()
+    conn.close()
+    return r.status, body
+
+
+def test_urls_cannot_reach_files_outside_the_package(stores, analysed_runs):
+    secret = analysed_runs[0] / "config.json"
+    with BackgroundServer(create_app(stores)) as url:
+        for path in ["/static/../../../../etc/passwd", "/static/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+                     "/static/..%2f..%2f..%2fetc%2fpasswd", "/static/%2e%2e%2f%2e%2e%2fconfig.json",
+                     f"/static/{secret}", "/api/runs/0/sets/..%2f..%2fconfig.json/units",
+                     "/api/runs/..%2f0/sets/routed_units/units", "/%2e%2e/%2e%2e/etc/passwd"]:
+            status, body = raw_get(url, path)
+            assert 400 <= status < 500, (path, status)
+            assert b"root:" not in body and b'"model"' not in body
+        assert raw_get(url, "/static/app.js")[0] == 200
+
+
+def error_line(capsys):
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("monoroute: error")]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_serve_refuses_bad_input_with_one_line(analysed_runs, tmp_path, capsys):
+    routed, _ = analysed_runs
+    plain = tmp_path / "plain"
+    shutil.copytree(routed, plain, ignore=shutil.ignore_patterns("analysis"))
+    assert main(["serve", str(plain), "--port", "0"]) == 2
+    assert "port" in error_line(capsys)
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()
+    assert main(["serve", str(plain), "--port", str(port)]) == 2
+    assert "monoroute analyze" in error_line(capsys)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        assert main(["serve", str(routed), "--port", str(busy.getsockname()[1])]) == 2
+        assert "already in use" in error_line(capsys)
+    finally:
+        busy.close()
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(routed, corrupt)
+    cap = corrupt / "analysis" / "capture"
+    shard = sorted(cap.glob("shard-*.safetensors"))[0]
+    shard.write_bytes(b"\0" * 64)
+    assert main(["serve", str(corrupt), "--port", str(port)]) == 2
+    assert "corrupt" in error_line(capsys)
+    assert main(["serve", str(tmp_path / "missing"), "--port", str(port)]) == 2
+    assert "does not exist" in error_line(capsys)
