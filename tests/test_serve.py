@@ -232,3 +232,13 @@ def test_serve_refuses_bad_input_with_one_line(analysed_runs, tmp_path, capsys):
     assert "corrupt" in error_line(capsys)
     assert main(["serve", str(tmp_path / "missing"), "--port", str(port)]) == 2
     assert "does not exist" in error_line(capsys)
+
+
+def test_serve_analyze_fills_in_a_missing_analysis(analysed_runs, tmp_path):
+    from monoroute.serve.cli import open_stores
+
+    plain = tmp_path / "plain"
+    shutil.copytree(analysed_runs[0], plain, ignore=shutil.ignore_patterns("analysis"))
+    (store,) = open_stores([str(plain)], analyze_missing=True, device="cpu", analyze_tokens=2048)
+    assert store.report["n_positions"] == 2048 and store.set_names == ["routed_units"]
+    assert len(store.table("routed_units")) == store.report["unit_sets"]["routed_units"]["n_units"]

@@ -179,13 +179,20 @@ def run_serve_bench(runs: list[str], n_units: int = 1_000_000, n_positions: int 
             store = AnalysisStore(run).warm()
             _ = store.model
             row: dict = {"run": str(run), "set": store.own_set, "n_units": store.activations(store.own_set).shape[1]}
-            df = store.table(store.own_set)
-            live = df.unit[df.n_firings > 0].to_numpy()
-            pick = np.random.default_rng(0).choice(live, size=min(len(live), 4 * repeats), replace=False)
+
+            def live_units(set_name: str) -> np.ndarray:
+                df = store.table(set_name)
+                live = df.unit[df.n_firings > 0].to_numpy()
+                return np.random.default_rng(0).choice(live, size=min(len(live), 4 * repeats), replace=False)
+
+            pick = live_units(store.own_set)
             with BackgroundServer(create_app([store])) as url:
                 s = store.own_set
                 _get(url, f"/api/runs/0/sets/{s}/units/{int(pick[0])}")
                 row["unit page (API)"] = _stats([_get(url, f"/api/runs/0/sets/{s}/units/{int(u)}")[0] for u in pick])
+                for other in store.set_names[1:]:  # post-hoc latents of the same layer
+                    row[f"unit page (API), {other}"] = _stats(
+                        [_get(url, f"/api/runs/0/sets/{other}/units/{int(u)}")[0] for u in live_units(other)])
                 row["prompt: firing units"] = _stats([_get(url, "/api/runs/0/prompt", {"text": PROMPT, "set": s})[0]
                                                       for _ in range(repeats)])
                 row["prompt: ablate + 24 tokens"] = _stats(

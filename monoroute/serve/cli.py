@@ -15,6 +15,7 @@ def add_parser(sub) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it to the network)")
     p.add_argument("--analyze", action="store_true", help="run `monoroute analyze` first on runs that lack it")
+    p.add_argument("--analyze-tokens", type=int, default=200_000, help="positions --analyze scores (default 200000)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_serve)
 
@@ -41,7 +42,9 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def open_stores(runs: list[str], analyze_missing: bool, device: str) -> list:
+def open_stores(runs: list[str], analyze_missing: bool, device: str, analyze_tokens: int = 200_000) -> list:
+    """One AnalysisStore per run; with analyze_missing, runs without a usable analysis are analysed
+    first (with analyze's progress bars)."""
     from pathlib import Path
 
     from monoroute.interp.store import AnalysisStore
@@ -56,7 +59,7 @@ def open_stores(runs: list[str], analyze_missing: bool, device: str) -> list:
                 from monoroute.interp.analyze import AnalyzeOptions, analyze
 
                 print(f"monoroute serve: analysing {run} (no usable analysis at {report})", file=sys.stderr)
-                analyze(run, AnalyzeOptions(device=device))
+                analyze(run, AnalyzeOptions(device=device, tokens=analyze_tokens))
         stores.append(AnalysisStore(run, device))
     return stores
 
@@ -68,7 +71,7 @@ def cmd_serve(args) -> int:
 
     sock = bind(args.host, args.port)  # before the slow loading: a busy port fails at once
     try:
-        stores = open_stores(args.runs, args.analyze, args.device)
+        stores = open_stores(args.runs, args.analyze, args.device, args.analyze_tokens)
         for store in stores:
             print(f"monoroute serve: loading {store.run} ({', '.join(store.set_names)}, layer {store.layer})",
                   file=sys.stderr)
