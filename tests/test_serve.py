@@ -123,6 +123,9 @@ def test_interventions_change_only_what_they_should(stores):
     # ablating a unit that never fires on the prompt changes nothing; one that fires changes the output
     res = live.intervene(store, PROMPT, "routed_units", silent, "ablate", max_new_tokens=4)
     assert res["kl"] == pytest.approx(0.0, abs=1e-12) and res["continuation_before"] == res["continuation_after"]
+    store.__dict__.pop("_clean_passes", None)  # the clean pass is cached per prompt: the cached one is the same
+    fresh = live.intervene(store, PROMPT, "routed_units", silent + 1, "ablate", max_new_tokens=4)
+    assert fresh["before"] == res["before"] and fresh["continuation_before"] == res["continuation_before"]
     strongest = int(fired[acts[:, fired].sum(0).argmax()])
     big = live.intervene(store, PROMPT, "routed_units", strongest, "steer", alpha=50.0, max_new_tokens=4)
     assert big["kl"] > 1e-4

@@ -195,9 +195,14 @@ def run_serve_bench(runs: list[str], n_units: int = 1_000_000, n_positions: int 
                         [_get(url, f"/api/runs/0/sets/{other}/units/{int(u)}")[0] for u in live_units(other)])
                 row["prompt: firing units"] = _stats([_get(url, "/api/runs/0/prompt", {"text": PROMPT, "set": s})[0]
                                                       for _ in range(repeats)])
-                row["prompt: ablate + 24 tokens"] = _stats(
-                    [_get(url, "/api/runs/0/intervene", {"text": PROMPT, "set": s, "unit": int(u), "kind": "ablate",
-                                                         "max_new_tokens": 24})[0] for u in pick[:repeats]])
+                def ablate(text: str, u) -> float:
+                    return _get(url, "/api/runs/0/intervene", {"text": text, "set": s, "unit": int(u), "kind": "ablate",
+                                                               "max_new_tokens": 24})[0]
+
+                # a new prompt pays for the clean pass too; further units on the same prompt reuse it
+                row["prompt: ablate + 24 tokens, new prompt"] = _stats(
+                    [ablate(f"# {i}\n" + PROMPT, u) for i, u in enumerate(pick[:repeats])])
+                row["prompt: ablate + 24 tokens, next unit"] = _stats([ablate(PROMPT, u) for u in pick[:repeats]][1:] or [0.0])
                 row["prompt_tokens"] = len(store.tokenizer.encode(PROMPT))
                 if driver is not None:
                     row["browser: unit page, page load"] = _stats(

@@ -26,6 +26,7 @@ MAX_NEW_TOKENS = 64
 TOP_UNITS = 8  # units listed per token
 TOP_NEXT = 10  # next-token candidates shown before / after
 KINDS = ("ablate", "clamp", "steer")
+CLEAN_CACHE = 32  # clean passes (next-token distribution + continuation) kept per store, oldest dropped first
 
 
 class PromptError(ValueError):
@@ -143,14 +144,19 @@ def intervene(store, text: str, set_name: str, unit: int, kind: str, alpha: floa
     model.eval()
     try:
         x = torch.tensor([ids], device=next(model.parameters()).device)
-        clean_logp, clean_top = _next(store, model(x)[0][0, -1])
+        cache = store.__dict__.setdefault("_clean_passes", {})  # (prompt ids, max_new_tokens) -> clean pass
+        key = (tuple(ids), max_new_tokens)
+        if key not in cache:  # trying several units on one prompt reuses the clean pass
+            clean_logp, clean_top = _next(store, model(x)[0][0, -1])
+            seq = generate(model, x, max_new_tokens, temperature=1e-6, top_k=1)[0, len(ids):].tolist()
+            cache[key] = (clean_logp, clean_top, store.tokenizer.decode(seq))
+            while len(cache) > CLEAN_CACHE:
+                cache.pop(next(iter(cache)))
+        clean_logp, clean_top, clean_text = cache[key]
         with model.hooks(hooks):
             after_logp, after_top = _next(store, model(x)[0][0, -1])
-        out = {}
-        for name, hk in (("clean", []), ("intervened", hooks)):
-            with model.hooks(hk):
-                seq = generate(model, x, max_new_tokens, temperature=1e-6, top_k=1)[0, len(ids):].tolist()
-            out[name] = store.tokenizer.decode(seq)
+            seq = generate(model, x, max_new_tokens, temperature=1e-6, top_k=1)[0, len(ids):].tolist()
+        out = {"clean": clean_text, "intervened": store.tokenizer.decode(seq)}
     finally:
         model.train(was_training)
     kl = float((clean_logp.exp() * (clean_logp - after_logp)).sum())
