@@ -404,7 +404,7 @@ def test_coupling_and_router_heads_are_config_keys_and_flags(tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
 
 
-def test_a_run_saved_before_coupling_and_grace_existed_loads_as_it_was_trained(run, tmp_path):
+def test_a_run_saved_before_coupling_existed_loads_as_it_was_trained(run, tmp_path):
     """Settings added later take the behaviour of the code that trained the run, not today's
     defaults: an old product-key run has no coupling (today's default 'auto' would pick preact)."""
     from monoroute.train.trainer import load_run, read_run_config
@@ -412,11 +412,10 @@ def test_a_run_saved_before_coupling_and_grace_existed_loads_as_it_was_trained(r
     old = tmp_path / "old"
     shutil.copytree(run, old, ignore=shutil.ignore_patterns("analysis", "tensorboard"))
     saved = json.loads((old / "config.json").read_text())
-    for key in ("coupling", "dead_grace"):
-        saved["run"]["model"].pop(key)
+    saved["run"]["model"].pop("coupling")
     (old / "config.json").write_text(json.dumps(saved))
     cfg = read_run_config(old)
-    assert cfg.model.coupling == "none" and cfg.model.dead_grace == 0
+    assert cfg.model.coupling == "none"
     assert read_run_config(run).model.coupling == json.loads((run / "config.json").read_text())["run"]["model"]["coupling"]
     _, model = load_run(old)
     assert model.blocks[0].mlp.coupling == "none"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import math
 import sys
 import time
@@ -204,8 +205,10 @@ def read_run_config(out: str | Path) -> RunConfig:
 
 
 # Model settings introduced after runs were already being saved, with the behaviour those runs were
-# trained with (not today's defaults): an old run must load as the model it was.
-LEGACY_MODEL_DEFAULTS = {"coupling": "none", "dead_grace": 0}
+# trained with (not today's defaults): an old run must load as the model it was. `coupling` changes
+# what the model computes (today's default "auto" is preact for product keys); `dead_grace` only
+# affects training and a missing key cannot say which behaviour a run had, so it is not filled.
+LEGACY_MODEL_DEFAULTS = {"coupling": "none"}
 
 
 def load_run(out: str | Path, device: str = "cpu") -> tuple[RunConfig, GPT]:
@@ -274,6 +277,9 @@ def check_settings(cfg: RunConfig, device: torch.device, until: int | None) -> N
         raise MonorouteError("sparse_grad=true needs the row-sparse optimizer: set sparse_rows=true (or use --sparse-rows)")
     if tc.parallel not in ("ddp", "fsdp"):
         raise MonorouteError(f"unknown parallel {tc.parallel!r}; use ddp or fsdp")
+    if cfg.model.sparse_grad and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise MonorouteError("sparse_grad=true (row-sparse gradients) does not run under torchrun: DDP cannot "
+                             "all-reduce sparse gradients; pass --set sparse_grad=false --set sparse_rows=false")
     if tc.parallel == "fsdp" and tc.sparse_rows:
         raise MonorouteError("parallel=fsdp works with plain AdamW only (FSDP2 reduce-scatters dense gradients); "
                              "drop sparse_rows or use parallel=ddp")
