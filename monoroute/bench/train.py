@@ -29,7 +29,7 @@ def variant_overrides(variant: str) -> dict:
     if variant == "dense":
         return {"ffn": "dense"}
     if variant == "routed":
-        return {"ffn": "routed"}
+        return {"ffn": "routed", "sparse_rows": False, "sparse_grad": False}  # stated: CPU defaults to sparse rows
     has_sparse_grad = "sparse_grad" in {f.name for f in fields(GPTConfig)}
     return {"ffn": "routed", "sparse_rows": True, **({"sparse_grad": True} if has_sparse_grad else {})}
 
