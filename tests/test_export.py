@@ -24,6 +24,16 @@ TIGHT = dict(rtol=1e-9, atol=1e-12)  # float64 on both sides: equal up to summat
 EXTERNAL = re.compile(r"<script|<link|@import|url\(|(src|href)=[\"']?(https?:|//)", re.I)
 
 
+
+def assert_biases_matter(sae, x, expected) -> None:
+    """The comparison sees a dropped bias: with b_enc or b_dec zeroed the output moves."""
+    for name in ("b_enc", "b_dec"):
+        saved = getattr(sae, name).detach().clone()
+        getattr(sae, name).data.zero_()
+        moved = sae.decode(sae.encode(x))
+        getattr(sae, name).data.copy_(saved)
+        assert not torch.allclose(moved, expected, **TIGHT), name
+
 def error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("monoroute: error: "), err
@@ -82,12 +92,7 @@ def test_saelens_baselines_round_trip_through_sae_lens(runs, tmp_path, capsys):
         torch.testing.assert_close(sae.decode(codes), base.reconstruct(x), **TIGHT)
         assert (codes > 0).sum(-1).float().mean() > 4  # real top-k codes, not all zeros
         # the comparison sees a dropped bias: without b_enc / b_dec the numbers move
-        for name in ("b_enc", "b_dec"):
-            saved = getattr(sae, name).detach().clone()
-            getattr(sae, name).data.zero_()
-            moved = sae.decode(sae.encode(x))
-            getattr(sae, name).data.copy_(saved)
-            assert not torch.allclose(moved, base.reconstruct(x), **TIGHT), name
+        assert_biases_matter(sae, x, base.reconstruct(x))
 
     # transcoder: ln_2 output -> mlp_out, as TopKSAE with apply_b_dec_to_input off
     base = load_baseline(runs.dense / "analysis" / "transcoder").double()
@@ -108,12 +113,7 @@ def test_saelens_baselines_round_trip_through_sae_lens(runs, tmp_path, capsys):
         torch.testing.assert_close(tc.decode(codes), base.reconstruct(x), **TIGHT)
         idx, val = base.encode(x)  # float32 values by contract
         torch.testing.assert_close(codes, dense_codes(idx, val.double(), 256), rtol=0, atol=1e-6)
-        for name in ("b_enc", "b_dec"):
-            saved = getattr(tc, name).detach().clone()
-            getattr(tc, name).data.zero_()
-            moved = tc.decode(tc.encode(x))
-            getattr(tc, name).data.copy_(saved)
-            assert not torch.allclose(moved, base.reconstruct(x), **TIGHT), name
+        assert_biases_matter(tc, x, base.reconstruct(x))
 
 
 def test_saelens_dense_router_layers_are_the_layers_themselves(runs, tmp_path):
