@@ -2,6 +2,8 @@
 import json
 import math
 
+import pytest
+
 from monoroute.bench.cli import main
 from monoroute.bench.layer import OPTIMIZERS
 
@@ -67,3 +69,18 @@ def test_bench_serve_times_a_synthetic_store_and_a_real_run(analysed_runs, tmp_p
     row = result["runs"][0]
     assert row["set"] == "routed_units" and row["unit page (API)"]["n"] >= 1
     assert (tmp_path / "out" / "bench_serve.json").is_file()
+
+
+def test_grid_spread_counts_rows_and_columns_and_the_random_expectation():
+    import itertools
+
+    import torch
+
+    from monoroute.bench.agreement import grid_spread
+
+    # N = 16 (a 4 x 4 grid), k = 4: token 0 takes one whole row, token 1 the diagonal
+    idx = torch.tensor([[4, 5, 6, 7], [0, 5, 10, 15]])
+    out = grid_spread(idx, 16)
+    assert out["grid_rows"] == 2.5 and out["grid_cols"] == 4.0  # rows (1 + 4) / 2; columns 4 for both
+    rows = [len({u // 4 for u in c}) for c in itertools.combinations(range(16), 4)]
+    assert out["grid_random"] == pytest.approx(sum(rows) / len(rows))
