@@ -34,7 +34,8 @@ def grads(layer, x, fn):
     return out
 
 
-ROUTERS = [dict(router="dense"), dict(router="product_key"), dict(router="product_key", router_heads=3)]
+ROUTERS = [dict(router="dense"), dict(router="product_key"), dict(router="product_key", router_heads=3),
+           dict(router="product_key", router_balance=True)]
 
 
 @pytest.mark.parametrize("kw", ROUTERS)
@@ -48,9 +49,10 @@ def test_matches_dense_masked_reference(kw, k):
         torch.testing.assert_close(fast[name], ref[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("balance", [False, True])
 @pytest.mark.parametrize("k", [1, 5, 64])
-def test_product_key_search_finds_exact_top_k(k):
-    layer = make_layer("product_key", k=k)
+def test_product_key_search_finds_exact_top_k(k, balance):
+    layer = make_layer("product_key", k=k, router_balance=balance)
     x = torch.randn(50, 8, dtype=torch.double)
     got = layer.router(x).indices.sort(-1).values
     want = layer.router.all_scores(x).topk(k, dim=-1).indices.sort(-1).values
@@ -184,7 +186,8 @@ def test_sparse_activations_to_dense():
         (dict(n_units=64, k=4, impl="cuda-magic"), "unknown impl 'cuda-magic'"),
         (dict(n_units=64, k=4, dead_window=0), "dead_window must be a whole number of tokens >= 1, got 0"),
         (dict(n_units=64, k=4, router_heads=0), "router_heads must be a whole number >= 1, got 0"),
-        (dict(n_units=64, k=4, router="dense", router_heads=2), "router_heads and coupling='preact' need router="),
+        (dict(n_units=64, k=4, router="dense", router_heads=2), "router_heads, router_balance and coupling='preact' need router="),
+        (dict(n_units=64, k=4, router="dense", router_balance=True), "router_balance and coupling='preact' need router="),
         (dict(n_units=64, k=4, coupling="both"), "unknown coupling 'both'"),
         (dict(n_units=64, k=4, coupling="agreement", activation="gelu"), "needs router='product_key' and activation="),
         (dict(n_units=64, k=4, coupling="preact", router="dense"), "needs router='product_key' and activation="),
@@ -381,3 +384,14 @@ def test_routing_agreement_measures_live_slots_and_score_pre_correlation():
     with torch.no_grad():
         dense.b_in.fill_(-100.0)
     assert routing_agreement(dense, x)["live_slot_fraction"] == 0.0
+
+
+def test_balance_scores_standardise_each_half_per_token():
+    from monoroute.layers.routers import balance_scores
+
+    s = torch.tensor([[0.0, 1.0, 2.0, 3.0], [10.0, 10.0, 10.0, 14.0]], dtype=torch.double)
+    b = balance_scores(s)
+    torch.testing.assert_close(b.mean(-1), torch.zeros(2, dtype=torch.double))
+    torch.testing.assert_close(b.std(-1), torch.ones(2, dtype=torch.double), rtol=1e-5, atol=1e-5)
+    assert torch.equal(b[0].argsort(), s[0].argsort())  # the order within a half is unchanged
+    torch.testing.assert_close(b[1], torch.tensor([-0.5, -0.5, -0.5, 1.5], dtype=torch.double), rtol=1e-5, atol=1e-5)

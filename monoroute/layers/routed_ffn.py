@@ -86,6 +86,7 @@ class RoutedFFN(nn.Module):
         impl: str = "auto",
         sparse_grad: bool = False,
         router_heads: int = 1,
+        router_balance: bool = False,
         coupling: str = "none",
         agree_coef: float = 0.1,
     ) -> None:
@@ -120,7 +121,7 @@ class RoutedFFN(nn.Module):
         self.aux_coef, self.aux_units, self.l1_coef, self.dead_window = aux_coef, aux_units, l1_coef, dead_window
         self.coupling, self.agree_coef = coupling, agree_coef
         self.router = build_router(router, d_model, n_units, k, d_key, router_heads,
-                                   "preact" if coupling == "preact" else "score", impl)
+                                   "preact" if coupling == "preact" else "score", impl, router_balance)
         self.router_name = router
         self.w_in = nn.Parameter(torch.empty(n_units, d_model).uniform_(-1, 1) / math.sqrt(d_model))
         self.b_in = nn.Parameter(torch.zeros(n_units)) if bias else None

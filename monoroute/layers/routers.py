@@ -87,7 +87,7 @@ class ProductKeyRouter(nn.Module):
     SELECTS = ("score", "preact")
 
     def __init__(self, d_model: int, n_units: int, k: int, d_key: int | None = None, heads: int = 1,
-                 select: str = "score", impl: str = "auto") -> None:
+                 select: str = "score", impl: str = "auto", balance: bool = False) -> None:
         super().__init__()
         n_sub = math.isqrt(n_units)
         if n_sub * n_sub != n_units:
@@ -104,7 +104,7 @@ class ProductKeyRouter(nn.Module):
         if select not in self.SELECTS:
             raise MonorouteError(f"unknown select {select!r}; choose one of {', '.join(self.SELECTS)}")
         self.n_units, self.k, self.n_sub, self.d_half, self.heads = n_units, k, n_sub, d_key // 2, heads
-        self.select, self.impl = select, impl
+        self.select, self.impl, self.balance = select, impl, balance
         self.k_search = min(2 * k, n_units) if select == "preact" else k  # units each head retrieves
         # k_sub^2 >= k_search candidates always: k_search <= n_sub gives k_search^2 >= k_search, else n_sub^2 = N.
         self.k_sub = min(self.k_search, n_sub)
@@ -130,7 +130,10 @@ class ProductKeyRouter(nn.Module):
         q1, q2 = F.normalize(q[..., : self.d_half], dim=-1), F.normalize(q[..., self.d_half :], dim=-1)
         k1, k2 = F.normalize(self.keys, dim=-1).unbind(0)  # (n_sub, d_half) each
         scale = self.log_scale.exp()
-        return scale * (q1 @ k1.t()), scale * (q2 @ k2.t())
+        s1, s2 = q1 @ k1.t(), q2 @ k2.t()
+        if self.balance:  # both halves on one scale: neither's spread alone decides the k units (see balance_scores)
+            s1, s2 = balance_scores(s1), balance_scores(s2)
+        return scale * s1, scale * s2
 
     def unit_scores(self, s1: Tensor, s2: Tensor, units: Tensor) -> Tensor:
         """(T, H, n_sub) halves, (T, m) unit ids -> (T, m) scores max_h s1[h, a] + s2[h, b], with
@@ -205,13 +208,25 @@ class ProductKeyRouter(nn.Module):
         return self.unit_scores(s1, s2, units.expand(x.shape[0], -1))  # (T, U)
 
 
+def balance_scores(s: Tensor, eps: float = 1e-6) -> Tensor:
+    """(..., n_sub) one half's sub-key scores standardised per token (mean 0, std 1 over the sub-keys).
+
+    A unit's score is s1[a] + s2[b]. When one half's scores are far more spread than the other's, the
+    top k is one or two rows a combined with many columns b: trained layers pick their 32 units from
+    2-6 rows (or columns) of 128 where random units would span 28 (`monoroute bench agreement`).
+    Standardising each half gives both the same spread, so the k units come from several rows and
+    several columns. Still an exact top-k of a sum of per-half scores, so the product-key search holds."""
+    mean = s.mean(-1, keepdim=True)
+    return (s - mean) / (s.std(-1, keepdim=True) + eps)
+
+
 def build_router(name: str, d_model: int, n_units: int, k: int, d_key: int | None = None, heads: int = 1,
-                 select: str = "score", impl: str = "auto") -> nn.Module:
+                 select: str = "score", impl: str = "auto", balance: bool = False) -> nn.Module:
     if name == "dense":
-        if heads != 1 or select != "score":
-            raise MonorouteError("router_heads and coupling='preact' need router='product_key'; the dense router "
+        if heads != 1 or select != "score" or balance:
+            raise MonorouteError("router_heads, router_balance and coupling='preact' need router='product_key'; the dense router "
                                  "already scores every unit by its own pre-activation")
         return DenseRouter(n_units, k)
     if name == "product_key":
-        return ProductKeyRouter(d_model, n_units, k, d_key, heads, select, impl)
+        return ProductKeyRouter(d_model, n_units, k, d_key, heads, select, impl, balance)
     raise MonorouteError(f"unknown router {name!r}; choose one of {', '.join(ROUTERS)}")

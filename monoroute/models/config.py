@@ -38,6 +38,7 @@ class GPTConfig:
     impl: str = "auto"
     sparse_grad: bool = False  # row-sparse COO gradients for the unit tables (needs train.sparse_rows)
     router_heads: int = 1  # product-key query heads sharing the sub-keys (PEER); 1 = one query
+    router_balance: bool = False  # standardise each half's sub-key scores per token (routers.balance_scores)
     # Making the router's choice agree with ReLU firing: "none", "agreement" (loss, weight agree_coef)
     # or "preact" (keep the best-scoring firing units of the top 2k). See RoutedFFN. "auto" (the
     # default) is "preact" where it applies (product keys, ReLU; the best design of the frontier

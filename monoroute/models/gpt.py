@@ -62,7 +62,7 @@ def build_ffn(cfg: GPTConfig, kind: str) -> nn.Module:
         cfg.d_model, cfg.n_units, cfg.k, router=cfg.router, activation=cfg.activation, bias=cfg.bias,
         d_key=cfg.d_key, aux_coef=cfg.aux_coef, l1_coef=cfg.l1_coef, dead_window=cfg.dead_window,
         dead_grace=cfg.dead_grace, impl=cfg.impl,
-        sparse_grad=cfg.sparse_grad, router_heads=cfg.router_heads, coupling=cfg.coupling, agree_coef=cfg.agree_coef,
+        sparse_grad=cfg.sparse_grad, router_heads=cfg.router_heads, router_balance=cfg.router_balance, coupling=cfg.coupling, agree_coef=cfg.agree_coef,
     )
 
 
