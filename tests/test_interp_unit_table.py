@@ -69,7 +69,7 @@ def test_top_tokens_ties_and_cap():
     assert top_tokens(A, token_ids, ["a", "b", "c", "d"], top=3) == ["a · b · c"]
 
 
-def test_table_roundtrip_and_store_best_concepts_match_dashboards(tmp_path):
+def test_table_roundtrip_and_best_concepts_match_coverage(tmp_path):
     acts, labels, positions, strings = hand_case()
     cols = build_unit_table(acts, labels, positions, strings)
     df = read_unit_table(write_unit_table(cols, tmp_path / "t.parquet"))
@@ -77,21 +77,24 @@ def test_table_roundtrip_and_store_best_concepts_match_dashboards(tmp_path):
     save_labels(labels, tmp_path / "labels.safetensors")
     back = load_labels(tmp_path / "labels.safetensors", labels.names)
     assert (back.matrix == labels.matrix).all()
-    # the store's fast best-concept search agrees with the dashboards' coverage-based one
+    # the dashboards' best-concept search (one column, firing positions only) is coverage's detector:
+    # the reference is metrics.coverage on that one column
     rng = np.random.default_rng(0)
     P, N = 500, 6
     A = sp.random(P, N, density=0.2, random_state=1, format="csr", dtype=np.float32)
     L = ConceptLabels([f"c{i}" for i in range(4)], rng.random((P, 4)) < 0.3)
-    store = AnalysisStore.__new__(AnalysisStore)
-    store.set_names, store.concept_names = ["x"], L.names
-    store._acts = {"x": A.tocsc()}
-    store.__dict__["labels"] = L
-    from monoroute.interp.metrics import _labels_t
-    store.__dict__["labels_t"] = _labels_t(L.matrix)
-    import threading
-    store._lock = threading.Lock()
     for u in range(N):
-        assert store.best_concepts("x", u) == best_concepts(A, u, L)
+        assert best_concepts(A, u, L) == coverage_reference(A, u, L)
+        assert best_concepts(A.tocsc(), u, L, counts=L.matrix.sum(0)) == coverage_reference(A, u, L)
+
+
+def coverage_reference(A, unit, labels, top=5):
+    from monoroute.interp.metrics import coverage
+
+    rows = coverage(UnitActivations("unit", 0, sp.csr_matrix(A[:, [unit]])), labels)["per_concept"]
+    rows = sorted((r for r in rows if r["f1"] > 0), key=lambda r: -r["f1"])[:top]
+    return [{"concept": r["concept"], "f1": round(r["f1"], 4), "precision": round(r["precision"], 4),
+             "recall": round(r["recall"], 4), "threshold": r["threshold"]} for r in rows]
 
 
 def test_store_refuses_missing_old_and_corrupt_analyses(analysed_runs, tmp_path):

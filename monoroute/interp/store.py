@@ -162,11 +162,9 @@ class AnalysisStore:
         return self._load("label file", lambda: load_labels(self.folder / LABELS_FILE, self.concept_names))
 
     @cached_property
-    def labels_t(self) -> sp.csr_matrix:
-        """(C, P) labels as CSR, shared by every unit page's best-concept search."""
-        from monoroute.interp.metrics import _labels_t
-
-        return _labels_t(self.labels.matrix)
+    def concept_counts(self) -> np.ndarray:
+        """(C,) positions where each concept holds, shared by every unit page's best-concept search."""
+        return self.labels.matrix.sum(0)
 
     @cached_property
     def loaded_run(self):
@@ -207,7 +205,7 @@ class AnalysisStore:
             self.activations(name)
             if name in BASELINE_SETS:
                 self.baseline(name)
-        _ = self.positions, self.labels, self.labels_t, self.strings
+        _ = self.positions, self.labels, self.concept_counts, self.strings
         return self
 
     # --- per unit ----------------------------------------------------------------------------------
@@ -230,13 +228,13 @@ class AnalysisStore:
 
     def dashboard(self, set_name: str, unit: int) -> dict:
         """unit_dashboard's dict for one unit, plus logit_effect, explanation {text, f1} and the table row."""
-        from monoroute.interp.dashboards import unit_dashboard
+        from monoroute.interp.dashboards import best_concepts, unit_dashboard
         from monoroute.interp.interventions import direction_logit_effect
 
         self.check_unit(set_name, unit)
         A = self.activations(set_name)
         dash = unit_dashboard(A, unit, self.positions, self.strings, None)
-        dash["best_concepts"] = self.best_concepts(set_name, unit)
+        dash["best_concepts"] = best_concepts(A, unit, self.labels, counts=self.concept_counts)
         row = self.table(set_name).iloc[unit]
         dash["row"] = {k: _plain(v) for k, v in row.items()}
         f1 = row["explanation_f1"]
@@ -246,29 +244,6 @@ class AnalysisStore:
                                                       tokenizer=self.strings)
         dash.update(set=set_name, layer=self.layer, run=self.name)
         return dash
-
-    def best_concepts(self, set_name: str, unit: int, top: int = 5) -> list[dict]:
-        """The unit's best concepts as a detector (activation > t·max, best t), coverage's rule."""
-        from monoroute.interp.metrics import THRESHOLDS
-
-        col = self.activations(set_name)[:, unit]
-        pos, val = col.indices, col.data.astype(np.float32)
-        if not (val > 0).any():
-            return []
-        peak = val.max()
-        n_c = np.asarray(self.labels_t.sum(1)).ravel()
-        L = self.labels.matrix
-        best: dict[int, tuple] = {}
-        for t in THRESHOLDS:
-            on = pos[val > np.float32(t) * peak] if t > 0 else pos[val > 0]
-            tp = L[on].sum(0).astype(np.float64)  # (C,)
-            f1 = 2 * tp / np.maximum(len(on) + n_c, 1)
-            for c in np.flatnonzero(tp > 0):
-                if c not in best or f1[c] > best[c][0] + 1e-12:
-                    best[c] = (f1[c], tp[c] / len(on), tp[c] / n_c[c], float(t))
-        rows = sorted(best.items(), key=lambda kv: (-kv[1][0], kv[0]))[:top]
-        return [{"concept": self.concept_names[c], "f1": round(float(f), 4), "precision": round(float(p), 4),
-                 "recall": round(float(r), 4), "threshold": t} for c, (f, p, r, t) in rows]
 
     def best_unit_for(self, concept: str) -> dict[str, dict]:
         """Per unit set: the unit with the best F1 on `concept` (coverage's per-concept winner)."""
