@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -79,3 +80,22 @@ def save_safetensors_atomic(path: Path, tensors: dict, durable: bool = False) ->
     else:
         from safetensors.torch import save_file
     atomic_write(path, lambda tmp: save_file(tensors, tmp), durable)
+
+
+def json_safe(obj):
+    """A JSON-safe copy: numpy scalars and arrays to Python values, NaN / inf to None (JSON has neither)."""
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj

@@ -99,6 +99,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from monoroute.errors import MonorouteError
+from monoroute.interp.store import per_concept_rows
 
 FORMATS = ("saelens", "parquet", "csv", "neuronpedia", "html")
 MODEL_NAME = "monoroute"
@@ -240,29 +241,10 @@ def staged(out: Path):
 
 
 def _write_json(path: Path, obj) -> None:
-    from monoroute.fileio import write_json_atomic
+    from monoroute.fileio import json_safe, write_json_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, _clean(obj))
-
-
-def _clean(obj):
-    """JSON-safe copy: numpy scalars and arrays to Python, NaN/inf to null (JSON has no NaN)."""
-    import numpy as np
-
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _clean(obj.tolist())
-    if isinstance(obj, (np.bool_,)):
-        return bool(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    return obj
+    write_json_atomic(path, json_safe(obj))
 
 
 # --- saelens -------------------------------------------------------------------------------------------
@@ -532,7 +514,7 @@ def analysis_tables(run: Path, set_name: str | None) -> dict:
 
     set_rows = [dict(s, unit_set=name, layer=headline_layer) for name, s in unit_sets.items() if keep(name)]
     coverage_rows = [dict(row, unit_set=name) for name, s in unit_sets.items() if keep(name)
-                     for row in s.get("details", {}).get("coverage", {}).get("per_concept", [])]
+                     for row in per_concept_rows(s)]
     layer_rows = [dict(stats, layer=int(lname.lstrip("L")), unit_set=name)
                   for lname, sets in sorted(per_layer.items(), key=lambda kv: int(kv[0].lstrip("L")))
                   for name, stats in sets.items() if keep(name)]
@@ -589,8 +571,7 @@ def store_sets(store, set_name: str | None) -> list[str]:
 def best_unit_concepts(store, set_name: str) -> dict[int, list[str]]:
     """unit -> the concepts coverage names it the best unit for."""
     out: dict[int, list[str]] = {}
-    rows = store.report["unit_sets"][set_name].get("details", {}).get("coverage", {}).get("per_concept", [])
-    for row in rows:
+    for row in per_concept_rows(store.report["unit_sets"][set_name]):
         if row.get("best_unit") is not None:
             out.setdefault(int(row["best_unit"]), []).append(row["concept"])
     return out

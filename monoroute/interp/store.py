@@ -23,12 +23,18 @@ import numpy as np
 import scipy.sparse as sp
 
 from monoroute.errors import MonorouteError
+from monoroute.fileio import json_safe
 from monoroute.interp.types import ConceptLabels, Positions
 
 LABELS_FILE = "labels.safetensors"
 UNITS_DIR = "units"
 MIN_STORE_FORMAT = 2
 BASELINE_SETS = ("sae", "transcoder")
+
+
+def per_concept_rows(unit_set: dict) -> list[dict]:
+    """A unit set's coverage rows from report.json ({concept, best_unit, f1, ...}); [] when absent."""
+    return unit_set.get("details", {}).get("coverage", {}).get("per_concept", [])
 
 
 def save_labels(labels: ConceptLabels, path: str | Path) -> None:
@@ -236,7 +242,7 @@ class AnalysisStore:
         dash = unit_dashboard(A, unit, self.positions, self.strings, None)
         dash["best_concepts"] = best_concepts(A, unit, self.labels, counts=self.concept_counts)
         row = self.table(set_name).iloc[unit]
-        dash["row"] = {k: _plain(v) for k, v in row.items()}
+        dash["row"] = json_safe(row.to_dict())
         f1 = row["explanation_f1"]
         dash["explanation"] = {"text": row["explanation"], "f1": None if np.isnan(f1) else float(f1)} \
             if row["explanation"] else None
@@ -249,16 +255,7 @@ class AnalysisStore:
         """Per unit set: the unit with the best F1 on `concept` (coverage's per-concept winner)."""
         out = {}
         for name in self.set_names:
-            for row in self.report["unit_sets"][name].get("details", {}).get("coverage", {}).get("per_concept", []):
+            for row in per_concept_rows(self.report["unit_sets"][name]):
                 if row["concept"] == concept and row.get("best_unit") is not None:
                     out[name] = {"unit": int(row["best_unit"]), "f1": row["f1"]}
         return out
-
-
-def _plain(v):
-    """numpy scalars to JSON-able Python values (NaN to None)."""
-    if isinstance(v, (np.floating, float)):
-        return None if np.isnan(v) else float(v)
-    if isinstance(v, np.integer):
-        return int(v)
-    return v

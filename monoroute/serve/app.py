@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from monoroute.errors import MonorouteError
+from monoroute.fileio import json_safe
+from monoroute.interp.store import per_concept_rows
 
 STATIC = Path(__file__).parent / "static"
 SORTABLE = ("unit", "n_firings", "density", "max_act", "mean_act", "purity", "lift", "f1", "explanation_f1")
@@ -86,11 +88,9 @@ class UnitIndex:
 
 
 def _json(v):
-    if isinstance(v, (float, np.floating)):
-        return None if not np.isfinite(v) else round(float(v), 6)
-    if isinstance(v, np.integer):
-        return int(v)
-    return v
+    """A table cell for the API: JSON-safe, floats rounded to 6 digits (the page shows at most 5)."""
+    v = json_safe(v)
+    return round(v, 6) if isinstance(v, float) else v
 
 
 def run_summary(i: int, store) -> dict:
@@ -123,8 +123,7 @@ def overview(stores: list) -> dict:
         runs.append(dict(run_summary(i, store), layers=layers))
         freq = dict(zip(store.report["concepts"]["names"], store.report["concepts"]["frequency"]))
         for name in store.set_names:
-            cov = store.report["unit_sets"][name].get("details", {}).get("coverage", {}).get("per_concept", [])
-            for row in cov:
+            for row in per_concept_rows(store.report["unit_sets"][name]):
                 c = concepts.setdefault(row["concept"], {"concept": row["concept"], "frequency": freq.get(row["concept"]),
                                                           "cells": {}})
                 c["cells"][f"{i}/{name}"] = {"unit": row.get("best_unit"), "f1": row.get("f1")}
