@@ -99,3 +99,22 @@ def json_safe(obj):
     if isinstance(obj, (float, np.floating)):
         return float(obj) if math.isfinite(obj) else None
     return obj
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Put the finished folder `src` in place of `dst` (which may be missing) by renames on one file
+    system: the old `dst` is moved aside first and deleted only after the swap, and it is put back if
+    the swap fails, so `dst` is always either the old folder or the new one."""
+    import shutil
+
+    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+    try:
+        if dst.exists():
+            os.replace(dst, old)
+        os.replace(src, dst)
+    except BaseException:
+        if old.exists() and not dst.exists():
+            os.replace(old, dst)
+        raise
+    fsync_path(dst.parent)
+    shutil.rmtree(old, ignore_errors=True)

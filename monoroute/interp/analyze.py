@@ -13,9 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import resource
-import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -321,13 +319,9 @@ def pick_concepts(scored: dict, n: int) -> list[str]:
 
 def publish(run: Path, work: Path) -> None:
     """Swap the finished work folder in as RUN/analysis in one rename (the old one is removed after)."""
-    out = run / OUT_DIR
-    old = run / f".{OUT_DIR}.old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(work, out)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
+    from monoroute.fileio import replace_dir
+
+    replace_dir(work, run / OUT_DIR)
 
 
 def summary(report: dict) -> dict:

@@ -215,7 +215,7 @@ def staged(out: Path):
     """`with staged(out) as tmp:` yields an empty folder beside `out` (same file system, so the
     final rename is atomic). On success it replaces `out` in one rename (an old folder is moved
     aside first and deleted after); on failure it is removed and `out` is left as it was."""
-    from monoroute.fileio import fsync_path
+    from monoroute.fileio import replace_dir
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.export-{os.getpid()}.tmp"
@@ -226,18 +226,11 @@ def staged(out: Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
     try:
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
-        if old.exists() and not out.exists():
-            os.replace(old, out)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    fsync_path(out.parent)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_json(path: Path, obj) -> None:
