@@ -6,6 +6,11 @@ import torch
 from monoroute.errors import MonorouteError
 
 
+def device_kind(name: str) -> str:
+    """"cuda" or "cpu": what a --device name trains on (no check that CUDA is there; see resolve_device)."""
+    return "cuda" if name.startswith("cuda") or (name == "auto" and torch.cuda.is_available()) else "cpu"
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """"auto" (CUDA if visible, else CPU), "cpu", "cuda" or "cuda:N"; a clear error otherwise."""
     if name == "auto":

@@ -200,9 +200,10 @@ def create_app(stores: list):
     def unit(r: int, s: str, u: int):
         store = get_store(r)
         get_set(store, s)
-        n = store.activations(s).shape[1]
-        if not 0 <= u < n:
-            raise HTTPException(404, f"unit {u} out of range: {s} has units 0..{n - 1}")
+        try:
+            store.check_unit(s, u)
+        except IndexError as exc:
+            raise HTTPException(404, f"{s}: {exc}") from None
         with model_locks[r]:
             dash = store.dashboard(s, u)
         links = []  # the same concepts' best units in every other unit set that is loaded

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import math
 import sys
 import time
@@ -31,7 +30,7 @@ from tqdm import tqdm
 
 from monoroute.data import load_tokenizer, prepare_data
 from monoroute.data.tokenizers import Tokenizer
-from monoroute.devices import resolve_device
+from monoroute.devices import device_kind, resolve_device
 from monoroute.errors import MonorouteError
 from monoroute.layers import RoutedFFN
 from monoroute.models import GPT
@@ -253,8 +252,7 @@ def train(cfg: RunConfig, resume: bool = False, until: int | None = None, overwr
           show_progress: bool = True) -> dict:
     """Train (or resume) the run described by `cfg`; returns a summary of the last step."""
     tc = cfg.train
-    device_kind = "cuda" if tc.device.startswith("cuda") or (tc.device == "auto" and torch.cuda.is_available()) else "cpu"
-    info = D.init_distributed(device_kind)
+    info = D.init_distributed(device_kind(tc.device))
     try:
         return _train(cfg, info, resume, until, overwrite, show_progress)
     finally:
@@ -267,7 +265,7 @@ def check_splits(store, cfg: RunConfig) -> None:
     store.eval_batches(1, cfg.model.block_size, 1)
 
 
-def check_settings(cfg: RunConfig, device: torch.device, until: int | None) -> None:
+def check_settings(cfg: RunConfig, device: torch.device, until: int | None, world: int = 1) -> None:
     tc = cfg.train
     tc.check()
     autocast_for(device, tc.dtype)
@@ -277,7 +275,7 @@ def check_settings(cfg: RunConfig, device: torch.device, until: int | None) -> N
         raise MonorouteError("sparse_grad=true needs the row-sparse optimizer: set sparse_rows=true (or use --sparse-rows)")
     if tc.parallel not in ("ddp", "fsdp"):
         raise MonorouteError(f"unknown parallel {tc.parallel!r}; use ddp or fsdp")
-    if cfg.model.sparse_grad and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if cfg.model.sparse_grad and world > 1:
         raise MonorouteError("sparse_grad=true (row-sparse gradients) does not run under torchrun: DDP cannot "
                              "all-reduce sparse gradients; pass --set sparse_grad=false --set sparse_rows=false")
     if tc.parallel == "fsdp" and tc.sparse_rows:
@@ -289,7 +287,7 @@ def _train(cfg: RunConfig, info: D.DistInfo, resume: bool, until: int | None, ov
     tc, out = cfg.train, Path(cfg.out)
     device = resolve_device(tc.device, info.local_rank)
     # Everything that can refuse the run happens before anything is written into OUT.
-    check_settings(cfg, device, until)
+    check_settings(cfg, device, until, info.world)
     if info.is_main:
         start_mode(out, resume, overwrite)  # fail fast; decided again under the lock below
         store = prepare_data(cfg.data)  # builds the token cache once, outside OUT
