@@ -6,7 +6,7 @@ from torch import nn
 
 from monoroute.errors import MonorouteError
 from monoroute.layers import RoutedFFN
-from monoroute.train.optim import RowSparseAdamW, build_optimizer, clip_grad_norm_, touched_rows
+from monoroute.train.optim import RowSparseAdamW, build_optimizer, clip_grad_norm_, coalesced, touched_rows
 
 HP = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
@@ -220,3 +220,16 @@ def test_state_of_the_per_row_step_version_resumes_at_its_largest_step():
     ref_opt.step()
     assert resumed.state[ours]["step"].item() == 4
     assert torch.equal(ours, ref)
+
+
+def test_coalesced_remarks_sorted_rows_and_sums_repeated_ones():
+    values = torch.arange(12, dtype=torch.float64).view(3, 4)
+    sorted_rows = torch.sparse_coo_tensor(torch.tensor([[0, 2, 5]]), values, (6, 4), check_invariants=True)
+    assert not sorted_rows.is_coalesced()  # as autograd stores a gradient built coalesced
+    marked = coalesced(sorted_rows)
+    assert marked.is_coalesced() and marked._values().data_ptr() == values.data_ptr()  # no copy
+    repeated = torch.sparse_coo_tensor(torch.tensor([[5, 2, 5]]), values, (6, 4), check_invariants=True)
+    merged = coalesced(repeated)
+    assert merged.is_coalesced() and merged.indices().tolist() == [[2, 5]]
+    assert torch.equal(merged.to_dense(), repeated.to_dense())
+    assert torch.equal(merged.values()[1], values[0] + values[2])
