@@ -89,14 +89,18 @@ class RowSparseAdamW(torch.optim.Optimizer):
                         self._update_rows(self.state[p], local(p), rows, grad_rows, group)
         return loss
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for state in self.state.values():  # a checkpoint of the per-row-step version holds (N,) counts
+            if "step" in state and state["step"].dim():
+                state["step"] = state["step"].max().to(torch.float32)
+
     def _update_rows(self, state: dict, p: Tensor, rows: Tensor, g: Tensor, group: dict) -> None:
         """rows (R,) unique int64, g (R, ...) their gradient: the AdamW update of those rows."""
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        elif state["step"].dim():  # a checkpoint of the per-row-step version: its (N,) counts
-            state["step"] = state["step"].max().to(torch.float32)
         beta1, beta2 = group["betas"]
         every_row = rows.numel() == p.shape[0]  # rows are unique: then they are all of them, in order
         # Touched rows are gathered into (R, ...) copies (advanced indexing: faster than
