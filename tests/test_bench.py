@@ -31,6 +31,12 @@ def test_bench_layer_json(tmp_path, capsys):
         assert row["peak_mem_bytes"] >= 0
     assert result["dense4d"]["width"] == 64
     assert [m["width"] for m in result["dense_matched"]] == [1, 3, 6]
+    # each ratio is the one its `_at` names, from the rows printed beside it in the same run
+    at = {(r["n_units"], r["k"]): r for r in result["routed"]}
+    for r in list(at.values()) + [result["dense4d"]]:
+        assert r["fwd_bwd"] == pytest.approx(r["fwd"] + r["bwd"])
+    assert result["R_N"] == pytest.approx(at[(256, 8)]["fwd_bwd"] / at[(64, 8)]["fwd_bwd"])
+    assert result["routed_vs_dense4d"] == pytest.approx(at[(144, 8)]["fwd_bwd"] / result["dense4d"]["fwd_bwd"])
     assert (tmp_path / "bench_layer_cpu.json").is_file() and (tmp_path / "bench_layer_cpu.png").stat().st_size > 0
 
 
@@ -51,7 +57,8 @@ def test_bench_train_json(capsys):
     result = json.loads(capsys.readouterr().out)
     assert set(result["variants"]) == {"dense", "routed", "routed_sparse_rows"}
     assert all(positive_finite(v["tokens_per_s"]) and math.isfinite(v["val_loss"]) for v in result["variants"].values())
-    assert positive_finite(result["routed_vs_dense_tokens_per_s"])
+    v = result["variants"]
+    assert result["routed_vs_dense_tokens_per_s"] == pytest.approx(v["routed"]["tokens_per_s"] / v["dense"]["tokens_per_s"])
 
 
 def test_bench_serve_times_a_synthetic_store_and_a_real_run(analysed_runs, tmp_path, capsys):

@@ -38,13 +38,22 @@ def test_analyze_routed_run_writes_a_complete_analysis(runs, capsys):
     assert not (routed / ".analysis-work").exists()
     report = json.loads((out / "report.json").read_text())
     assert set(report["unit_sets"]) == {"routed_units", "random_init"}
-    assert report["n_positions"] == 4096 and report["layer"] == 1
+    assert report["n_positions"] == 4096 and report["layer"] == 1 and report["split"] == "val"
+    assert report["unit_sets"]["routed_units"]["floor"] == "random_init"
     for name, s in report["unit_sets"].items():
         for key in SETS:
             assert key in s, (name, key)
-        assert 0 <= s["coverage"] <= 1 and 0 <= s["mean_purity"] <= 1
-        assert 0 <= s["l0"] <= 8  # tiny preset: k = 8
-        assert s["live_slot_fraction"] == pytest.approx(s["l0"] / 8)
+        assert s["live_slot_fraction"] == pytest.approx(s["l0"] / 8)  # tiny preset: k = 8
+        cov = s["details"]["coverage"]
+        # the headline is the held-out mean of the per-concept rows, the in-sample one likewise
+        held = [r["f1"] for r in cov["per_concept"] if r["f1"] is not None]
+        assert len(held) == cov["n_concepts"] and s["coverage"] == pytest.approx(sum(held) / len(held))
+        assert s["coverage_in_sample"] == pytest.approx(
+            sum(r["f1_in_sample"] for r in cov["per_concept"]) / cov["n_concepts_in_sample"])
+        assert cov["n_selection"] + cov["n_heldout"] == 4096
+        # a concept's OR of up to 5 units, chosen starting from its best single unit, is never worse
+        # on the selection half than that one unit alone; held out it usually helps on average
+        assert all(len(r["units_at_m"]) <= 5 for r in cov["per_concept"])
     assert set(report["per_layer"]) == {"L0", "L1"}
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 4 and "http" not in html.split("<body>")[1].replace(
@@ -63,15 +72,38 @@ def test_analyze_dense_run_with_post_hoc_baselines(runs, capsys):
                  "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     sets = summary["unit_sets"]
-    assert set(sets) == {"dense_neurons", "random_init", "sae", "transcoder"}
+    assert set(sets) == {"dense_neurons", "random_init", "sae", "transcoder", "sae_init", "transcoder_init"}
+    assert summary["dense_cap"] is None and summary["split"] == "val"
+    report = json.loads((dense / "analysis" / "report.json").read_text())
+    # dense neurons are captured exactly: with GELU, L0 (> 0) is not cut at any cap, and the signed
+    # values are there (L0 counting every nonzero value is the full width, 64)
+    firing = report["unit_sets"]["dense_neurons"]["details"]["firing"]
+    assert firing["cap_hit_fraction"] is None and firing["l0_nonzero"] == pytest.approx(64, abs=0.5)
+    assert 0 < firing["l0"] < firing["l0_nonzero"]
+    clean = report["model"]["val_loss"]
     for kind in ("sae", "transcoder"):
-        assert sets[kind]["explained_variance"] <= 1
-        assert sets[kind]["spliced_val_loss"] > 0
+        s = report["unit_sets"][kind]
+        assert s["floor"] == f"{kind}_init" and sets[kind]["floor"] == f"{kind}_init"
         assert sets[kind]["train_tokens"] == 4096  # --baseline-tokens reaches the trainer
-        assert sets[kind]["l0"] <= 512  # tiny routed width stands in for N; k caps L0 below
+        # the spliced loss is measured on the same validation windows as the model's own val loss
+        assert s["clean_val_loss"] == pytest.approx(clean, abs=1e-6)
+        assert s["loss_recovered"] == pytest.approx((s["zero_ablation_val_loss"] - s["spliced_val_loss"])
+                                                    / (s["zero_ablation_val_loss"] - clean))
+        # capture and explained_variance encode the same 4096 positions independently: same L0
+        assert s["ev_positions"] == 4096 and s["l0"] == pytest.approx(s["ev_l0"], rel=1e-6)
+        # the floor is that architecture untrained, not the dense model's neurons at init
+        floor = report["unit_sets"][f"{kind}_init"]
+        assert floor["n_units"] == s["n_units"] and floor["coverage"] != report["unit_sets"]["random_init"]["coverage"]
+    assert main(["compare", str(runs[0]), str(dense), "--json"]) == 0
+    rows = {(r["run"], r["unit_set"]): r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert ("%s" % dense, "sae_init") not in rows  # floors are columns, not rows
+    for kind, floor in (("sae", "sae_init"), ("transcoder", "transcoder_init"), ("dense_neurons", "random_init")):
+        row = rows[(str(dense), kind)]
+        assert row["floor_set"] == floor
+        assert row["coverage_at_m_random_init"] == report["unit_sets"][floor]["coverage_at_m"]
     assert main(["compare", str(runs[0]), str(dense)]) == 0
     table = capsys.readouterr().out
-    assert "routed_units" in table and "dense_neurons" in table and "sae" in table and "purity null" in table
+    assert "routed_units" in table and "dense_neurons" in table and "coverage@5" in table and "purity null" in table
 
 
 def test_bad_inputs_give_one_line_and_leave_no_analysis(runs, tmp_path, capsys):
@@ -99,3 +131,28 @@ def test_bad_inputs_give_one_line_and_leave_no_analysis(runs, tmp_path, capsys):
     assert main(["compare", str(copy)]) == 2
     assert "monoroute analyze" in error_line(capsys)
     assert not (copy / "analysis").exists() and not (copy / ".analysis-work").exists()
+
+
+def test_analyze_data_file_reads_all_of_it_by_default(runs, tmp_path, capsys):
+    """A held-out file passed with --data is analysed whole (--split all), not 1/16 of it; --split val
+    takes what training would have held out, and the number of positions is printed."""
+    routed, _ = runs
+    copy = tmp_path / "copy"
+    shutil.copytree(routed, copy, ignore=shutil.ignore_patterns("analysis", "tensorboard"))
+    text = tmp_path / "held_out.py"
+    text.write_text("".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(3000)))  # ~90 KB, one file
+    n_bytes = len(text.read_bytes())
+    args = ["analyze", str(copy), "--data", str(text), "--tokens", "200000", "--no-progress",
+            "--interventions", "0", "--dashboards", "0"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    report = json.loads((copy / "analysis" / "report.json").read_text())
+    assert report["split"] == "all"
+    # byte tokenizer: every byte is a token, plus a 2-byte separator after each ~4 KB chunk (the
+    # file's documents), cut to whole 64-token windows
+    assert report["n_documents"] > 10
+    assert report["n_positions"] == (n_bytes + 2 * report["n_documents"]) // 64 * 64
+    assert f"analysed {report['n_positions']:,} positions" in out
+    assert main(args + ["--split", "val"]) == 0
+    val = json.loads((copy / "analysis" / "report.json").read_text())
+    assert val["split"] == "val" and 0 < val["n_positions"] < report["n_positions"] // 4

@@ -48,15 +48,32 @@ def test_routed_capture_equals_the_layer_cache(tmp_path):
     assert np.array_equal(cap.positions.token_ids, pos.token_ids)
 
 
-def test_dense_capture_keeps_top_positive(tmp_path):
+def test_dense_capture_is_exact_and_signed_by_default(tmp_path):
+    model, pos = tiny("dense"), positions(5)
+    sets = model_unit_sets(model)
+    assert all(s.dense and s.cap is None for s in sets)
+    capture(model, pos, sets, tmp_path, BLOCK, "fp", batch_windows=2, shard_windows=2, progress=False)
+    acts = Capture(tmp_path).load("dense_neurons.L1")
+    full = reference(model, pos, "blocks.1.mlp.hook_post")
+    assert (full < 0).mean() > 0.2 and (full > 0).mean() > 0.2  # GELU: both signs, nothing censored
+    # every value, negatives included, to float16's precision (the store's dtype)
+    np.testing.assert_allclose(acts.matrix.toarray(), full.astype(np.float16).astype(np.float32), rtol=0, atol=0)
+    np.testing.assert_allclose(acts.matrix.toarray(), full, rtol=1e-3, atol=1e-4)
+    assert acts.meta["cap_hit_fraction"] is None and acts.meta["dense"]
+
+
+def test_dense_capture_keeps_top_positive_and_counts_cap_hits(tmp_path):
     model, pos = tiny("dense"), positions(3)
     capture(model, pos, model_unit_sets(model, keep=5), tmp_path, BLOCK, "fp", progress=False)
-    acts = Capture(tmp_path).load("dense_neurons.L0").matrix.toarray()
+    loaded = Capture(tmp_path).load("dense_neurons.L0")
+    acts = loaded.matrix.toarray()
     full = reference(model, pos, "blocks.0.mlp.hook_post")
     for row, ref in zip(acts, full):
         top5 = np.sort(ref)[-5:]
         kept = np.sort(row[row != 0])
         np.testing.assert_allclose(kept, top5[top5 > 0], atol=1e-6)
+    hits = float(((full > 0).sum(1) > 5).mean())
+    assert 0.5 < hits and loaded.meta["cap_hit_fraction"] == pytest.approx(hits)  # 32 GELU neurons, cap 5
 
 
 class Crash(Exception):

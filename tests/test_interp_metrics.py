@@ -29,23 +29,26 @@ def random_units(rng, P, n_units, counts, first_unit=0):
 
 # --- firing statistics -----------------------------------------------------------------------------
 def test_firing_stats_exact():
-    # 4 positions, 5 units, k = 2. Unit 2 holds only an explicit stored zero: it counts as dead.
-    rows = [0, 0, 1, 1, 2, 2]
-    cols = [0, 1, 0, 2, 1, 0]
-    vals = [1.0, 2.0, 0.5, 0.0, -1.0, 1.0]
+    # 4 positions, 5 units, k = 2. Unit 2 holds only an explicit stored zero, unit 3 only a negative
+    # value: neither fires (firing is value > 0 everywhere), so both count as dead.
+    rows = [0, 0, 1, 1, 2, 2, 3]
+    cols = [0, 1, 0, 2, 1, 0, 3]
+    vals = [1.0, 2.0, 0.5, 0.0, -1.0, 1.0, -0.5]
     acts = acts_from(rows, cols, vals, (4, 5), k=2)
-    assert acts.matrix.nnz == 6  # the explicit zero is stored
+    assert acts.matrix.nnz == 7  # the explicit zero is stored
     s = M.firing_stats(acts, min_firings=3)
-    assert s["l0"] == pytest.approx(5 / 4)  # nonzero entries (the negative one counts) per position
-    assert s["live_slot_fraction"] == pytest.approx(5 / 8)
+    assert s["l0"] == pytest.approx(4 / 4)  # firing (> 0) entries per position: the negatives do not count
+    assert s["l0_nonzero"] == pytest.approx(6 / 4)  # every nonzero value, the two negatives included
+    assert s["live_slot_fraction"] == pytest.approx(4 / 8)
     assert s["dead_fraction"] == pytest.approx(3 / 5)
     assert (s["n_live"], s["n_dead"]) == (2, 3)
-    assert s["share_live_frequent"] == pytest.approx(0.5)  # unit 0 fires 3 times, unit 1 twice
+    assert s["share_live_frequent"] == pytest.approx(0.5)  # unit 0 fires 3 times, unit 1 once
+    assert s["cap_hit_fraction"] is None  # an exact capture
     h = s["density_histogram"]
     assert len(h["edges"]) == len(h["counts"]) + 1 and h["edges"][0] == -7.0 and h["edges"][-1] == 0.0
     assert h["never"] == 3 and sum(h["counts"]) == 2
-    # rates 3/4 (log10 -0.125) and 2/4 (log10 -0.301): the last and second-to-last 0.25-wide bins
-    assert h["counts"][-1] == 1 and h["counts"][-2] == 1
+    # rates 3/4 (log10 -0.125) and 1/4 (log10 -0.602): the last and the third-to-last 0.25-wide bins
+    assert h["counts"][-1] == 1 and h["counts"][-3] == 1 and h["counts"][-2] == 0
     dense = M.firing_stats(UnitActivations("dense_neurons", 0, acts.matrix, k=None))
     assert dense["live_slot_fraction"] is None and dense["share_live_frequent"] == 0.0
 
@@ -63,15 +66,16 @@ def test_coverage_exact_unit_and_threshold_sweep():
     nr, nc, nv = random_units(rng, P, 30, rng.integers(5, 60, size=30), first_unit=2)
     acts = acts_from(rows + list(nr), cols + list(nc), vals + list(nv), (P, 32))
     labels = ConceptLabels(["a", "b"], L)
-    cov = M.coverage(acts, labels)
+    cov = M.coverage(acts, labels)  # the in-sample reading: chosen and scored on all positions
     by = {r["concept"]: r for r in cov["per_concept"]}
-    assert by["a"]["best_unit"] == 0 and by["a"]["f1"] == pytest.approx(1.0) and by["a"]["threshold"] == 0.0
-    assert by["b"]["best_unit"] == 1 and by["b"]["f1"] == pytest.approx(1.0)
-    assert by["b"]["threshold"] == pytest.approx(0.1)  # 0.05 > 0.1·1.0 is false: the weak firings drop out
-    assert cov["coverage"] == pytest.approx(1.0)
+    assert by["a"]["best_unit_in_sample"] == 0 and by["a"]["f1_in_sample"] == pytest.approx(1.0)
+    assert by["a"]["threshold_in_sample"] == 0.0
+    assert by["b"]["best_unit_in_sample"] == 1 and by["b"]["f1_in_sample"] == pytest.approx(1.0)
+    assert by["b"]["threshold_in_sample"] == pytest.approx(0.1)  # 0.05 > 0.1·1.0 is false: the weak firings drop out
+    assert cov["coverage_in_sample"] == pytest.approx(1.0)
     at0 = {r["concept"]: r for r in M.coverage(acts, labels, thresholds=(0.0,))["per_concept"]}
-    assert at0["b"]["f1"] < 0.5  # at t = 0 unit 1 is on at 50 positions: F1 = 20/60
-    assert at0["b"]["best_unit"] == 1 and at0["b"]["f1"] == pytest.approx(2 * 10 / (50 + 10))
+    assert at0["b"]["f1_in_sample"] < 0.5  # at t = 0 unit 1 is on at 50 positions: F1 = 20/60
+    assert at0["b"]["best_unit_in_sample"] == 1 and at0["b"]["f1_in_sample"] == pytest.approx(2 * 10 / (50 + 10))
     pur = M.purity(acts, labels, min_firings=20, n_null=2)
     got = dict(zip(pur["per_unit_unit"], pur["per_unit_purity"]))
     assert got[0] == pytest.approx(1.0)
@@ -87,14 +91,104 @@ def test_coverage_frequency_bins():
     rows = np.arange(100)
     acts = acts_from(rows, np.zeros(100, dtype=int), np.ones(100), (P, 3))  # unit 0 fires exactly on concept 2
     cov = M.coverage(acts, ConceptLabels(["f1", "f10", "f100", "f1000", "never"], L))
-    assert cov["n_concepts"] == 4 and cov["n_concepts_no_positives"] == 1 and cov["concepts_no_positives"] == ["never"]
-    bins = {b["bin"]: b for b in cov["by_frequency"]}
+    assert cov["n_concepts_in_sample"] == 4 and cov["n_concepts_no_positives"] == 1
+    assert cov["concepts_no_positives"] == ["never"]
+    bins = {b["bin"]: b for b in cov["by_frequency_in_sample"]}
     assert [bins[b]["n_concepts"] for b in ("<0.1%", "0.1-1%", "1-10%", ">=10%")] == [1, 1, 1, 1]
     by = {r["concept"]: r for r in cov["per_concept"]}
-    assert bins["1-10%"]["mean_f1"] == pytest.approx(1.0) == by["f100"]["f1"]
+    assert bins["1-10%"]["mean_f1"] == pytest.approx(1.0) == by["f100"]["f1_in_sample"]
     assert bins["<0.1%"]["mean_f1"] == pytest.approx(2 / 101)  # unit 0 covers position 0 among its 100
     assert bins[">=10%"]["mean_f1"] == pytest.approx(2 * 100 / 1100)
-    assert cov["coverage"] == pytest.approx(np.mean([2 / 101, 2 * 10 / 110, 1.0, 200 / 1100]))
+    assert cov["coverage_in_sample"] == pytest.approx(np.mean([2 / 101, 2 * 10 / 110, 1.0, 200 / 1100]))
+    # held out: one document, so the halves are the first and last 1000 positions. Only f1000 has
+    # positives in both halves? No: all four concepts hold only in the first half, so none is scored.
+    assert cov["split"] == "positions" and cov["n_concepts"] == 0 and cov["coverage"] is None
+    assert by["f100"]["f1"] is None and by["f100"]["best_unit"] == 0
+
+
+def halves(n_docs: int, per_doc: int, seed: int = 0):
+    """doc ids for n_docs documents of per_doc positions, and the selection / held-out doc lists."""
+    doc_ids = np.repeat(np.arange(n_docs), per_doc)
+    sel, how = M.doc_split(doc_ids, 0.5, seed)
+    assert how == "documents"
+    docs_sel = sorted(set(doc_ids[sel].tolist()))
+    docs_held = sorted(set(doc_ids[~sel].tolist()))
+    return doc_ids, docs_sel, docs_held
+
+
+def test_coverage_held_out_does_not_reward_a_unit_fit_to_the_selection_half():
+    # 40 documents of 10 positions. Concept a holds at positions 0-4 of 4 documents on each side of
+    # the split (20 positions a side). Unit 0 is an honest but noisy detector (a's positions + 5
+    # others on each side); unit 1 fires exactly on a's positions of the selection half and nowhere
+    # else (a unit that "memorised" the selection half). In-sample, unit 0 wins (F1 2·40/90 vs
+    # 2·20/60); chosen on the selection half, unit 1 wins (F1 1.0 vs 2·20/45) and scores 0 held out.
+    doc_ids, ds, dh = halves(40, 10)
+    P = len(doc_ids)
+    L = np.zeros((P, 1), dtype=bool)
+    on_a = [d * 10 + i for d in ds[:4] + dh[:4] for i in range(5)]
+    L[on_a, 0] = True
+    noise = [d * 10 + 7 for d in ds[4:9] + dh[4:9]]
+    sel_a = [d * 10 + i for d in ds[:4] for i in range(5)]
+    rows = on_a + noise + sel_a
+    cols = [0] * (len(on_a) + len(noise)) + [1] * len(sel_a)
+    acts = acts_from(rows, cols, np.ones(len(rows)), (P, 2))
+    cov = M.coverage(acts, ConceptLabels(["a"], L), doc_ids)
+    row = cov["per_concept"][0]
+    assert row["best_unit_in_sample"] == 0 and row["f1_in_sample"] == pytest.approx(2 * 40 / (50 + 40))
+    assert row["best_unit"] == 1 and row["f1_selection"] == pytest.approx(1.0)
+    assert row["f1"] == 0.0 and cov["coverage"] == 0.0  # unit 1 never fires on the held-out half
+    assert cov["coverage_in_sample"] == pytest.approx(2 * 40 / 90)
+    assert (cov["n_selection"], cov["n_heldout"]) == (10 * len(ds), 10 * len(dh))
+    # without the memoriser, the honest unit is chosen and scores its F1 on the held-out half
+    honest = acts_from(on_a + noise, [0] * (len(on_a) + len(noise)), np.ones(len(on_a) + len(noise)), (P, 2))
+    cov = M.coverage(honest, ConceptLabels(["a"], L), doc_ids)
+    assert cov["per_concept"][0]["best_unit"] == 0 and cov["coverage"] == pytest.approx(2 * 20 / (25 + 20))
+
+
+def test_coverage_threshold_is_relative_to_the_selection_half_maximum():
+    # Unit 0 fires at 1.0 on concept positions and 0.3 elsewhere on the selection half, but on the
+    # held-out half its concept firings are at 10 and others at 2.5: the chosen t = 0.3, times the
+    # selection maximum 1.0, keeps every held-out firing (no maximum is recomputed there).
+    doc_ids, ds, dh = halves(40, 10, seed=3)
+    P = len(doc_ids)
+    L = np.zeros((P, 1), dtype=bool)
+    pos_s = [d * 10 for d in ds[:5]]
+    pos_h = [d * 10 for d in dh[:5]]
+    other_s = [d * 10 + 1 for d in ds[:5]]
+    other_h = [d * 10 + 1 for d in dh[:5]]
+    L[pos_s + pos_h, 0] = True
+    rows = pos_s + other_s + pos_h + other_h
+    vals = [1.0] * 5 + [0.3] * 5 + [10.0] * 5 + [2.5] * 5
+    cov = M.coverage(acts_from(rows, [0] * 20, vals, (P, 1)), ConceptLabels(["a"], L), doc_ids, seed=3)
+    row = cov["per_concept"][0]
+    assert row["f1_selection"] == pytest.approx(1.0) and row["threshold"] == pytest.approx(0.3)
+    assert row["f1"] == pytest.approx(2 * 5 / (10 + 5))  # 0.3 · 1.0 < 2.5: the other firings are on
+
+
+def test_coverage_at_m_sees_a_concept_split_over_narrow_units():
+    # Concept a holds at 3 positions of 12 documents on each side; units 0, 1, 2 each fire on one
+    # of the three (feature splitting), unit 3 fires on a's first position and on 30 unrelated ones.
+    doc_ids, ds, dh = halves(60, 10, seed=1)
+    P = len(doc_ids)
+    L = np.zeros((P, 1), dtype=bool)
+    docs = ds[:12] + dh[:12]
+    rows, cols = [], []
+    for d in docs:
+        L[d * 10: d * 10 + 3, 0] = True
+        for u in range(3):
+            rows.append(d * 10 + u)
+            cols.append(u)
+    extra = [d * 10 + 5 for d in ds[12:27] + dh[12:27]]
+    rows += [d * 10 for d in docs] + extra
+    cols += [3] * (len(docs) + len(extra))
+    acts = acts_from(rows, cols, np.ones(len(rows)), (P, 4))
+    cov = M.coverage(acts, ConceptLabels(["a"], L), doc_ids, m=5, seed=1)
+    row = cov["per_concept"][0]
+    assert row["f1"] == pytest.approx(2 * 12 / (12 + 36))  # one third of a: F1 0.5
+    assert sorted(row["units_at_m"]) == [0, 1, 2]  # unit 3 adds only false positives
+    assert row["f1_at_m"] == pytest.approx(1.0) and cov["coverage_at_m"] == pytest.approx(1.0)
+    assert M.coverage(acts, ConceptLabels(["a"], L), doc_ids, m=2, seed=1)["coverage_at_m"] == pytest.approx(2 * 24 / (24 + 36))
+    assert M.coverage(acts, ConceptLabels(["a"], L), doc_ids, m=1, seed=1)["coverage_at_m"] == pytest.approx(0.5)
 
 
 # --- purity -----------------------------------------------------------------------------------------
@@ -201,8 +295,10 @@ def test_explanation_finds_bigram_and_rejects_random_unit():
     assert by[0]["explanation"] == [[3, 7]] and by[0]["f1"] == pytest.approx(1.0)
     assert by[0]["precision"] == pytest.approx(1.0) and by[0]["recall"] == pytest.approx(1.0)
     assert by[1]["f1"] < 0.2
-    assert by[2]["skipped"] == "no firing on A" and res["n_skipped_no_firing_a"] == 1
-    assert res["n_scored"] == 2 and res["explanation_f1"] == pytest.approx((1.0 + by[1]["f1"]) / 2)
+    # unit 2 never fires on A: it is scored, with the empty explanation, as 0 (not dropped from the mean)
+    assert by[2]["note"] == "no firing on A" and by[2]["explanation"] == [] and by[2]["f1"] == 0.0
+    assert res["n_skipped_no_firing_a"] == 1
+    assert res["n_scored"] == 3 and res["explanation_f1"] == pytest.approx((1.0 + by[1]["f1"] + 0.0) / 3)
     one = M.explanation_scores(acts, tokens, doc_ids, units=[0], seed=0)["per_unit"]
     assert len(one) == 1 and one[0]["explanation"] == [[3, 7]]
 
@@ -223,7 +319,10 @@ def test_no_dense_allocation_at_two_million_units():
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert cov["n_concepts"] == 20 and 0 < cov["coverage"] <= 1 and pur["n_units_scored"] > 9000
+    assert cov["n_concepts"] == 20 and 0 < cov["coverage_in_sample"] <= 1 and pur["n_units_scored"] > 9000
+    # 2M random units, each firing at ~5 positions: the best of them fits a concept in-sample by
+    # chance, and that luck does not carry over to the held-out half
+    assert cov["coverage"] < 0.5 * cov["coverage_in_sample"]
     dense_bytes = P * N * 4  # 2.4 GB for one float32 (P, N) matrix
     assert peak < 150e6 < dense_bytes / 10
 
@@ -239,7 +338,8 @@ def test_all_metrics_keys_and_json():
     rows, cols, vals = random_units(rng, P, N, rng.integers(10, 400, size=N))
     acts = acts_from(rows, cols, vals, (P, N), k=4)
     out = M.all_metrics(acts, ConceptLabels(["tok5", "small", "rare"], L), positions, seed=0)
-    assert set(out) == set(M_HEADLINE) | {"details"}
+    assert set(out) == set(M_HEADLINE) | {"details", "cap_hit_fraction"}
+    assert out["cap_hit_fraction"] is None  # an exact capture has no cap
     assert set(out["details"]) == {"firing", "coverage", "purity", "sparse_probe", "explanation"}
     json.dumps(out)  # plain JSON types only, no numpy scalars
     assert out["l0"] == pytest.approx(acts.matrix.nnz / P) and out["live_slot_fraction"] == pytest.approx(out["l0"] / 4)
@@ -247,5 +347,6 @@ def test_all_metrics_keys_and_json():
         assert out[key] is not None, key
 
 
-M_HEADLINE = ("l0", "live_slot_fraction", "dead_fraction", "coverage", "mean_purity", "mean_purity_null",
+M_HEADLINE = ("l0", "live_slot_fraction", "dead_fraction", "coverage", "coverage_in_sample", "coverage_at_m",
+              "mean_purity", "mean_purity_null",
               "share_pure", "share_pure_null", "sparse_probe_f1", "sparse_probe_f1_top1", "explanation_f1")

@@ -92,9 +92,10 @@ def coverage_reference(A, unit, labels, top=5):
     from monoroute.interp.metrics import coverage
 
     rows = coverage(UnitActivations("unit", 0, sp.csr_matrix(A[:, [unit]])), labels)["per_concept"]
-    rows = sorted((r for r in rows if r["f1"] > 0), key=lambda r: -r["f1"])[:top]
-    return [{"concept": r["concept"], "f1": round(r["f1"], 4), "precision": round(r["precision"], 4),
-             "recall": round(r["recall"], 4), "threshold": r["threshold"]} for r in rows]
+    # a dashboard describes the unit on every analysed position: coverage's in-sample detector
+    rows = sorted((r for r in rows if r["f1_in_sample"] > 0), key=lambda r: -r["f1_in_sample"])[:top]
+    return [{"concept": r["concept"], "f1": round(r["f1_in_sample"], 4), "precision": round(r["precision_in_sample"], 4),
+             "recall": round(r["recall_in_sample"], 4), "threshold": r["threshold_in_sample"]} for r in rows]
 
 
 def test_store_refuses_missing_old_and_corrupt_analyses(analysed_runs, tmp_path):

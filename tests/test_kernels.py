@@ -167,10 +167,32 @@ def test_cpu_functions_pass_gradcheck():
         assert torch.autograd.gradcheck(fn, (x, w, b, gate, w_out))
 
 
-def test_benchmark_unit_compute_runs_every_impl():
+def test_benchmark_unit_compute_reports_the_median_after_warmup(monkeypatch):
+    """On a fake clock where the warm-up call takes 100 s and the timed ones 3, 1, 2 s (forward) and
+    6, 4, 5 s (forward + backward), the benchmark reports the medians 2 and 5: the warm-up is dropped
+    and every impl runs the real unit_ffn (the calls are counted)."""
+    real = compute.unit_ffn
     for impl in (IMPL, "reference"):
-        result = compute.benchmark_unit_compute(impl, n_tokens=8, n_units=16, d=8, k=2, repeats=1, sparse_grad=True)
-        assert result["forward_backward_s"] > 0 and result["forward_s"] > 0
+        calls = []
+        durations = iter([100.0, 3.0, 1.0, 2.0, 100.0, 6.0, 4.0, 5.0])
+        clock = {"t": 0.0, "start": True}
+
+        def fake_clock():
+            if not clock["start"]:
+                clock["t"] += next(durations)
+            clock["start"] = not clock["start"]
+            return clock["t"]
+
+        def counted(*args, **kwargs):
+            calls.append(args[7])  # the impl it was asked for
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(compute.time, "perf_counter", fake_clock)
+        monkeypatch.setattr(compute, "unit_ffn", counted)
+        result = compute.benchmark_unit_compute(impl, n_tokens=8, n_units=16, d=8, k=2, repeats=3, sparse_grad=True)
+        monkeypatch.undo()
+        assert result == {"forward_s": 2.0, "forward_backward_s": 5.0}
+        assert calls == [impl] * 8  # (3 + 1 warm-up) forward, (3 + 1) forward + backward
 
 
 def test_auto_picks_cpu_on_cpu_and_reference_stays_available():

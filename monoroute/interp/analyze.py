@@ -24,25 +24,29 @@ import torch
 
 from monoroute.errors import MonorouteError
 from monoroute.interp.capture import Capture, UnitSet, capture, model_unit_sets
-from monoroute.interp.stream import Stream, build_stream, doc_token_rows
+from monoroute.interp.stream import SPLITS, Stream, build_stream, doc_token_rows
+from monoroute.interp.types import floor_of, is_floor
 
 WORK_DIR = ".analysis-work"
 OUT_DIR = "analysis"
 STORE_FORMAT = 2  # 2: + labels.safetensors and units/<set>.parquet, what `monoroute serve` reads
-HEADLINE = ("l0", "live_slot_fraction", "dead_fraction", "coverage", "mean_purity", "mean_purity_null",
+HEADLINE = ("l0", "live_slot_fraction", "dead_fraction", "cap_hit_fraction", "coverage", "coverage_in_sample",
+            "coverage_at_m", "mean_purity", "mean_purity_null",
             "share_pure", "share_pure_null", "sparse_probe_f1", "sparse_probe_f1_top1", "explanation_f1")
 
 
 @dataclass
 class AnalyzeOptions:
-    data: str | None = None  # corpus spec; None: the run's own validation split
+    data: str | None = None  # corpus spec; None: the run's own corpus
+    split: str | None = None  # "train" | "val" | "all"; None: "all" for --data, "val" for the run's own corpus
     tokens: int = 200_000
     layer: int | None = None  # the layer scored in full (and where baselines train); None: n_layer // 2
     all_layers: bool = False  # score every FFN layer in full (firing statistics are always per layer)
     sae: bool = False
     transcoder: bool = False
     concepts: str | None = None  # YAML/TOML file of extra regex concepts
-    keep: int = 128  # dense activations stored per position (top by value)
+    keep: int | None = None  # cap dense sets at the top `keep` positive entries per position; None: exact
+    dense_exact_max_entries: int = 250_000_000  # beyond positions × d_ff this many, dense sets are capped at 128
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
@@ -78,8 +82,10 @@ def check_options(run: Path, opts: AnalyzeOptions) -> None:
         raise MonorouteError(f"run directory {run} does not exist; pass a folder written by `monoroute train`")
     if opts.tokens <= 0:
         raise MonorouteError(f"--tokens must be positive, got {opts.tokens}; e.g. --tokens 200000")
-    if opts.keep <= 0:
-        raise MonorouteError(f"--keep must be positive, got {opts.keep}; e.g. --keep 128")
+    if opts.keep is not None and opts.keep <= 0:
+        raise MonorouteError(f"--keep must be positive, got {opts.keep}; e.g. --keep 128 (or leave it out: exact)")
+    if opts.split is not None and opts.split not in SPLITS:
+        raise MonorouteError(f"--split {opts.split!r} is not one of {', '.join(SPLITS)}")
     if opts.baseline_tokens is not None and opts.baseline_tokens <= 0:
         raise MonorouteError(f"--baseline-tokens must be positive, got {opts.baseline_tokens}")
     if opts.interventions < 0 or opts.dashboards < 0:
@@ -111,9 +117,11 @@ def analyze(run_dir: str | Path, opts: AnalyzeOptions | None = None) -> dict:
                              f"routed; run them on the dense run (or pick a dense --layer)")
     labeller = L.labeller_for(opts.data or cfg.data.source, opts.concepts)  # a bad concept file fails here
     source = opts.data or cfg.data.source
+    split = opts.split or ("val" if opts.data is None else "all")
     stream = build_stream(tokenizer, source, opts.tokens, cfg.model.block_size,
                           cfg.data.val_fraction if opts.data is None else max(cfg.data.val_fraction, 0.05),
-                          cfg.data.text_column, cfg.data.max_bytes if opts.data is None else None)
+                          cfg.data.text_column, cfg.data.max_bytes if opts.data is None else None, split)
+    keep = dense_cap(opts, cfg, len(stream.positions))
     timings: dict[str, float] = {}
 
     def lap(name: str, t0: float) -> None:
@@ -121,7 +129,7 @@ def analyze(run_dir: str | Path, opts: AnalyzeOptions | None = None) -> dict:
 
     work = run / WORK_DIR
     work.mkdir(exist_ok=True)
-    settings = json.dumps({"data": source, "tokens": opts.tokens, "keep": opts.keep, "seed": opts.seed,
+    settings = json.dumps({"data": source, "split": split, "tokens": opts.tokens, "keep": keep, "seed": opts.seed,
                            "layer": layer, "all_layers": opts.all_layers}, sort_keys=True)
     fingerprint = hashlib.sha256((weights_fingerprint(model) + settings).encode()).hexdigest()[:16]
     block = cfg.model.block_size
@@ -129,13 +137,13 @@ def analyze(run_dir: str | Path, opts: AnalyzeOptions | None = None) -> dict:
 
     # --- capture: trained model, random-init floor ------------------------------------------
     t0 = time.perf_counter()
-    trained_sets = model_unit_sets(model, keep=opts.keep)
+    trained_sets = model_unit_sets(model, keep=keep)
     capture(model, stream.positions, trained_sets, work / "capture", block, fingerprint,
             progress=opts.progress, device=device, desc="capture trained")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)  # the run's own initialisation, before any step
         random_model = GPT(cfg.model).to(device).eval()
-    random_sets = model_unit_sets(random_model, prefix="random_init", keep=opts.keep)
+    random_sets = model_unit_sets(random_model, prefix="random_init", keep=keep)
     capture(random_model, stream.positions, random_sets, work / "capture-random", block, fingerprint,
             progress=opts.progress, device=device, desc="capture random init")
     lap("capture", t0)
@@ -179,6 +187,12 @@ def analyze(run_dir: str | Path, opts: AnalyzeOptions | None = None) -> dict:
             baseline_sets.append(UnitSet(f"{kind}.L{layer}", kind, layer, n_latents, k_latents, base.hook,
                                          base.extractor()))
             lap(f"train_{kind}", t0)
+            # its matched floor: the same architecture, width and seed, untrained, on the same positions
+            init = (B.init_sae(model, store, layer, n_latents, k_latents, seed=opts.seed, device=str(device))
+                    if kind == "sae" else B.init_transcoder(model, layer, n_latents, k_latents, opts.seed, str(device)))
+            init_name = floor_of(kind)
+            baseline_sets.append(UnitSet(f"{init_name}.L{layer}", init_name, layer, n_latents, k_latents, init.hook,
+                                         init.extractor()))
         t0 = time.perf_counter()
         capture(model, stream.positions, baseline_sets, work / "capture-baselines", block, fingerprint,
                 progress=opts.progress, device=device, desc="capture baselines")
@@ -217,6 +231,9 @@ def analyze(run_dir: str | Path, opts: AnalyzeOptions | None = None) -> dict:
                 del acts
     for kind, info in baselines_info.items():
         unit_sets[kind].update(info)
+    for name, scored in unit_sets.items():
+        if not is_floor(name):
+            scored["floor"] = floor_of(name)
     lap("metrics", t0)
 
     # --- the browser's store: concept labels and one row per unit of each headline unit set ---------
@@ -228,7 +245,7 @@ def analyze(run_dir: str | Path, opts: AnalyzeOptions | None = None) -> dict:
     strings = vocab_strings(tokenizer, cfg.model.vocab_size)
     save_labels(labels, work / "labels.safetensors")
     for set_name, acts in loaded.items():
-        if set_name != "random_init":
+        if not is_floor(set_name):
             write_unit_table(build_unit_table(acts, labels, stream.positions, strings, seed=opts.seed),
                              work / "units" / f"{set_name}.parquet")
     lap("unit_tables", t0)
@@ -272,7 +289,8 @@ def analyze(run_dir: str | Path, opts: AnalyzeOptions | None = None) -> dict:
     lap("interventions", t0)
 
     report = {
-        "store_format": STORE_FORMAT, "run": str(run), "data": source, "n_positions": len(stream.positions), "n_documents": len(stream.docs),
+        "store_format": STORE_FORMAT, "run": str(run), "data": source, "split": split,
+        "n_positions": len(stream.positions), "n_documents": len(stream.docs), "dense_cap": keep,
         "layer": layer, "scored_layers": score_layers, "config": cfg.to_dict(), "model": model_info,
         "concepts": {"names": labels.names, "frequency": [round(float(f), 6) for f in labels.frequency()]},
         "unit_sets": unit_sets, "per_layer": per_layer, "interventions": interventions,
@@ -285,6 +303,15 @@ def analyze(run_dir: str | Path, opts: AnalyzeOptions | None = None) -> dict:
     write_outputs(report, work)
     publish(run, work)
     return report
+
+
+def dense_cap(opts: AnalyzeOptions, cfg, n_positions: int) -> int | None:
+    """The per-position cap for dense sets: the user's --keep, else None (exact) unless positions × d_ff
+    exceeds opts.dense_exact_max_entries, where 128 is kept (its cap hits are then reported)."""
+    if opts.keep is not None:
+        return opts.keep
+    dense = "dense" in cfg.model.ffn_kinds() or opts.sae or opts.transcoder
+    return 128 if dense and n_positions * cfg.model.ffn_width > opts.dense_exact_max_entries else None
 
 
 def opts_n_latents(cfg) -> int:
@@ -313,7 +340,7 @@ def pick_concepts(scored: dict, n: int) -> list[str]:
     (0.2 %–25 % of tokens), so dashboards and interventions are about something a reader can check."""
     rows = scored["details"]["coverage"]["per_concept"]
     ok = [r for r in rows if 0.002 <= r["frequency"] <= 0.25 and r.get("best_unit") is not None]
-    ok.sort(key=lambda r: -r["f1"])
+    ok.sort(key=lambda r: -(r["f1"] or 0.0))
     return [r["concept"] for r in ok[:n]]
 
 
@@ -327,9 +354,10 @@ def publish(run: Path, work: Path) -> None:
 def summary(report: dict) -> dict:
     """The compact JSON `--json` prints: per unit set the headline numbers, plus the model's."""
     keep = HEADLINE + ("explained_variance", "spliced_val_loss", "clean_val_loss", "zero_ablation_val_loss",
-                       "loss_recovered", "n_units", "k", "train_tokens")
+                       "loss_recovered", "n_units", "k", "train_tokens", "floor")
     return {
         "run": report["run"], "layer": report["layer"], "n_positions": report["n_positions"],
+        "split": report.get("split"), "dense_cap": report.get("dense_cap"),
         "model": report["model"],
         "unit_sets": {name: {k: v for k, v in s.items() if k in keep} for name, s in report["unit_sets"].items()},
         "seconds": report["seconds"], "peak_rss_mb": report["peak_rss_mb"],

@@ -345,6 +345,49 @@ class SAEBaseline(Baseline):
         return folder
 
 
+def _start_sae(model, store, layer: int, n_latents: int, k: int, batch: int, seed: int, dev):
+    """What `train_sae` starts from: the sae-lens TopK SAE at its seeded initialisation with b_dec at the
+    (scaled) mean input, the input scale, the first NORM_BATCHES input batches and the rest of the stream."""
+    from monoroute.toy.sae_baselines import _offline_sae_lens
+
+    check_dense_layer(model, layer, "SAE")
+    d_in = model.blocks[layer].mlp.down.in_features
+    sae_lens, _, _ = _offline_sae_lens()
+    from sae_lens.saes.sae import SAEMetadata
+
+    probe = SAEBaseline(layer, d_in, n_latents, k)  # only for its hook names
+    data = train_batches(model, store, probe, batch, seed, dev)
+    with torch.no_grad():  # scale and mean from the first batches (which are then trained on too)
+        first = torch.cat([next(data)[0] for _ in range(NORM_BATCHES)]).float()
+        scale = d_in**0.5 / first.norm(dim=-1).mean().clamp(min=1e-12).item()
+        mean = first.mean(0) * scale
+    sae_cfg = sae_lens.TopKTrainingSAEConfig(
+        k=k, d_in=d_in, d_sae=n_latents, device=str(dev),
+        metadata=SAEMetadata(model_name="monoroute", hook_name=probe.input_hook, context_size=model.cfg.block_size),
+    )
+    with torch.random.fork_rng(devices=[]):  # sae-lens initialises from the global RNG
+        torch.manual_seed(seed)
+        sae = sae_lens.TopKTrainingSAE(sae_cfg)
+    with torch.no_grad():
+        sae.b_dec.copy_(mean.to(sae.b_dec))
+    return sae, scale, first, data
+
+
+def init_sae(model, store, layer: int, n_latents: int, k: int, batch_tokens: int = BATCH_TOKENS, seed: int = 0,
+             device: str = "cpu") -> SAEBaseline:
+    """The SAE `train_sae` would train, at its initialisation (same seed, same input scale folded into
+    the weights, so it reads raw activations): the matched random-init floor of the trained SAE."""
+    from monoroute.devices import resolve_device
+
+    batch, _ = check_budget(batch_tokens, batch_tokens, model.cfg.block_size)
+    sae, scale, _, _ = _start_sae(model, store, layer, n_latents, k, batch, seed, resolve_device(device))
+    sae.fold_activation_norm_scaling_factor(scale)
+    base = SAEBaseline.from_sae_lens(sae, layer).eval()
+    object.__setattr__(base, "sae", None)  # nothing of sae-lens's to save: it was never trained
+    base.train_info = {"tokens": 0, "steps": 0, "seed": seed, "input_scale": scale, "init_only": True}
+    return base
+
+
 def train_sae(model, store, layer: int, n_latents: int, k: int, tokens: int = SAE_TOKENS,
               batch_tokens: int = BATCH_TOKENS, lr: float = SAE_LR, seed: int = 0, device: str = "cpu",
               progress: bool = True) -> SAEBaseline:
@@ -359,34 +402,16 @@ def train_sae(model, store, layer: int, n_latents: int, k: int, tokens: int = SA
     from monoroute.devices import resolve_device
     from monoroute.toy.sae_baselines import _offline_sae_lens
 
-    check_dense_layer(model, layer, "SAE")
-    d_in = model.blocks[layer].mlp.down.in_features
     batch, steps = check_budget(tokens, batch_tokens, model.cfg.block_size)
     dev = resolve_device(device)
     start = time.perf_counter()
     sae_lens, LoggingConfig, SAETrainerConfig = _offline_sae_lens()
-    from sae_lens.saes.sae import SAEMetadata
-
-    probe = SAEBaseline(layer, d_in, n_latents, k)  # only for its hook names
-    data = train_batches(model, store, probe, batch, seed, dev)
-    with torch.no_grad():  # scale and mean from the first batches (which are then trained on too)
-        first = torch.cat([next(data)[0] for _ in range(NORM_BATCHES)]).float()
-        scale = d_in**0.5 / first.norm(dim=-1).mean().clamp(min=1e-12).item()
-        mean = first.mean(0) * scale
-    sae_cfg = sae_lens.TopKTrainingSAEConfig(
-        k=k, d_in=d_in, d_sae=n_latents, device=str(dev),
-        metadata=SAEMetadata(model_name="monoroute", hook_name=probe.input_hook, context_size=model.cfg.block_size),
-    )
+    sae, scale, first, data = _start_sae(model, store, layer, n_latents, k, batch, seed, dev)
     trainer_cfg = SAETrainerConfig(
         total_training_samples=steps * batch, train_batch_size_samples=batch, lr=lr, lr_end=lr,
         lr_decay_steps=int(steps * DECAY_FRACTION), device=str(dev),
         dead_feature_window=max(1, DEAD_TOKENS // batch), logger=LoggingConfig(log_to_wandb=False),
     )
-    with torch.random.fork_rng(devices=[]):  # sae-lens initialises from the global RNG
-        torch.manual_seed(seed)
-        sae = sae_lens.TopKTrainingSAE(sae_cfg)
-    with torch.no_grad():
-        sae.b_dec.copy_(mean.to(sae.b_dec))
 
     def inputs() -> Iterator[Tensor]:
         for chunk in first.split(batch):
@@ -473,6 +498,20 @@ class TranscoderBaseline(Baseline):
         return base
 
 
+def init_transcoder(model, layer: int, n_units: int, k: int, seed: int = 0, device: str = "cpu") -> TranscoderBaseline:
+    """The transcoder `train_transcoder` would train, at its initialisation (same seed): the matched
+    random-init floor of the trained transcoder. Its latents (what metrics read) do not depend on the
+    output scale the trainer folds in at the end, so none is folded here."""
+    from monoroute.devices import resolve_device
+
+    check_dense_layer(model, layer, "transcoder")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        base = TranscoderBaseline.for_model(model, layer, n_units, k).to(resolve_device(device))
+    base.train_info = {"tokens": 0, "steps": 0, "seed": seed, "init_only": True}
+    return base.eval()
+
+
 def train_transcoder(model, store, layer: int, n_units: int, k: int, tokens: int = TRANSCODER_TOKENS,
                      batch_tokens: int = BATCH_TOKENS, lr: float = TRANSCODER_LR, seed: int = 0,
                      device: str = "cpu", progress: bool = True) -> TranscoderBaseline:
@@ -489,13 +528,10 @@ def train_transcoder(model, store, layer: int, n_units: int, k: int, tokens: int
 
     from monoroute.devices import resolve_device
 
-    check_dense_layer(model, layer, "transcoder")
     batch, steps = check_budget(tokens, batch_tokens, model.cfg.block_size)
     dev = resolve_device(device)
     start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        base = TranscoderBaseline.for_model(model, layer, n_units, k).to(dev)
+    base = init_transcoder(model, layer, n_units, k, seed, str(dev))
     data = train_batches(model, store, base, batch, seed, dev)
     with torch.no_grad():
         warm = [next(data) for _ in range(NORM_BATCHES)]

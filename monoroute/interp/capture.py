@@ -4,14 +4,21 @@ A model runs over the analysed token stream in non-overlapping windows of its co
 every *unit set* (a routed layer's units, a dense layer's neurons, an SAE's latents, ...) the
 entries worth keeping are appended as COO triples (position, unit, value):
 
-- routed units: the k selected slots that fired (value != 0), exactly as the layer computed them;
-- anything dense (neurons, SAE / transcoder latents): the positive entries, at most `keep` per
-  position (the largest), since a GELU neuron is almost never exactly zero.
+- routed units and SAE / transcoder latents: the selected slots with a nonzero value, exactly as
+  the layer computed them (at most k per position);
+- dense neurons: every signed value, exactly, as a dense float16 (positions, d_ff) block per shard
+  (d_ff 512 × 200k positions is 205 MB), since a GELU neuron is almost never exactly zero and the
+  probes read negative values too. Only where a caller asks for a cap (`keep`, for very wide dense
+  sets) are the `keep` largest positive entries per position kept instead; the share of positions
+  that had more positive entries than the cap is then recorded (`cap_hit_fraction`), because L0,
+  coverage and the dead fraction of a capped set are censored.
 
 Layout of a capture folder:
     index.json           settings, unit sets, one entry per complete shard (files, sha256, nnz)
     positions.safetensors  token_ids, doc_ids, window_pos: (P,) each, written before any shard
-    shard-00000.safetensors  "<set>.pos" int64, "<set>.unit" int32, "<set>.value" float32 per set
+    shard-00000.safetensors  per sparse set "<set>.pos" int64, "<set>.unit" int32, "<set>.value"
+                           float32; per dense set "<set>.dense" float16 (positions, N) (float32 where
+                           a value is beyond float16's range)
 
 Memory does not grow with the corpus: one shard (`shard_windows` windows) is held at a time.
 index.json is rewritten atomically after each shard, so a capture killed at any point resumes at
@@ -37,10 +44,13 @@ from monoroute.interp.types import Positions, UnitActivations
 
 INDEX = "index.json"
 POSITIONS = "positions.safetensors"
-FORMAT = 1
+FORMAT = 2  # 2: dense sets stored exactly; cap hits per shard
+FLOAT16_MAX = 65504.0
 
-# An extractor turns the forward pass's cache into (indices, values), both (T, k'), for one unit set.
-Extractor = Callable[[dict], tuple[Tensor, Tensor]]
+# An extractor turns the forward pass's cache into (indices, values), both (T, k'), for one unit set;
+# for a dense set (UnitSet.dense) into (None, values (T, N)); a capped extractor adds a third item, the
+# number of positions whose positive entries exceeded the cap.
+Extractor = Callable[[dict], tuple]
 
 
 @dataclass
@@ -52,17 +62,24 @@ class UnitSet:
     k: int | None  # routing / TopK cap (None: dense neurons)
     hook: str  # the hook point whose activation the extractor reads
     extract: Extractor
+    dense: bool = False  # stored exactly as a (positions, N) block instead of COO triples
+    cap: int | None = None  # capped dense set: the `cap` largest positive entries per position are kept
 
 
-def topk_positive(dense: Tensor, keep: int) -> tuple[Tensor, Tensor]:
+def topk_positive(dense: Tensor, keep: int) -> tuple[Tensor, Tensor, int]:
     """(T, N) dense activations -> the `keep` largest per row as (indices, values), zeros for the
-    non-positive ones (so they are not stored)."""
+    non-positive ones (so they are not stored), and how many rows had more than `keep` positive
+    entries (the positions the cap censored)."""
+    hits = int(((dense > 0).sum(-1) > keep).sum())
     keep = min(keep, dense.shape[-1])
     values, indices = dense.topk(keep, dim=-1)
-    return indices, values.clamp(min=0)
+    return indices, values.clamp(min=0), hits
 
 
-def dense_extractor(hook: str, keep: int) -> Extractor:
+def dense_extractor(hook: str, keep: int | None = None) -> Extractor:
+    """Every value of a dense hook (keep None: `capture` stores the (T, N) block), or the capped top-`keep`."""
+    if keep is None:
+        return lambda cache: (None, cache[hook].flatten(0, -2).float())
     return lambda cache: topk_positive(cache[hook].flatten(0, -2).float(), keep)
 
 
@@ -75,8 +92,10 @@ def sparse_extractor(hook: str) -> Extractor:
     return extract
 
 
-def model_unit_sets(model, prefix: str | None = None, layers: list[int] | None = None, keep: int = 128) -> list[UnitSet]:
-    """One unit set per FFN layer of a GPT: routed layers' units, dense layers' neurons.
+def model_unit_sets(model, prefix: str | None = None, layers: list[int] | None = None,
+                    keep: int | None = None) -> list[UnitSet]:
+    """One unit set per FFN layer of a GPT: routed layers' units, dense layers' neurons (exact when
+    `keep` is None, else capped at the `keep` largest positive entries per position).
     `prefix` replaces the set name (e.g. "random_init" for the untrained copy)."""
     from monoroute.layers import RoutedFFN
 
@@ -89,8 +108,10 @@ def model_unit_sets(model, prefix: str | None = None, layers: list[int] | None =
             name, n, k, extract = "routed_units", block.mlp.n_units, block.mlp.k, sparse_extractor(hook)
         else:
             name, n, k, extract = "dense_neurons", block.mlp.down.in_features, None, dense_extractor(hook, keep)
+        dense = name == "dense_neurons" and keep is None
+        cap = keep if name == "dense_neurons" else None
         key = f"{prefix or name}.L{i}"
-        sets.append(UnitSet(key, prefix or name, i, n, k, hook, extract))
+        sets.append(UnitSet(key, prefix or name, i, n, k, hook, extract, dense=dense, cap=cap))
     return sets
 
 
@@ -119,8 +140,8 @@ def capture(
     settings = {
         "format": FORMAT, "fingerprint": fingerprint, "n_positions": P, "block_size": block_size,
         "shard_windows": shard_windows,
-        "unit_sets": {s.key: {"name": s.name, "layer": s.layer, "n_units": s.n_units, "k": s.k, "hook": s.hook}
-                      for s in unit_sets},
+        "unit_sets": {s.key: {"name": s.name, "layer": s.layer, "n_units": s.n_units, "k": s.k, "hook": s.hook,
+                              "dense": s.dense, "cap": s.cap} for s in unit_sets},
     }
     index = read_index(folder)
     if index is None or {k: index.get(k) for k in settings} != settings:
@@ -144,27 +165,41 @@ def capture(
         for shard_start in range(first_window, n_windows, shard_windows):
             shard_end = min(shard_start + shard_windows, n_windows)
             parts: dict[str, list] = {s.key: [] for s in unit_sets}
+            hits = {s.key: 0 for s in unit_sets if s.cap is not None}
             for start in range(shard_start, shard_end, batch_windows):
                 stop = min(start + batch_windows, shard_end)
                 with torch.no_grad():
                     _, cache = model.run_with_cache(ids[start:stop].to(device), names_filter=hooks)
                 base = start * block_size
                 for s in unit_sets:
-                    idx, val = s.extract(cache)  # (T, k') each
+                    out = s.extract(cache)
+                    idx, val = out[0], out[1]  # (T, k') each; dense: None, (T, N)
+                    if s.key in hits:
+                        hits[s.key] += int(out[2])
+                    if s.dense:
+                        parts[s.key].append(val.cpu().numpy())
+                        continue
                     keep = val != 0
                     rows = torch.arange(idx.shape[0]).unsqueeze(1).expand_as(idx)[keep.cpu()]
                     parts[s.key].append((rows.numpy() + base, idx[keep].cpu().numpy(), val[keep].cpu().numpy()))
                 bar.update(stop - start)
             name = f"shard-{shard_start // shard_windows:05d}.safetensors"
             tensors, nnz = {}, {}
-            for key, chunks in parts.items():
+            for s in unit_sets:
+                chunks, key = parts[s.key], s.key
+                if s.dense:
+                    block = np.concatenate(chunks).astype(np.float32)
+                    small = not len(block) or float(np.abs(block).max()) <= FLOAT16_MAX
+                    tensors[f"{key}.dense"] = block.astype(np.float16) if small else block
+                    nnz[key] = int(np.count_nonzero(tensors[f"{key}.dense"]))
+                    continue
                 tensors[f"{key}.pos"] = np.concatenate([c[0] for c in chunks]).astype(np.int64)
                 tensors[f"{key}.unit"] = np.concatenate([c[1] for c in chunks]).astype(np.int32)
                 tensors[f"{key}.value"] = np.concatenate([c[2] for c in chunks]).astype(np.float32)
                 nnz[key] = int(len(tensors[f"{key}.pos"]))
             save_safetensors_atomic(folder / name, tensors)
             index["shards"].append({"file": name, "first_window": shard_start, "n_windows": shard_end - shard_start,
-                                    "sha256": sha256(folder / name), "nnz": nnz})
+                                    "sha256": sha256(folder / name), "nnz": nnz, "cap_hits": hits})
             write_json_atomic(folder / INDEX, index)
     finally:
         bar.close()
@@ -211,17 +246,27 @@ class Capture:
         return list(self.index["unit_sets"])
 
     def load(self, key: str) -> UnitActivations:
-        """One unit set as a (P, N) CSR matrix, assembled shard by shard from its COO triples."""
+        """One unit set as a (P, N) CSR matrix of its nonzero entries, assembled shard by shard (from
+        COO triples, or from a dense set's blocks). `meta["cap_hit_fraction"]`: for a capped dense
+        set, the share of positions that had more positive entries than the cap (None otherwise)."""
         info = self.index["unit_sets"][key]
-        rows, cols, vals = [], [], []
-        for shard in self.index["shards"]:
-            t = load_file(str(self.folder / shard["file"]))
-            rows.append(t[f"{key}.pos"])
-            cols.append(t[f"{key}.unit"])
-            vals.append(t[f"{key}.value"])
         P, N = self.index["n_positions"], info["n_units"]
-        matrix = sp.csr_matrix(
-            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(P, N), dtype=np.float32
-        )
-        matrix.sum_duplicates()  # a steering hook can list a unit twice on one position
-        return UnitActivations(info["name"], info["layer"], matrix, info["k"], meta={"key": key})
+        if info.get("dense"):
+            blocks = [sp.csr_matrix(load_file(str(self.folder / shard["file"]))[f"{key}.dense"].astype(np.float32))
+                      for shard in self.index["shards"]]
+            matrix = sp.vstack(blocks, format="csr", dtype=np.float32) if blocks else sp.csr_matrix((P, N), dtype=np.float32)
+        else:
+            rows, cols, vals = [], [], []
+            for shard in self.index["shards"]:
+                t = load_file(str(self.folder / shard["file"]))
+                rows.append(t[f"{key}.pos"])
+                cols.append(t[f"{key}.unit"])
+                vals.append(t[f"{key}.value"])
+            matrix = sp.csr_matrix(
+                (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(P, N), dtype=np.float32
+            )
+            matrix.sum_duplicates()  # a steering hook can list a unit twice on one position
+        cap = info.get("cap")
+        hit = sum(shard.get("cap_hits", {}).get(key, 0) for shard in self.index["shards"]) / max(P, 1) if cap else None
+        return UnitActivations(info["name"], info["layer"], matrix, info["k"],
+                               meta={"key": key, "dense": bool(info.get("dense")), "cap": cap, "cap_hit_fraction": hit})

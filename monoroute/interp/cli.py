@@ -9,25 +9,28 @@ from monoroute.errors import MonorouteError
 # (column header, where in report.json: ("model", key) or (unit-set-key, metric))
 COMPARE_MODEL = [("val loss", "val_loss"), ("FLOPs/token", "flops_per_token"), ("active params", "active_params"),
                  ("tokens/s", "tokens_per_s")]
-COMPARE_UNITS = [("L0", "l0"), ("live-slot", "live_slot_fraction"), ("dead %", "dead_fraction"),
-                 ("coverage", "coverage"), ("purity", "mean_purity"), ("purity null", "mean_purity_null"),
-                 ("probe F1", "sparse_probe_f1"),
-                 ("expl. F1", "explanation_f1")]
-FLOOR_KEYS = ("coverage", "mean_purity", "sparse_probe_f1", "explanation_f1")
+COMPARE_UNITS = [("L0", "l0"), ("cap hit", "cap_hit_fraction"), ("live-slot", "live_slot_fraction"),
+                 ("dead %", "dead_fraction"), ("coverage", "coverage"), ("in-sample", "coverage_in_sample"),
+                 ("coverage@5", "coverage_at_m"), ("purity", "mean_purity"), ("purity null", "mean_purity_null"),
+                 ("probe F1", "sparse_probe_f1"), ("expl. F1", "explanation_f1")]
+FLOOR_KEYS = ("coverage", "coverage_in_sample", "coverage_at_m", "mean_purity", "sparse_probe_f1", "explanation_f1")
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("analyze", help="score a run's units: coverage, purity, sparse probes, explanations, "
                                        "baselines, dashboards (writes RUN/analysis/)")
     p.add_argument("run")
-    p.add_argument("--data", help="corpus spec to analyse (default: the run's own validation split)")
+    p.add_argument("--data", help="corpus spec to analyse (default: the run's own corpus)")
+    p.add_argument("--split", choices=("train", "val", "all"),
+                   help="which documents of the corpus (default: all of a --data corpus; val of the run's own)")
     p.add_argument("--tokens", type=int, default=200_000, help="positions to analyse (default 200000)")
     p.add_argument("--layer", type=int, help="layer scored in full and where baselines train (default n_layer // 2)")
     p.add_argument("--all-layers", action="store_true", help="score every FFN layer in full")
     p.add_argument("--sae", action="store_true", help="train a TopK SAE (sae-lens) on the dense layer's activations")
     p.add_argument("--transcoder", action="store_true", help="train a TopK transcoder on the dense layer post hoc")
     p.add_argument("--concepts", help="YAML/TOML file of extra regex concepts")
-    p.add_argument("--keep", type=int, default=128, help="dense activations kept per position (top by value)")
+    p.add_argument("--keep", type=int, help="cap dense neurons at the top N positive values per position "
+                                            "(default: exact, unless positions x d_ff > 250M)")
     p.add_argument("--interventions", type=int, default=6, help="concepts whose best unit is ablated/clamped/steered")
     p.add_argument("--dashboards", type=int, default=8, help="concepts whose best units get a dashboard")
     p.add_argument("--baseline-tokens", type=int, help="training tokens for --sae/--transcoder (default: their own)")
@@ -46,7 +49,7 @@ def add_parser(sub) -> None:
 def cmd_analyze(args) -> int:
     from monoroute.interp.analyze import AnalyzeOptions, analyze, summary
 
-    opts = AnalyzeOptions(data=args.data, tokens=args.tokens, layer=args.layer, all_layers=args.all_layers,
+    opts = AnalyzeOptions(data=args.data, split=args.split, tokens=args.tokens, layer=args.layer, all_layers=args.all_layers,
                           sae=args.sae, transcoder=args.transcoder, concepts=args.concepts, keep=args.keep,
                           seed=args.seed, device=args.device, progress=not args.no_progress,
                           interventions=args.interventions, dashboards=args.dashboards,
@@ -56,6 +59,8 @@ def cmd_analyze(args) -> int:
         print(json.dumps(summary(report)))
     else:
         print(compare_table([report]))
+        print(f"analysed {report['n_positions']:,} positions of {report['n_documents']:,} documents "
+              f"({report['data']}, split {report['split']})")
         print(f"wrote {Path(args.run) / 'analysis'}/report.html ({report['seconds']} s, "
               f"peak RSS {report['peak_rss_mb']:.0f} MB)")
     return 0
@@ -72,14 +77,19 @@ def load_report(run: str) -> dict:
 
 
 def compare_rows(reports: list[dict]) -> list[dict]:
-    """One row per (run, unit set), random init as a floor column beside each score."""
+    """One row per (run, unit set), each score beside its own set's random-init floor (`floor_set`:
+    random_init for the model's units, sae_init / transcoder_init for the post-hoc baselines)."""
+    from monoroute.interp.types import floor_of, is_floor
+
     rows = []
     for report in reports:
-        floor = report["unit_sets"].get("random_init", {})
         for name, s in report["unit_sets"].items():
-            if name == "random_init":
+            if is_floor(name):
                 continue
-            row = {"run": report["run"], "unit_set": name, "layer": report["layer"]}
+            floor_set = s.get("floor", floor_of(name))
+            floor = report["unit_sets"].get(floor_set, {})
+            row = {"run": report["run"], "unit_set": name, "layer": report["layer"], "floor_set": floor_set,
+                   "n_positions": report.get("n_positions")}
             row.update({key: report["model"].get(key) for _, key in COMPARE_MODEL})
             row.update({key: s.get(key) for _, key in COMPARE_UNITS})
             row.update({f"{key}_random_init": floor.get(key) for key in FLOOR_KEYS})
@@ -119,8 +129,11 @@ def compare_table(reports: list[dict]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
     out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
-    out.append("(in brackets: the same architecture at random init; purity null: the same units' firings moved to "
-               "random positions; dead % over the analysed tokens)")
+    out.append("(in brackets: the same architecture at its initialisation (the model's for its own units, the untrained "
+               "SAE / transcoder for theirs); coverage: unit chosen on half the documents, scored on the other; "
+               "in-sample: chosen and scored on all; coverage@5: OR of up to 5 units; purity null: the same units' "
+               "firings moved to random positions; dead % over the analysed tokens; cap hit: share of positions "
+               "a capped dense capture censored)")
     return "\n".join(out)
 
 

@@ -46,31 +46,26 @@ def context(col: np.ndarray, positions: Positions, strings: list[str], p: int, b
 
 def best_concepts(matrix: sp.spmatrix, unit: int, labels: ConceptLabels, top: int = 5,
                   counts: np.ndarray | None = None) -> list[dict]:
-    """The concepts this unit detects best: coverage's own detector (on ⇔ activation > t·max, F1
-    maximised over t ∈ metrics.THRESHOLDS, ties to the lower t, then the lower concept), for this one
-    column, so a dashboard and the coverage table never disagree (tested against metrics.coverage).
-    Only the unit's firing positions are read: fast enough for a unit page. `counts`: (C,)
-    positions per concept, labels.matrix.sum(0), when the caller has them already."""
-    from monoroute.interp.metrics import THRESHOLDS
+    """The concepts this unit detects best: coverage's own in-sample detector search
+    (`metrics._best_units`: on ⇔ activation > t·max, F1 maximised over t ∈ metrics.THRESHOLDS, ties to
+    the lower t, then the lower concept) run on this one column, so a dashboard and the coverage table
+    never disagree (tested against metrics.coverage). Only the unit's firing positions are read (the
+    others cannot be "on"): fast enough for a unit page. `counts`: (C,) positions per concept,
+    labels.matrix.sum(0), when the caller has them already."""
+    from monoroute.interp.metrics import THRESHOLDS, _best_units
 
     col = sp.csc_matrix(matrix[:, [unit]])  # (P, 1): indices are the positions
     pos, val = col.indices, col.data.astype(np.float32)
-    if not (val > 0).any():
+    fired = val > 0
+    if not fired.any():
         return []
-    peak = val.max()
-    L = labels.matrix
-    n_c = L.sum(0) if counts is None else counts
-    best: dict[int, tuple] = {}
-    for t in THRESHOLDS:
-        on = pos[val > np.float32(t) * peak] if t > 0 else pos[val > 0]
-        tp = L[on].sum(0).astype(np.float64)  # (C,)
-        f1 = 2 * tp / np.maximum(len(on) + n_c, 1)
-        for c in np.flatnonzero(tp > 0):
-            if c not in best or f1[c] > best[c][0] + 1e-12:
-                best[c] = (f1[c], tp[c] / len(on), tp[c] / n_c[c], float(t))
-    rows = sorted(best.items(), key=lambda kv: (-kv[1][0], kv[0]))[:top]
-    return [{"concept": labels.names[c], "f1": round(float(f), 4), "precision": round(float(p), 4),
-             "recall": round(float(r), 4), "threshold": t} for c, (f, p, r, t) in rows]
+    pos, val = pos[fired], val[fired]
+    n_c = labels.matrix.sum(0) if counts is None else counts
+    sub = sp.csr_matrix((val, (np.arange(len(pos)), np.zeros(len(pos), dtype=np.int64))), shape=(len(pos), 1))
+    f1, best, _, _ = _best_units(sub, labels.matrix[pos], THRESHOLDS, n_c=n_c)
+    order = sorted(np.flatnonzero(f1 > 0), key=lambda c: (-f1[c], c))[:top]
+    return [{"concept": labels.names[c], "f1": round(float(f1[c]), 4), "precision": round(float(best[c, 1]), 4),
+             "recall": round(float(best[c, 2]), 4), "threshold": float(best[c, 3])} for c in order]
 
 
 def unit_dashboard(matrix: sp.spmatrix, unit: int, positions: Positions, strings: list[str],

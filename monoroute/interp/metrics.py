@@ -6,8 +6,9 @@ dense (P, N) matrix: counts of "unit fires ∧ concept holds" come from sparse p
 result stays small (memory is O(nnz + N·chunk), fine at N = 1M). All results are plain JSON-able dicts.
 
 Conventions shared by all metrics
-- A unit *fires* at a position when its stored activation there is > 0 (negative activations of
-  GELU / SiLU / identity units are never "on"). `firing_stats` alone counts every nonzero entry (L0).
+- A unit *fires* at a position when its activation there is > 0, in every metric (firing statistics,
+  purity, coverage, explanations, dashboards): negative activations of GELU / SiLU / identity units
+  are never "on". Only the sparse probes read the signed values.
 - A unit used as a *detector* at relative threshold t is "on" where activation > t · (its maximum
   activation); t = 0 is "fires". Comparisons are done in float32, the activations' own precision.
 - Document splits hash the document id (with the seed), so they are reproducible and never cut a
@@ -15,8 +16,12 @@ Conventions shared by all metrics
 
 What each headline number (see `all_metrics`) tells you, and its bias
 - `l0`, `live_slot_fraction`, `dead_fraction`: how much of the layer is used (firing_stats).
-- `coverage`: mean over concepts of the best single unit's F1 (Karvonen et al. 2024). Favours densely
-  firing units on frequent concepts: read it with `details.coverage.by_frequency`.
+- `coverage`: mean over concepts of the best single unit's F1 (Karvonen et al. 2024), the unit and
+  threshold chosen on one half of the documents and scored on the other (`coverage_in_sample`: chosen
+  and scored on all positions, which favours wide sets). Favours densely firing units on frequent
+  concepts: read it with `details.coverage.by_frequency`.
+- `coverage_at_m` (m = 5): the same with the OR of up to m units per concept, for concepts split over
+  several narrow units; only its excess over the random-init floor is evidence.
 - `mean_purity` vs `mean_purity_null`: precision of each unit's best concept, against the same units'
   firing sets placed at random positions. Only the excess over the null means anything: a unit firing
   20 times can look "pure" on a concept that holds at 90 % of positions by chance alone.
@@ -154,22 +159,27 @@ def _listed(n: int, seed: int, cap: int = MAX_LISTED) -> np.ndarray:
 def firing_stats(acts: UnitActivations, min_firings: int = 20) -> dict:
     """How much of the layer is used.
 
-    - `l0`: mean number of units with a nonzero activation per position (≤ k for routed / TopK sets).
-    - `live_slot_fraction` = l0 / k: the share of the k routing slots that carry a nonzero activation
+    - `l0`: mean number of firing units (activation > 0) per position (≤ k for routed / TopK sets);
+      `l0_nonzero`: the same counting every nonzero value (GELU neurons are nonzero almost everywhere).
+    - `live_slot_fraction` = l0 / k: the share of the k routing slots that carry a firing unit
       (None when k is None, e.g. dense neurons). Below 1 means selected units often output exactly 0.
-    - `dead_fraction` / `n_dead`: units with no nonzero activation at any of the P positions (a unit can
-      look dead on a short stream and be merely rare: compare with P · typical firing rates).
-    - `n_live`, `share_live_frequent`: live units, and the share of them firing (nonzero) at least
-      `min_firings` times (the units purity is computed on).
+    - `dead_fraction` / `n_dead`: units that fire at none of the P positions (a unit can look dead on
+      a short stream and be merely rare: compare with P · typical firing rates).
+    - `n_live`, `share_live_frequent`: live units, and the share of them firing at least `min_firings`
+      times (the units purity is computed on).
+    - `cap_hit_fraction`: for a dense set captured with a per-position cap, the share of positions
+      where more units fired than the cap kept (L0, coverage and dead fraction are censored there);
+      None for exact captures.
     - `density_histogram`: `edges` (log10 firing rate, fixed 0.25-wide bins from -7 to 0), `counts` of
       live units per bin (rates below 1e-7 go in the first bin), and `never` = units that never fire.
     - `firing_rate_quantiles`: 10/50/90 % quantiles of live units' firing rates.
     """
     A = _csr(acts)
     P, N = A.shape
-    nz = A.data != 0
+    nz = A.data > 0
     per_unit = np.bincount(A.indices[nz], minlength=N)
     total = int(nz.sum())
+    nonzero = int(np.count_nonzero(A.data))
     live = per_unit > 0
     n_live = int(live.sum())
     rates = per_unit[live] / max(P, 1)
@@ -178,7 +188,8 @@ def firing_stats(acts: UnitActivations, min_firings: int = 20) -> dict:
     k = acts.k
     return {
         "n_positions": int(P), "n_units": int(N), "k": None if k is None else int(k),
-        "l0": _f(l0), "live_slot_fraction": _f(l0 / k) if k else None,
+        "l0": _f(l0), "l0_nonzero": _f(nonzero / P) if P else 0.0, "live_slot_fraction": _f(l0 / k) if k else None,
+        "cap_hit_fraction": _f(acts.meta.get("cap_hit_fraction")),
         "dead_fraction": _f((N - n_live) / N) if N else None, "n_live": n_live, "n_dead": int(N - n_live),
         "min_firings": int(min_firings),
         "share_live_frequent": _f((per_unit >= min_firings).sum() / n_live) if n_live else None,
@@ -190,31 +201,26 @@ def firing_stats(acts: UnitActivations, min_firings: int = 20) -> dict:
 
 
 # --- 2. coverage ------------------------------------------------------------------------------------
-def coverage(acts: UnitActivations, labels: ConceptLabels, thresholds=THRESHOLDS) -> dict:
-    """Coverage (Karvonen et al. 2024): for each concept, the best single unit as a detector.
+COVERAGE_M = 5  # units OR-ed per concept for coverage@m
+CANDIDATES = 16  # per concept: the best (unit, threshold) pairs on the selection half coverage@m draws from
 
-    A unit u at threshold t predicts the concept where activation > t · max(u's activation); its F1
-    against the concept is maximised over all units and t ∈ `thresholds`. Reading it:
-    - `coverage`: mean best F1 over concepts that hold at least once (a concept no unit ever fires on
-      counts as 0). 1 = every concept has a dedicated unit.
-    - `by_frequency`: the same mean per concept-frequency bin. Coverage favours dense units: a unit
-      firing at 0.1 % of positions cannot reach F1 > 0.02 on a concept holding at 10 %; compare unit
-      sets bin by bin, and against the random-init floor.
-    - `per_concept`: rows {concept, frequency, n_positives, best_unit, f1, precision, recall, threshold}
-      (best_unit None and f1 0 when no unit ever fires on the concept).
-    - `n_concepts_no_positives` / `concepts_no_positives`: concepts skipped because they never hold.
-    Ties go to the lower threshold, then the lower unit index.
-    """
-    A = _csr(acts)
-    L = _check_labels(A, labels)
+
+def _best_units(A: sp.csr_matrix, L: np.ndarray, thresholds, candidates: int = 0, n_c: np.ndarray | None = None):
+    """Per concept, the single best (unit, threshold) detector on these rows: on ⇔ activation > t · (the
+    unit's maximum on these rows), F1 maximised over units and t (ties to the lower t, then the lower
+    unit). Returns best_f1 (C,), best (C, 4) = (unit, precision, recall, t) (NaN where nothing fires),
+    colmax (N,), and, when `candidates` > 0, per concept a list of up to that many (f1, unit, t),
+    best first, one entry per unit (its best t). `n_c`: positives per concept when the rows are only a
+    part of the positions that cannot miss a firing (a dashboard passes one unit's firing positions)."""
     P, N = A.shape
     C = L.shape[1]
-    n_c = L.sum(0).astype(np.int64)
+    n_c = L.sum(0).astype(np.int64) if n_c is None else np.asarray(n_c, dtype=np.int64)
     todo = np.flatnonzero(n_c > 0)
     Lt = _labels_t(L)
     colmax = _col_max(A)
     best_f1 = np.zeros(C)
-    best = np.full((C, 4), np.nan)  # unit, precision, recall, threshold
+    best = np.full((C, 4), np.nan)
+    pool: list[dict] = [{} for _ in range(C)]  # concept -> {unit: (f1, t)}
     for t in thresholds:
         B, n_on = _binarise(A, colmax, float(t))
         for c, units, tp in _cooccurrence_rows(Lt, B, todo):
@@ -226,36 +232,204 @@ def coverage(acts: UnitActivations, labels: ConceptLabels, thresholds=THRESHOLDS
                 u = units[j]
                 best_f1[c] = f1[j]
                 best[c] = (u, tp[j] / n_on[u], tp[j] / n_c[c], t)
+            if candidates:
+                top = np.argsort(-f1, kind="stable")[:candidates]
+                have = pool[c]
+                for i in top:
+                    u = int(units[i])
+                    if u not in have or f1[i] > have[u][0] + 1e-12:
+                        have[u] = (float(f1[i]), float(t))
+                if len(have) > candidates:
+                    pool[c] = dict(sorted(have.items(), key=lambda kv: (-kv[1][0], kv[0]))[:candidates])
         del B
+    ranked = [sorted(((f, u, t) for u, (f, t) in pool[c].items()), key=lambda x: (-x[0], x[1])) for c in range(C)]
+    return best_f1, best, colmax, ranked
+
+
+def _on_sets(A: sp.csr_matrix, units: np.ndarray, thresholds: np.ndarray) -> sp.csc_matrix:
+    """(rows, len(units)) boolean CSC: where each listed unit's activation > its absolute threshold (and > 0)."""
+    cols = A[:, units].tocsc()
+    cols.sum_duplicates()
+    n = np.diff(cols.indptr)
+    thr = np.repeat(np.maximum(thresholds, 0.0).astype(np.float32), n)
+    keep = cols.data.astype(np.float32, copy=False) > thr
+    cum = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
+    return sp.csc_matrix((np.ones(int(keep.sum()), dtype=bool), cols.indices[keep], cum[cols.indptr]), shape=cols.shape)
+
+
+def _f1_of(on: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """F1, precision, recall of the boolean prediction `on` against `y`."""
+    tp, n_on, n_y = float(np.sum(on & y)), float(on.sum()), float(y.sum())
+    f1 = 2 * tp / (n_on + n_y) if n_on + n_y else 0.0
+    return f1, (tp / n_on if n_on else 0.0), (tp / n_y if n_y else 0.0)
+
+
+def _greedy_or(cols: list[np.ndarray], y: np.ndarray, m: int) -> list[int]:
+    """Greedy forward selection of up to m of the boolean columns whose OR has the best F1 against y,
+    stopping when no column raises it; ties go to the earlier column (the better single detector)."""
+    chosen: list[int] = []
+    cur = np.zeros(len(y), dtype=bool)
+    f_cur = 0.0
+    for _ in range(m):
+        best_j, best_f = None, f_cur + 1e-12
+        for j, col in enumerate(cols):
+            if j in chosen:
+                continue
+            f = _f1_of(cur | col, y)[0]
+            if f > best_f:
+                best_j, best_f = j, f
+        if best_j is None:
+            break
+        chosen.append(best_j)
+        cur |= cols[best_j]
+        f_cur = best_f
+    return chosen
+
+
+def _by_frequency(values: np.ndarray, freq: np.ndarray, concepts: np.ndarray) -> list[dict]:
+    out = []
+    for lo, hi, name in FREQUENCY_BINS:
+        sel = [c for c in concepts if lo <= freq[c] < hi]
+        out.append({"bin": name, "lo": lo, "hi": min(hi, 1.0), "n_concepts": len(sel),
+                    "mean_f1": _f(np.mean(values[sel])) if sel else None})
+    return out
+
+
+def coverage(acts: UnitActivations, labels: ConceptLabels, doc_ids: np.ndarray | None = None,
+             thresholds=THRESHOLDS, m: int = COVERAGE_M, seed: int = 0, candidates: int = CANDIDATES) -> dict:
+    """Coverage (Karvonen et al. 2024): for each concept, the best single unit as a detector, chosen on
+    one half of the documents and scored on the other.
+
+    A unit u at threshold t predicts the concept where activation > t · max(u's activation), t ∈
+    `thresholds`. The documents are split in halves by a hash of the doc id (`doc_split`, seeded; halves
+    of the positions when there is one document): on the *selection* half the (unit, t) with the best F1
+    is chosen, t relative to u's maximum there; on the *held-out* half that same detector is scored.
+    Choosing among N units and scoring on the same positions rewards wide sets and rare concepts (the
+    best of 16k noisy detectors looks good by chance), so the held-out F1 is the headline.
+    - `coverage`: mean held-out F1 over concepts with positives in both halves (a chosen unit that
+      never fires on the held-out half scores 0). 1 = every concept has a dedicated unit.
+    - `coverage_in_sample`: the old reading, unit and t chosen and scored on all positions, mean over
+      concepts that hold at least once (t relative to the maximum over all positions).
+    - `coverage_at_m` (m = 5 by default): per concept, the OR of up to m detectors, chosen greedily on the
+      selection half among its `candidates` best single (unit, t) pairs (each unit at its best t), scored
+      on the held-out half. A concept split over several narrow units (feature splitting) scores low on
+      single-unit coverage whatever the set's quality; this score sees it. Its random-init floor is high
+      on byte-level concepts (random sparse units that respond to single bytes OR into good character
+      detectors), so only its excess over that floor is evidence.
+    - `by_frequency`, `by_frequency_in_sample`, `by_frequency_at_m`: the means per concept-frequency
+      bin. Coverage favours dense units: a unit firing at 0.1 % of positions cannot reach F1 > 0.02 on a
+      concept holding at 10 %; compare unit sets bin by bin, and against the random-init floor.
+    - `per_concept`: rows {concept, frequency, n_positives, best_unit, threshold, f1 (held-out),
+      precision, recall (held-out), f1_selection, best_unit_in_sample, threshold_in_sample,
+      f1_in_sample, precision_in_sample, recall_in_sample, units_at_m, f1_at_m}; best_unit None and f1 0 when no unit fires on the concept
+      in the selection half. A concept without positives in one half has f1 None (in-sample only).
+    - `split` ("documents" / "positions"), `n_selection`, `n_heldout`, `n_concepts` (held-out),
+      `n_concepts_in_sample`, `n_concepts_no_positives` / `concepts_no_positives`.
+    """
+    A = _csr(acts)
+    L = _check_labels(A, labels)
+    P, N = A.shape
+    C = L.shape[1]
+    doc_ids = np.zeros(P, dtype=np.int64) if doc_ids is None else np.asarray(doc_ids)
+    if len(doc_ids) != P:
+        raise ValueError(f"doc_ids cover {len(doc_ids)} positions, activations {P}")
+    n_c = L.sum(0).astype(np.int64)
     freq = n_c / max(P, 1)
+    # in-sample: the unit and threshold chosen and scored on every position
+    ins_f1, ins_best, _, _ = _best_units(A, L, thresholds)
+    # held-out: chosen on the selection half, scored on the other
+    sel, split = doc_split(doc_ids, 0.5, seed)
+    si, hi = np.flatnonzero(sel), np.flatnonzero(~sel)
+    A_s, A_h, L_s, L_h = A[si], A[hi], L[si], L[hi]
+    sel_f1, sel_best, colmax_s, ranked = _best_units(A_s, L_s, thresholds, candidates if m > 1 else 0)
+    scored = np.flatnonzero((L_s.sum(0) > 0) & (L_h.sum(0) > 0))
+    # every detector any concept needs, as boolean on-sets on both halves (one column slice each)
+    pairs = {}
+    for c in scored:
+        if not np.isnan(sel_best[c, 0]):
+            pairs[(int(sel_best[c, 0]), float(sel_best[c, 3]))] = None
+        for _, u, t in ranked[c] if m > 1 else []:
+            pairs[(u, t)] = None
+    keys = list(pairs)
+    col_of = {key: j for j, key in enumerate(keys)}
+    if keys:
+        units = np.asarray([u for u, _ in keys], dtype=np.int64)
+        thr = np.asarray([t for _, t in keys], dtype=np.float32) * colmax_s[units]
+        on_s, on_h = _on_sets(A_s, units, thr), _on_sets(A_h, units, thr)
+
+    def column(on: sp.csc_matrix, j: int, rows: int) -> np.ndarray:
+        v = np.zeros(rows, dtype=bool)
+        v[on.indices[on.indptr[j]:on.indptr[j + 1]]] = True
+        return v
+
+    held = np.full(C, np.nan)
+    at_m = np.full(C, np.nan)
+    rows_out: dict[int, dict] = {}
+    for c in scored:
+        row = {"f1": 0.0, "precision": None, "recall": None, "f1_at_m": 0.0, "units_at_m": []}
+        if not np.isnan(sel_best[c, 0]):
+            j = col_of[(int(sel_best[c, 0]), float(sel_best[c, 3]))]
+            f1, prec, rec = _f1_of(column(on_h, j, len(hi)), L_h[:, c])
+            row.update(f1=f1, precision=prec, recall=rec)
+            if m > 1:
+                cand = [col_of[(u, t)] for _, u, t in ranked[c]]
+                chosen = _greedy_or([column(on_s, j2, len(si)) for j2 in cand], L_s[:, c], m)
+                union = np.zeros(len(hi), dtype=bool)
+                for i in chosen:
+                    union |= column(on_h, cand[i], len(hi))
+                row.update(f1_at_m=_f1_of(union, L_h[:, c])[0], units_at_m=[int(keys[cand[i]][0]) for i in chosen])
+            else:
+                row.update(f1_at_m=f1, units_at_m=[int(sel_best[c, 0])])
+        held[c], at_m[c] = row["f1"], row["f1_at_m"]
+        rows_out[int(c)] = row
+    todo = np.flatnonzero(n_c > 0)
     rows = []
     for c in todo:
-        found = best_f1[c] > 0
+        found, found_in = not np.isnan(sel_best[c, 0]), ins_f1[c] > 0
+        r = rows_out.get(int(c), {"f1": None, "precision": None, "recall": None, "f1_at_m": None, "units_at_m": []})
         rows.append({"concept": labels.names[c], "frequency": _f(freq[c]), "n_positives": int(n_c[c]),
-                     "best_unit": int(best[c, 0]) if found else None, "f1": _f(best_f1[c]),
-                     "precision": _f(best[c, 1]) if found else None, "recall": _f(best[c, 2]) if found else None,
-                     "threshold": float(best[c, 3]) if found else None})
-    by_freq = []
-    for lo, hi, name in FREQUENCY_BINS:
-        sel = [c for c in todo if lo <= freq[c] < hi]
-        by_freq.append({"bin": name, "lo": lo, "hi": min(hi, 1.0), "n_concepts": len(sel),
-                        "mean_f1": _f(np.mean(best_f1[sel])) if sel else None})
+                     "best_unit": int(sel_best[c, 0]) if found else None,
+                     "threshold": float(sel_best[c, 3]) if found else None,
+                     "f1": _f(r["f1"]), "precision": _f(r["precision"]), "recall": _f(r["recall"]),
+                     "f1_selection": _f(sel_f1[c]),
+                     "best_unit_in_sample": int(ins_best[c, 0]) if found_in else None,
+                     "threshold_in_sample": float(ins_best[c, 3]) if found_in else None,
+                     "f1_in_sample": _f(ins_f1[c]), "precision_in_sample": _f(ins_best[c, 1]) if found_in else None,
+                     "recall_in_sample": _f(ins_best[c, 2]) if found_in else None, "units_at_m": r["units_at_m"], "f1_at_m": _f(r["f1_at_m"])})
     skipped = [labels.names[c] for c in np.flatnonzero(n_c == 0)]
-    return {"coverage": _f(np.mean(best_f1[todo])) if len(todo) else None, "n_concepts": int(len(todo)),
+    return {"coverage": _f(np.mean(held[scored])) if len(scored) else None,
+            "coverage_in_sample": _f(np.mean(ins_f1[todo])) if len(todo) else None,
+            "coverage_at_m": _f(np.mean(at_m[scored])) if len(scored) else None, "m": int(m),
+            "n_concepts": int(len(scored)), "n_concepts_in_sample": int(len(todo)),
             "n_concepts_no_positives": len(skipped), "concepts_no_positives": skipped,
-            "thresholds": [float(t) for t in thresholds], "by_frequency": by_freq, "per_concept": rows}
+            "split": split, "n_selection": int(len(si)), "n_heldout": int(len(hi)),
+            "thresholds": [float(t) for t in thresholds],
+            "by_frequency": _by_frequency(held, freq, scored),
+            "by_frequency_in_sample": _by_frequency(ins_f1, freq, todo),
+            "by_frequency_at_m": _by_frequency(at_m, freq, scored), "per_concept": rows}
 
 
 # --- 3. purity ----------------------------------------------------------------------------------------
-def _best_concept(Lt: sp.csr_matrix, B: sp.csr_matrix, concepts: np.ndarray, N: int):
-    """(N,) max over concepts of co-firing counts and (N,) the argmax concept (-1 when none)."""
+def _best_concept(Lt: sp.csr_matrix, B: sp.csr_matrix, concepts: np.ndarray, N: int, n_on: np.ndarray | None = None,
+                  n_c: np.ndarray | None = None):
+    """(N,) max over concepts of co-firing counts and (N,) the argmax concept (-1 when none): purity's
+    best concept. With `n_on` (N,) firings per unit and `n_c` (C,) positives per concept, also (N,) the
+    best "fires ⇔ concept" F1 and (N,) its concept (-1 when none), from the same pass; else None, None."""
     best_tp = np.zeros(N)
     best_c = np.full(N, -1, dtype=np.int64)
+    with_f1 = n_on is not None and n_c is not None
+    best_f1 = np.zeros(N) if with_f1 else None
+    f1_c = np.full(N, -1, dtype=np.int64) if with_f1 else None
     for c, units, tp in _cooccurrence_rows(Lt, B, concepts):
         better = tp > best_tp[units]
         best_tp[units[better]] = tp[better]
         best_c[units[better]] = c
-    return best_tp, best_c
+        if with_f1:
+            f1 = 2 * tp / (n_on[units] + n_c[c])
+            better = f1 > best_f1[units] + 1e-12
+            best_f1[units[better]] = f1[better]
+            f1_c[units[better]] = c
+    return best_tp, best_c, best_f1, f1_c
 
 
 def purity(acts: UnitActivations, labels: ConceptLabels, min_firings: int = 20, seed: int = 0, n_null: int = 3,
@@ -292,7 +466,7 @@ def purity(acts: UnitActivations, labels: ConceptLabels, min_firings: int = 20, 
                     share_significant=None, per_unit_unit=[], per_unit_n_firings=[], per_unit_purity=[],
                     per_unit_purity_null=[], per_unit_best_concept=[], per_unit_lift=[], per_unit_z=[])
     n = n_on[units].astype(np.float64)
-    tp, bc = _best_concept(Lt, B, concepts, N)
+    tp, bc, _, _ = _best_concept(Lt, B, concepts, N)
     pur = tp[units] / n
     bc = bc[units]
     base = np.where(bc >= 0, n_c[np.maximum(bc, 0)] / P, np.nan)
@@ -303,7 +477,7 @@ def purity(acts: UnitActivations, labels: ConceptLabels, min_firings: int = 20, 
     null_means, null_shares, null_lifts, first_null = [], [], [], None
     for _ in range(max(n_null, 0)):
         Bp = B[rng.permutation(P)]
-        tpn, bcn = _best_concept(Lt, Bp, concepts, N)
+        tpn, bcn, _, _ = _best_concept(Lt, Bp, concepts, N)
         pn = tpn[units] / n
         null_means.append(pn.mean())
         null_shares.append((pn >= pure_at).mean())
@@ -395,17 +569,23 @@ def sparse_probe(acts: UnitActivations, labels: ConceptLabels, doc_ids: np.ndarr
     A_tr = A[tr_idx].astype(np.float64)
     sum_all = np.asarray(A_tr.sum(0)).ravel()
     Lt_tr = _labels_t(L_tr)
-    Acsc = A.tocsc()
-    rows = []
-    rng_master = np.random.default_rng(seed)
-    seeds = rng_master.integers(0, 2**31, size=L.shape[1])
+    tops = {}
     for c, units, sums in _cooccurrence_rows(Lt_tr, A_tr, concepts):
         n_pos, n_neg = float(pos_tr[c]), float(len(tr_idx) - pos_tr[c])
         pos_sum = np.zeros(N)
         pos_sum[units] = sums
         score = np.abs(pos_sum / n_pos - (sum_all - pos_sum) / n_neg)
-        top = _top_units(score, kmax)
-        X = Acsc[:, top].toarray().astype(np.float64)  # (P, kmax): a few columns, never (P, N)
+        tops[c] = _top_units(score, kmax)
+    del A_tr
+    needed = np.unique(np.concatenate(list(tops.values()))) if tops else np.zeros(0, dtype=np.int64)
+    cols = A[:, needed].tocsc()  # (P, the probed units): never (P, N)
+    where = {int(u): j for j, u in enumerate(needed)}
+    rows = []
+    rng_master = np.random.default_rng(seed)
+    seeds = rng_master.integers(0, 2**31, size=L.shape[1])
+    for c in concepts:
+        top = tops[c]
+        X = cols[:, [where[int(u)] for u in top]].toarray().astype(np.float64)  # (P, kmax), signed values
         rng = np.random.default_rng(int(seeds[c]))
         y_tr = L_tr[:, c]
         pos_i, neg_i = np.flatnonzero(y_tr), np.flatnonzero(~y_tr)
@@ -514,8 +694,11 @@ def explanation_scores(acts: UnitActivations, token_ids: np.ndarray, doc_ids: np
     the "on" positions of B.
     - `explanation_f1` (also `mean_f1`, `mean_precision`, `mean_recall`): means over scored units;
     - `per_unit`: one row per examined unit {unit, explanation (list of token-id lists), n_top, f1_train,
-      precision, recall, f1, n_on_test, n_predicted_test} or {unit, skipped: reason} with None scores;
-    - `n_scored`, `n_skipped_no_firing_a`, `n_skipped_no_firing_b` (no activation above threshold on B),
+      precision, recall, f1, n_on_test, n_predicted_test[, note]}. Every examined unit is scored: a unit
+      that does not fire on A gets the empty explanation, and one that does not fire above threshold on B
+      scores 0 (its explanation can hit nothing), so a set is not flattered by dropping its hard units;
+    - `n_scored` (= `n_examined`), `n_skipped_no_firing_a`, `n_skipped_no_firing_b`: how many of the
+      scored units had no firing on A / none above threshold on B (they count as 0),
       `n_live`, `n_examined` (a seeded sample of `n_units` live units unless `units` is given), `split`.
     """
     A = _csr(acts)
@@ -529,7 +712,6 @@ def explanation_scores(acts: UnitActivations, token_ids: np.ndarray, doc_ids: np
     for name, side in (("a", in_a), ("b", ~in_a)):
         k = keys[:, side].ravel()
         sorted_keys[name] = np.sort(k[k >= 0])
-    Acsc = A.tocsc()
     colmax = _col_max(A)
     live = np.flatnonzero(colmax > 0)
     if units is not None:
@@ -539,27 +721,24 @@ def explanation_scores(acts: UnitActivations, token_ids: np.ndarray, doc_ids: np
     else:
         chosen_units = live
     thr_rel = np.float32(fire_threshold)
+    Acsc = A[:, chosen_units].tocsc()  # only the examined units' columns
     per_unit, skipped_a, skipped_b = [], 0, 0
-    for u in chosen_units:
+    for j, u in enumerate(chosen_units):
         u = int(u)
-        s, e = Acsc.indptr[u], Acsc.indptr[u + 1]
+        s, e = Acsc.indptr[j], Acsc.indptr[j + 1]
         pos, val = Acsc.indices[s:e], Acsc.data[s:e].astype(np.float32, copy=False)
         keep = val > 0
         pos, val = pos[keep], val[keep]
         side = in_a[pos]
-        if not side.any():
+        if not side.any():  # nothing to explain from: the empty explanation, which scores 0 on B
             skipped_a += 1
-            per_unit.append({"unit": u, "skipped": "no firing on A", "explanation": None, "precision": None,
-                             "recall": None, "f1": None})
+            per_unit.append({"unit": u, "explanation": [], "n_top": 0, "f1_train": 0.0, "precision": 0.0,
+                             "recall": 0.0, "f1": 0.0, "n_on_test": int((val > 0).sum()), "n_predicted_test": 0,
+                             "note": "no firing on A"})
             continue
         thr = thr_rel * val[side].max()
         on = val > thr
         on_a, on_b = pos[on & side], pos[on & ~side]
-        if len(on_b) == 0:
-            skipped_b += 1
-            per_unit.append({"unit": u, "skipped": "no firing above threshold on B", "explanation": None,
-                             "precision": None, "recall": None, "f1": None})
-            continue
         va = val[on & side]
         top_pos = on_a[np.lexsort((on_a, -va))[:top]]
         tk = keys[:, top_pos]  # (max_ngram, n_top)
@@ -606,12 +785,16 @@ def explanation_scores(acts: UnitActivations, token_ids: np.ndarray, doc_ids: np
             n_tp_b[ch] = _count(on_keys_b, cand[ch])
         n_pred_b, tp_b = _union(chosen, grams, n_occ_b, n_tp_b)
         prec = tp_b / n_pred_b if n_pred_b else 0.0
-        rec = tp_b / len(on_b)
-        per_unit.append({"unit": u, "explanation": [list(grams[i]) for i in chosen], "n_top": int(len(top_pos)),
-                         "f1_train": _f(f1_a), "precision": _f(prec), "recall": _f(rec),
-                         "f1": _f(2 * tp_b / (n_pred_b + len(on_b))), "n_on_test": int(len(on_b)),
-                         "n_predicted_test": int(n_pred_b)})
-    scored = [r for r in per_unit if "skipped" not in r]
+        rec = tp_b / len(on_b) if len(on_b) else 0.0
+        row = {"unit": u, "explanation": [list(grams[i]) for i in chosen], "n_top": int(len(top_pos)),
+               "f1_train": _f(f1_a), "precision": _f(prec), "recall": _f(rec),
+               "f1": _f(2 * tp_b / (n_pred_b + len(on_b)) if n_pred_b + len(on_b) else 0.0),
+               "n_on_test": int(len(on_b)), "n_predicted_test": int(n_pred_b)}
+        if len(on_b) == 0:  # the unit does not fire on B above threshold: nothing its explanation can hit
+            skipped_b += 1
+            row["note"] = "no firing above threshold on B"
+        per_unit.append(row)
+    scored = per_unit
     mf1 = _mean([r["f1"] for r in scored])
     return {"explanation_f1": _f(mf1), "mean_f1": _f(mf1),
             "mean_precision": _f(_mean([r["precision"] for r in scored])),
@@ -624,18 +807,20 @@ def explanation_scores(acts: UnitActivations, token_ids: np.ndarray, doc_ids: np
 # --- 6. everything ----------------------------------------------------------------------------------------
 def all_metrics(acts: UnitActivations, labels: ConceptLabels, positions: Positions, seed: int = 0) -> dict:
     """All metrics with their defaults: the headline numbers at the top level (`l0`, `live_slot_fraction`,
-    `dead_fraction`, `coverage`, `mean_purity`, `mean_purity_null`, `share_pure`, `share_pure_null`,
+    `dead_fraction`, `cap_hit_fraction`, `coverage` (held-out), `coverage_in_sample`, `coverage_at_m`, `mean_purity`, `mean_purity_null`, `share_pure`, `share_pure_null`,
     `sparse_probe_f1`, `sparse_probe_f1_top1`, `explanation_f1`; see the module docstring for how to read
     them) and the full dicts under `details` (`firing`, `coverage`, `purity`, `sparse_probe`,
     `explanation`)."""
     fs = firing_stats(acts)
-    cov = coverage(acts, labels)
+    cov = coverage(acts, labels, positions.doc_ids, seed=seed)
     pur = purity(acts, labels, seed=seed)
     probe = sparse_probe(acts, labels, positions.doc_ids, seed=seed)
     expl = explanation_scores(acts, positions.token_ids, positions.doc_ids, seed=seed)
     return {
         "l0": fs["l0"], "live_slot_fraction": fs["live_slot_fraction"], "dead_fraction": fs["dead_fraction"],
-        "coverage": cov["coverage"], "mean_purity": pur["mean_purity"], "mean_purity_null": pur["mean_purity_null"],
+        "coverage": cov["coverage"], "coverage_in_sample": cov["coverage_in_sample"],
+        "coverage_at_m": cov["coverage_at_m"], "cap_hit_fraction": fs["cap_hit_fraction"],
+        "mean_purity": pur["mean_purity"], "mean_purity_null": pur["mean_purity_null"],
         "share_pure": pur["share_pure"], "share_pure_null": pur["share_pure_null"],
         "sparse_probe_f1": probe["sparse_probe_f1"], "sparse_probe_f1_top1": probe["sparse_probe_f1_top1"],
         "explanation_f1": expl["explanation_f1"],

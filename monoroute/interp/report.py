@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from monoroute.fileio import write_text_atomic
+from monoroute.interp.types import floor_of, is_floor
 
-SET_ORDER = ("dense_neurons", "routed_units", "sae", "transcoder", "random_init")
+SET_ORDER = ("dense_neurons", "routed_units", "sae", "transcoder", "random_init", "sae_init", "transcoder_init")
 COLORS = {"dense_neurons": "#1f77b4", "routed_units": "#d62728", "sae": "#2ca02c", "transcoder": "#9467bd",
-          "random_init": "#7f7f7f"}
+          "random_init": "#7f7f7f", "sae_init": "#98df8a", "transcoder_init": "#c5b0d5"}
 
 
 def ordered(sets: dict) -> list[str]:
@@ -102,7 +103,7 @@ def plot_purity(report: dict) -> str:
         real, null = per_unit.get("per_unit_purity") or [], per_unit.get("per_unit_purity_null") or []
         if len(real):
             ax.hist(real, bins=bins, histtype="step", density=True, label=name, color=COLORS.get(name))
-        if len(null) and name != "random_init":
+        if len(null) and not is_floor(name):
             ax.hist(null, bins=bins, histtype="step", density=True, linestyle=":", color=COLORS.get(name),
                     label=f"{name} (shuffled null)")
     ax.set_xlabel("precision of the unit's best concept")
@@ -181,19 +182,20 @@ def dashboard_html(d: dict) -> str:
 
 def summary_table(report: dict) -> str:
     sets = report["unit_sets"]
-    floor = sets.get("random_init", {})
-    cols = [("l0", "L0"), ("live_slot_fraction", "live-slot frac."), ("dead_fraction", "dead"),
-            ("coverage", "coverage"), ("mean_purity", "mean purity"), ("mean_purity_null", "purity null"),
+    cols = [("l0", "L0"), ("cap_hit_fraction", "cap hit"), ("live_slot_fraction", "live-slot frac."),
+            ("dead_fraction", "dead"), ("coverage", "coverage (held-out)"), ("coverage_in_sample", "coverage (in-sample)"),
+            ("coverage_at_m", "coverage@5"), ("mean_purity", "mean purity"), ("mean_purity_null", "purity null"),
             ("share_pure", "share ≥ 0.9"), ("sparse_probe_f1", "probe F1 (top-5)"),
             ("sparse_probe_f1_top1", "probe F1 (top-1)"), ("explanation_f1", "explanation F1"),
             ("explained_variance", "EV"), ("spliced_val_loss", "spliced val loss")]
     rows = ["<table><tr><th>unit set</th>" + "".join(f"<th>{c[1]}</th>" for c in cols) + "</tr>"]
     for name in ordered(sets):
         cells = []
+        floor = {} if is_floor(name) else sets.get(sets[name].get("floor", floor_of(name)), {})
         for key, _ in cols:
             value = sets[name].get(key)
             cell = fmt(value)
-            if name != "random_init" and key in floor and value is not None and key not in ("mean_purity_null",):
+            if key in floor and value is not None and key not in ("mean_purity_null",):
                 cell += f' <span class="floor">({fmt(floor[key])})</span>'
             cells.append(f"<td>{cell}</td>")
         rows.append(f"<tr><td>{name}</td>{''.join(cells)}</tr>")

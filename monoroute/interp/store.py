@@ -24,7 +24,7 @@ import scipy.sparse as sp
 
 from monoroute.errors import MonorouteError
 from monoroute.fileio import json_safe
-from monoroute.interp.types import ConceptLabels, Positions
+from monoroute.interp.types import ConceptLabels, Positions, is_floor
 
 LABELS_FILE = "labels.safetensors"
 UNITS_DIR = "units"
@@ -79,7 +79,7 @@ class AnalysisStore:
                                  f"{again}")
         try:
             self.layer = int(self.report["layer"])
-            sets = [s for s in self.report["unit_sets"] if s != "random_init"]
+            sets = [s for s in self.report["unit_sets"] if not is_floor(s)]
             self.concept_names = list(self.report["concepts"]["names"])
         except (KeyError, TypeError, ValueError) as exc:
             raise MonorouteError(f"{path} lacks {exc}; {again}") from None

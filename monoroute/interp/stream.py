@@ -1,4 +1,4 @@
-"""The token stream an analysis runs on: validation documents, encoded with the run's tokenizer.
+"""The token stream an analysis runs on: one split's documents, encoded with the run's tokenizer.
 
 The model sees the same thing as in training and `eval` (documents each followed by the
 tokenizer's separator, cut into non-overlapping context windows), but here every position also
@@ -33,25 +33,31 @@ def separator_ids(tokenizer) -> list[int]:
     return [tokenizer.eot_id]
 
 
-def val_documents(source: str, text_column: str, val_fraction: float, max_bytes: int | None):
-    """The validation documents of a corpus spec, in corpus order, as training split them."""
-    if val_fraction <= 0:
+SPLITS = ("train", "val", "all")
+
+
+def split_documents(source: str, text_column: str, val_fraction: float, max_bytes: int | None, split: str = "val"):
+    """The documents of one split ("train", "val" or "all") of a corpus spec, in corpus order, as
+    training splits them."""
+    if split not in SPLITS:
+        raise MonorouteError(f"--split {split!r} is not one of {', '.join(SPLITS)}")
+    if split == "val" and val_fraction <= 0:
         raise MonorouteError(f"the run has val_fraction={val_fraction}, so there is no validation split to analyse; "
-                             f"pass --data SPEC with another corpus")
+                             f"pass --split all, or --data SPEC with another corpus")
     for key, text in cap_bytes(open_source(source, text_column).documents(), max_bytes, val_fraction):
-        if split_of(key, val_fraction) == "val":
+        if split == "all" or split_of(key, val_fraction) == split:
             yield text
 
 
 def build_stream(tokenizer, source: str, n_tokens: int, block_size: int, val_fraction: float,
-                 text_column: str = "text", max_bytes: int | None = None) -> Stream:
-    """The first ~n_tokens validation tokens (rounded down to whole windows, at least one)."""
+                 text_column: str = "text", max_bytes: int | None = None, split: str = "val") -> Stream:
+    """The first ~n_tokens tokens of the split's documents (rounded down to whole windows, at least one)."""
     if n_tokens < block_size:
         raise MonorouteError(f"--tokens {n_tokens} is less than one context window ({block_size} tokens); "
                              f"ask for at least {block_size}")
     sep = separator_ids(tokenizer)
     ids, doc_ids, docs, texts, total = [], [], [], [], 0
-    for text in val_documents(source, text_column, val_fraction, max_bytes):
+    for text in split_documents(source, text_column, val_fraction, max_bytes, split):
         body = np.asarray(tokenizer.encode(text), dtype=np.int64)
         if len(body) == 0:
             continue
@@ -66,7 +72,7 @@ def build_stream(tokenizer, source: str, n_tokens: int, block_size: int, val_fra
     P = min(n_tokens, total) // block_size * block_size
     if P == 0:
         raise MonorouteError(
-            f"the validation split of {source!r} has {total} tokens, fewer than one context window "
+            f"the {split} split of {source!r} has {total} tokens, fewer than one context window "
             f"({block_size}); use a larger corpus (--data SPEC)"
         )
     token_ids = np.concatenate(ids)[:P]

@@ -57,3 +57,19 @@ class Positions:
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+
+# --- floors: every unit set is read against the same architecture at its initialisation ----------------
+# The model's own units (dense neurons, routed units) against the untrained model ("random_init"); a
+# post-hoc SAE / transcoder against the same SAE / transcoder, same width and seed, before training
+# ("sae_init", "transcoder_init"), scored on the same positions.
+POST_HOC = ("sae", "transcoder")
+
+
+def floor_of(set_name: str) -> str:
+    """The name of the unit set that is `set_name`'s random-init floor."""
+    return f"{set_name}_init" if set_name in POST_HOC else "random_init"
+
+
+def is_floor(set_name: str) -> bool:
+    return set_name == "random_init" or set_name in {f"{k}_init" for k in POST_HOC}

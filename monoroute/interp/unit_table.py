@@ -72,18 +72,7 @@ def concept_columns(A: sp.csr_matrix, labels: ConceptLabels, min_firings: int = 
     concepts = np.flatnonzero(n_c > 0)
     Lt = M._labels_t(L)
     B, n_on = M._binarise(A, M._col_max(A), 0.0)
-    best_tp = np.zeros(N)
-    best_c = np.full(N, -1, dtype=np.int64)
-    best_f1 = np.zeros(N)
-    f1_c = np.full(N, -1, dtype=np.int64)
-    for c, units, tp in M._cooccurrence_rows(Lt, B, concepts):
-        better = tp > best_tp[units]
-        best_tp[units[better]] = tp[better]
-        best_c[units[better]] = c
-        f1 = 2 * tp / (n_on[units] + n_c[c])
-        better = f1 > best_f1[units] + 1e-12
-        best_f1[units[better]] = f1[better]
-        f1_c[units[better]] = c
+    best_tp, best_c, best_f1, f1_c = M._best_concept(Lt, B, concepts, N, n_on, n_c)
     enough = n_on >= min_firings
     with np.errstate(divide="ignore", invalid="ignore"):
         purity = np.where(enough, best_tp / np.maximum(n_on, 1), np.nan)

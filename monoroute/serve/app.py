@@ -26,6 +26,9 @@ import numpy as np
 from monoroute.errors import MonorouteError
 from monoroute.fileio import json_safe
 from monoroute.interp.store import per_concept_rows
+from monoroute.interp.types import floor_of
+
+FLOOR_SCORES = ("coverage", "coverage_at_m", "mean_purity", "sparse_probe_f1", "explanation_f1")
 
 STATIC = Path(__file__).parent / "static"
 SORTABLE = ("unit", "n_firings", "density", "max_act", "mean_act", "purity", "lift", "f1", "explanation_f1")
@@ -97,10 +100,12 @@ def run_summary(i: int, store) -> dict:
     sets = []
     for name in store.set_names:
         s = store.report["unit_sets"][name]
+        own_floor = store.report["unit_sets"].get(s.get("floor", floor_of(name)), {})
         sets.append({"name": name, "n_units": s.get("n_units"), "k": s.get("k"),
                      **{k: s.get(k) for k in ("l0", "live_slot_fraction", "dead_fraction", "coverage",
-                                               "mean_purity", "mean_purity_null", "sparse_probe_f1",
-                                               "explanation_f1", "spliced_val_loss")}})
+                                               "coverage_at_m", "mean_purity", "mean_purity_null", "sparse_probe_f1",
+                                               "explanation_f1", "spliced_val_loss")},
+                     "floor": {k: own_floor.get(k) for k in FLOOR_SCORES}})
     floor = store.report["unit_sets"].get("random_init", {})
     return {"id": i, "name": store.name, "path": str(store.run), "layer": store.layer, "own_set": store.own_set,
             "model": store.model_info, "sets": sets,

@@ -65,7 +65,7 @@ def token_units(store, text: str, set_name: str, top: int = TOP_UNITS) -> dict:
     model = store.model
     x = torch.tensor([ids], device=next(model.parameters()).device)
     _, cache = model.run_with_cache(x, names_filter=hooks)
-    idx, val = extract(cache)  # (T, k') each
+    idx, val = extract(cache)[:2]  # (T, k') each (a capped extractor adds its cap-hit count)
     val = val.float()
     order = val.argsort(dim=-1, descending=True)[:, :top]
     idx, val = idx.gather(-1, order), val.gather(-1, order)

@@ -90,14 +90,14 @@ async function viewOverview() {
       <td class="num">${fmt(m.params)}</td><td class="num">${fmt(run.n_positions)}</td><td>${run.layer}</td></tr>`;
   }
   html += `</table><h2>Unit sets (headline layer)</h2><table id="sets-table"><tr><th>run</th><th>unit set</th><th class="num">N</th>
-    <th class="num">L0</th><th class="num">live-slot</th><th class="num">dead</th><th class="num">coverage</th><th class="num">purity [null]</th>
+    <th class="num">L0</th><th class="num">live-slot</th><th class="num">dead</th><th class="num">coverage</th><th class="num">coverage@5</th><th class="num">purity [null]</th>
     <th class="num">probe F1</th><th class="num">expl. F1</th><th class="num">spliced loss</th><th></th></tr>`;
   for (const run of ov.runs) {
     for (const s of run.sets) {
-      const floor = s.name === run.own_set ? run.random_init : {};
+      const floor = s.floor || {};
       const fl = k => floor[k] !== undefined && floor[k] !== null ? ` <span class="muted">(${fmt(floor[k])})</span>` : "";
       html += `<tr><td>${esc(run.name)}</td><td>${esc(s.name)}</td><td class="num">${fmt(s.n_units)}</td><td class="num">${fmt(s.l0, 2)}</td>
-        <td class="num">${fmt(s.live_slot_fraction)}</td><td class="num">${pct(s.dead_fraction)}</td><td class="num">${fmt(s.coverage)}${fl("coverage")}</td>
+        <td class="num">${fmt(s.live_slot_fraction)}</td><td class="num">${pct(s.dead_fraction)}</td><td class="num">${fmt(s.coverage)}${fl("coverage")}</td><td class="num">${fmt(s.coverage_at_m)}${fl("coverage_at_m")}</td>
         <td class="num">${fmt(s.mean_purity)}${fl("mean_purity")} [${fmt(s.mean_purity_null)}]</td><td class="num">${fmt(s.sparse_probe_f1)}${fl("sparse_probe_f1")}</td>
         <td class="num">${fmt(s.explanation_f1)}${fl("explanation_f1")}</td><td class="num">${fmt(s.spliced_val_loss)}</td>
         <td><a class="set-link" href="#/units/${run.id}/${encodeURIComponent(s.name)}">units →</a></td></tr>`;
