@@ -223,7 +223,8 @@ def analyze(run_dir: str | Path, opts: AnalyzeOptions | None = None) -> dict:
                 scored.update(n_units=acts.n_units, k=acts.k)
                 if acts.layer == layer:
                     unit_sets[acts.name] = scored
-                    loaded[acts.name] = acts
+                    if not is_floor(acts.name):  # floors are only scored: nothing later reads their activations
+                        loaded[acts.name] = acts
                 else:
                     per_layer[f"L{acts.layer}"][acts.name] = dict(per_layer[f"L{acts.layer}"][acts.name],
                                                                   **{k: scored[k] for k in HEADLINE})

@@ -241,6 +241,29 @@ class Capture:
         pos = load_file(str(self.folder / POSITIONS))
         self.positions = Positions(pos["token_ids"], pos["doc_ids"], pos["window_pos"])
 
+    def _load_dense(self, key: str, P: int, N: int) -> sp.csr_matrix:
+        """A dense set's (P, N) CSR of its nonzero values, filled shard by shard into arrays sized from
+        the index's nnz counts (peak memory: the result plus one shard's block)."""
+        total = sum(int(shard["nnz"][key]) for shard in self.index["shards"])
+        data = np.empty(total, dtype=np.float32)
+        indices = np.empty(total, dtype=np.int32)
+        indptr = np.zeros(P + 1, dtype=np.int64)
+        row = at = 0
+        for shard in self.index["shards"]:
+            block = load_file(str(self.folder / shard["file"]))[f"{key}.dense"]  # (positions, N)
+            r, c = np.nonzero(block)  # row-major: sorted by row, then column (canonical CSR order)
+            n = len(r)
+            data[at:at + n] = block[r, c]
+            indices[at:at + n] = c
+            indptr[row + 1: row + len(block) + 1] = at + np.cumsum(np.bincount(r, minlength=len(block)))
+            row += len(block)
+            at += n
+            del block, r, c
+        matrix = sp.csr_matrix((data, indices, indptr), shape=(P, N))
+        matrix.has_sorted_indices = True
+        matrix.has_canonical_format = True
+        return matrix
+
     @property
     def keys(self) -> list[str]:
         return list(self.index["unit_sets"])
@@ -252,9 +275,7 @@ class Capture:
         info = self.index["unit_sets"][key]
         P, N = self.index["n_positions"], info["n_units"]
         if info.get("dense"):
-            blocks = [sp.csr_matrix(load_file(str(self.folder / shard["file"]))[f"{key}.dense"].astype(np.float32))
-                      for shard in self.index["shards"]]
-            matrix = sp.vstack(blocks, format="csr", dtype=np.float32) if blocks else sp.csr_matrix((P, N), dtype=np.float32)
+            matrix = self._load_dense(key, P, N)
         else:
             rows, cols, vals = [], [], []
             for shard in self.index["shards"]:

@@ -205,24 +205,28 @@ COVERAGE_M = 5  # units OR-ed per concept for coverage@m
 CANDIDATES = 16  # per concept: the best (unit, threshold) pairs on the selection half coverage@m draws from
 
 
-def _best_units(A: sp.csr_matrix, L: np.ndarray, thresholds, candidates: int = 0, n_c: np.ndarray | None = None):
+def _best_units(A: sp.csr_matrix, L: np.ndarray, thresholds, candidates: int = 0, n_c: np.ndarray | None = None,
+                rows: np.ndarray | None = None):
     """Per concept, the single best (unit, threshold) detector on these rows: on ⇔ activation > t · (the
     unit's maximum on these rows), F1 maximised over units and t (ties to the lower t, then the lower
     unit). Returns best_f1 (C,), best (C, 4) = (unit, precision, recall, t) (NaN where nothing fires),
     colmax (N,), and, when `candidates` > 0, per concept a list of up to that many (f1, unit, t),
-    best first, one entry per unit (its best t). `n_c`: positives per concept when the rows are only a
-    part of the positions that cannot miss a firing (a dashboard passes one unit's firing positions)."""
-    P, N = A.shape
+    best first, one entry per unit (its best t). `rows`: indices of A's rows to use (L holds only
+    those rows), without copying A. `n_c`: positives per concept when the rows are only a part of the
+    positions that cannot miss a firing (a dashboard passes one unit's firing positions)."""
     C = L.shape[1]
     n_c = L.sum(0).astype(np.int64) if n_c is None else np.asarray(n_c, dtype=np.int64)
     todo = np.flatnonzero(n_c > 0)
     Lt = _labels_t(L)
-    colmax = _col_max(A)
+    colmax = _col_max(A) if rows is None else _col_max(A[rows])
     best_f1 = np.zeros(C)
     best = np.full((C, 4), np.nan)
     pool: list[dict] = [{} for _ in range(C)]  # concept -> {unit: (f1, t)}
     for t in thresholds:
         B, n_on = _binarise(A, colmax, float(t))
+        if rows is not None:  # binarised first: the ones are lighter than A's values to slice
+            B = B[rows]
+            n_on = np.bincount(B.indices, minlength=B.shape[1])
         for c, units, tp in _cooccurrence_rows(Lt, B, todo):
             if len(units) == 0:
                 continue
@@ -244,17 +248,6 @@ def _best_units(A: sp.csr_matrix, L: np.ndarray, thresholds, candidates: int = 0
         del B
     ranked = [sorted(((f, u, t) for u, (f, t) in pool[c].items()), key=lambda x: (-x[0], x[1])) for c in range(C)]
     return best_f1, best, colmax, ranked
-
-
-def _on_sets(A: sp.csr_matrix, units: np.ndarray, thresholds: np.ndarray) -> sp.csc_matrix:
-    """(rows, len(units)) boolean CSC: where each listed unit's activation > its absolute threshold (and > 0)."""
-    cols = A[:, units].tocsc()
-    cols.sum_duplicates()
-    n = np.diff(cols.indptr)
-    thr = np.repeat(np.maximum(thresholds, 0.0).astype(np.float32), n)
-    keep = cols.data.astype(np.float32, copy=False) > thr
-    cum = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
-    return sp.csc_matrix((np.ones(int(keep.sum()), dtype=bool), cols.indices[keep], cum[cols.indptr]), shape=cols.shape)
 
 
 def _f1_of(on: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
@@ -340,8 +333,8 @@ def coverage(acts: UnitActivations, labels: ConceptLabels, doc_ids: np.ndarray |
     # held-out: chosen on the selection half, scored on the other
     sel, split = doc_split(doc_ids, 0.5, seed)
     si, hi = np.flatnonzero(sel), np.flatnonzero(~sel)
-    A_s, A_h, L_s, L_h = A[si], A[hi], L[si], L[hi]
-    sel_f1, sel_best, colmax_s, ranked = _best_units(A_s, L_s, thresholds, candidates if m > 1 else 0)
+    L_s, L_h = L[si], L[hi]
+    sel_f1, sel_best, colmax_s, ranked = _best_units(A, L_s, thresholds, candidates if m > 1 else 0, rows=si)
     scored = np.flatnonzero((L_s.sum(0) > 0) & (L_h.sum(0) > 0))
     # every detector any concept needs, as boolean on-sets on both halves (one column slice each)
     pairs = {}
@@ -350,17 +343,20 @@ def coverage(acts: UnitActivations, labels: ConceptLabels, doc_ids: np.ndarray |
             pairs[(int(sel_best[c, 0]), float(sel_best[c, 3]))] = None
         for _, u, t in ranked[c] if m > 1 else []:
             pairs[(u, t)] = None
-    keys = list(pairs)
-    col_of = {key: j for j, key in enumerate(keys)}
-    if keys:
-        units = np.asarray([u for u, _ in keys], dtype=np.int64)
-        thr = np.asarray([t for _, t in keys], dtype=np.float32) * colmax_s[units]
-        on_s, on_h = _on_sets(A_s, units, thr), _on_sets(A_h, units, thr)
+    uniq = np.unique(np.asarray([u for u, _ in pairs], dtype=np.int64))
+    cols = A[:, uniq].tocsc() if len(uniq) else None  # (P, units any detector needs): one column slice
+    col_of = {int(u): j for j, u in enumerate(uniq)}
+    rank = np.where(sel, np.cumsum(sel) - 1, np.cumsum(~sel) - 1)  # each position's index inside its half
 
-    def column(on: sp.csc_matrix, j: int, rows: int) -> np.ndarray:
-        v = np.zeros(rows, dtype=bool)
-        v[on.indices[on.indptr[j]:on.indptr[j + 1]]] = True
-        return v
+    def detector(u: int, t: float) -> tuple[np.ndarray, np.ndarray]:
+        """(on the selection half, on the held-out half) of unit u at relative threshold t."""
+        j = col_of[u]
+        pos, val = cols.indices[cols.indptr[j]:cols.indptr[j + 1]], cols.data[cols.indptr[j]:cols.indptr[j + 1]]
+        on = pos[val.astype(np.float32, copy=False) > max(np.float32(t) * colmax_s[u], np.float32(0))]
+        v_s, v_h = np.zeros(len(si), dtype=bool), np.zeros(len(hi), dtype=bool)
+        v_s[rank[on[sel[on]]]] = True
+        v_h[rank[on[~sel[on]]]] = True
+        return v_s, v_h
 
     held = np.full(C, np.nan)
     at_m = np.full(C, np.nan)
@@ -368,16 +364,15 @@ def coverage(acts: UnitActivations, labels: ConceptLabels, doc_ids: np.ndarray |
     for c in scored:
         row = {"f1": 0.0, "precision": None, "recall": None, "f1_at_m": 0.0, "units_at_m": []}
         if not np.isnan(sel_best[c, 0]):
-            j = col_of[(int(sel_best[c, 0]), float(sel_best[c, 3]))]
-            f1, prec, rec = _f1_of(column(on_h, j, len(hi)), L_h[:, c])
+            f1, prec, rec = _f1_of(detector(int(sel_best[c, 0]), float(sel_best[c, 3]))[1], L_h[:, c])
             row.update(f1=f1, precision=prec, recall=rec)
             if m > 1:
-                cand = [col_of[(u, t)] for _, u, t in ranked[c]]
-                chosen = _greedy_or([column(on_s, j2, len(si)) for j2 in cand], L_s[:, c], m)
+                cand = [detector(u, t) for _, u, t in ranked[c]]
+                chosen = _greedy_or([v_s for v_s, _ in cand], L_s[:, c], m)
                 union = np.zeros(len(hi), dtype=bool)
                 for i in chosen:
-                    union |= column(on_h, cand[i], len(hi))
-                row.update(f1_at_m=_f1_of(union, L_h[:, c])[0], units_at_m=[int(keys[cand[i]][0]) for i in chosen])
+                    union |= cand[i][1]
+                row.update(f1_at_m=_f1_of(union, L_h[:, c])[0], units_at_m=[int(ranked[c][i][1]) for i in chosen])
             else:
                 row.update(f1_at_m=f1, units_at_m=[int(sel_best[c, 0])])
         held[c], at_m[c] = row["f1"], row["f1_at_m"]
@@ -566,17 +561,20 @@ def sparse_probe(acts: UnitActivations, labels: ConceptLabels, doc_ids: np.ndarr
     ok = ((pos_tr >= min_positives) & (pos_te >= min_positives) & (len(tr_idx) - pos_tr >= min_positives)
           & (len(te_idx) - pos_te >= min_positives))
     concepts = np.flatnonzero(ok)
-    A_tr = A[tr_idx].astype(np.float64)
-    sum_all = np.asarray(A_tr.sum(0)).ravel()
-    Lt_tr = _labels_t(L_tr)
+    # train-row sums without copying A's rows: (C, P) labels that are zero off the train split, times A
+    # (float32 products; they only rank units)
+    L_train_only = np.zeros_like(L)
+    L_train_only[tr_idx] = L_tr
+    Lt_tr = _labels_t(L_train_only)
+    del L_train_only
+    sum_all = np.asarray(A.T @ train.astype(np.float32)).ravel().astype(np.float64)  # (N,) train-row sums
     tops = {}
-    for c, units, sums in _cooccurrence_rows(Lt_tr, A_tr, concepts):
+    for c, units, sums in _cooccurrence_rows(Lt_tr, A, concepts):
         n_pos, n_neg = float(pos_tr[c]), float(len(tr_idx) - pos_tr[c])
         pos_sum = np.zeros(N)
         pos_sum[units] = sums
         score = np.abs(pos_sum / n_pos - (sum_all - pos_sum) / n_neg)
         tops[c] = _top_units(score, kmax)
-    del A_tr
     needed = np.unique(np.concatenate(list(tops.values()))) if tops else np.zeros(0, dtype=np.int64)
     cols = A[:, needed].tocsc()  # (P, the probed units): never (P, N)
     where = {int(u): j for j, u in enumerate(needed)}
