@@ -68,7 +68,8 @@ def plot_loss_vs_flops(rows: list[dict], path: Path) -> None:
 def coverage_points(rows: list[dict]) -> list[tuple[str, str, float, float, float | None]]:
     """(kind, label, val loss, coverage, random-init coverage) for every analysed unit set. The SAE
     sits at its spliced loss (the model's loss when its reconstruction replaces the layer's output);
-    its floor is the dense model's own random-init neurons, the only untrained counterpart it has."""
+    its floor is the same SAE untrained (analyses from before matched floors: the dense model's neurons
+    at init)."""
     points = []
     for r in rows:
         if r["coverage"] is None or r["val_loss"] is None:
@@ -77,7 +78,9 @@ def coverage_points(rows: list[dict]) -> list[tuple[str, str, float, float, floa
                        r["coverage_random_init"]))
         if r["sae_coverage"] is not None:
             loss = r["sae_spliced_val_loss"] if r["sae_spliced_val_loss"] is not None else r["val_loss"]
-            points.append(("sae", f"{r['run']} + SAE", loss, r["sae_coverage"], r["coverage_random_init"]))
+            floor = r.get("sae_coverage_sae_init")
+            points.append(("sae", f"{r['run']} + SAE", loss, r["sae_coverage"],
+                           floor if floor is not None else r["coverage_random_init"]))
     return points
 
 

@@ -12,9 +12,9 @@ from monoroute.train.config import RunConfig
 
 FORMAT = 1
 JSON_FILE, CSV_FILE = "sweep.json", "sweep.csv"
-UNIT_KEYS = ("coverage", "mean_purity", "mean_purity_null", "sparse_probe_f1", "explanation_f1", "l0",
-             "live_slot_fraction", "dead_fraction")
-FLOOR_KEYS = ("coverage", "mean_purity", "sparse_probe_f1", "explanation_f1")
+UNIT_KEYS = ("coverage", "coverage_in_sample", "coverage_at_m", "mean_purity", "mean_purity_null", "sparse_probe_f1",
+             "explanation_f1", "l0", "live_slot_fraction", "dead_fraction")
+FLOOR_KEYS = ("coverage", "coverage_in_sample", "coverage_at_m", "mean_purity", "sparse_probe_f1", "explanation_f1")
 SAE_KEYS = ("coverage", "mean_purity", "sparse_probe_f1", "explanation_f1", "l0", "spliced_val_loss",
             "clean_val_loss", "explained_variance", "loss_recovered")
 COLUMNS = (
@@ -24,7 +24,7 @@ COLUMNS = (
      "dead_fraction", "unit_set", "n_positions"]
     + [f"units_{key}" for key in ("l0", "dead_fraction")]
     + [c for key in FLOOR_KEYS for c in (key, f"{key}_random_init")] + ["mean_purity_null"]
-    + [f"sae_{key}" for key in SAE_KEYS]
+    + [f"sae_{key}" for key in SAE_KEYS] + ["sae_coverage_sae_init"]
 )
 
 
@@ -46,7 +46,8 @@ def key_settings(cfg: RunConfig) -> dict:
 
 def analysis_numbers(report: dict) -> dict:
     """From an analyze report: the trained units of the analysed layer (routed units or dense
-    neurons), the same architecture at random init (the floor), and the SAE when there is one."""
+    neurons), the same architecture at random init (the floor), and the SAE with its own floor (the
+    untrained SAE) when there is one."""
     sets = report["unit_sets"]
     trained = "routed_units" if "routed_units" in sets else "dense_neurons"
     pick = lambda s, keys: {key: s.get(key) for key in keys}  # noqa: E731
@@ -55,6 +56,7 @@ def analysis_numbers(report: dict) -> dict:
            "seconds": report.get("seconds")}
     if "sae" in sets:
         out["sae"] = pick(sets["sae"], SAE_KEYS)
+        out["sae"]["coverage_sae_init"] = sets.get("sae_init", {}).get("coverage")
     return out
 
 
@@ -75,6 +77,7 @@ def row(entry: dict) -> dict:
     for key in FLOOR_KEYS:
         r[key], r[f"{key}_random_init"] = units.get(key), floor.get(key)
     r.update({f"sae_{key}": sae.get(key) for key in SAE_KEYS})
+    r["sae_coverage_sae_init"] = sae.get("coverage_sae_init")
     return r
 
 
@@ -112,7 +115,7 @@ def _with_floor(r: dict, key: str, floor_key: str) -> str:
 def text_table(rows: list[dict]) -> str:
     """Aligned table; the SAE of a dense run gets its own line, at its spliced loss."""
     header = ["run", "ffn", "width", "val loss", "FLOPs/tok", "active", "tok/s", "L0", "live", "dead %",
-              "coverage", "purity", "purity null", "probe F1", "expl. F1"]
+              "coverage", "coverage@5", "purity", "purity null", "probe F1", "expl. F1"]
     lines = []
     for r in rows:
         width = f"N={r['n_units']} k={r['k']}" if r["n_units"] is not None else f"d_ff={r['d_ff']}"
@@ -123,16 +126,19 @@ def text_table(rows: list[dict]) -> str:
         lines.append([r["run"], r["ffn"], width, _num(r["val_loss"]), _num(r["flops_per_token"]),
                       _num(r["active_params"]), _num(r["tokens_per_s"], 0), _num(r["l0"], 2),
                       _num(r["live_slot_fraction"]), _num(dead, 1), _with_floor(r, "coverage", "coverage_random_init"),
+                      _with_floor(r, "coverage_at_m", "coverage_at_m_random_init"),
                       _with_floor(r, "mean_purity", "mean_purity_random_init"), _num(r["mean_purity_null"]),
                       _with_floor(r, "sparse_probe_f1", "sparse_probe_f1_random_init"),
                       _with_floor(r, "explanation_f1", "explanation_f1_random_init")])
         if r["sae_coverage"] is not None:
             lines.append([f"  {r['run']} + SAE", "sae", "", _num(r["sae_spliced_val_loss"]), "", "", "",
-                          _num(r["sae_l0"], 2), "", "", _num(r["sae_coverage"]), _num(r["sae_mean_purity"]),
+                          _num(r["sae_l0"], 2), "", "", _with_floor(r, "sae_coverage", "sae_coverage_sae_init"), "",
+                          _num(r["sae_mean_purity"]),
                           "", _num(r["sae_sparse_probe_f1"]), _num(r["sae_explanation_f1"])])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
     out += ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
-    out.append("(in brackets: the same architecture at random init; purity null: the same firing counts at "
+    out.append("(in brackets: the same architecture at random init; coverage: held-out (unit chosen on half the "
+               "documents, scored on the other); purity null: the same firing counts at "
                "random positions; SAE rows: val loss with the SAE spliced in)")
     return "\n".join(out)
