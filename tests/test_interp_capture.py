@@ -152,3 +152,20 @@ def test_stream_errors(tmp_path):
         build_stream(ByteTokenizer(), str(corpus), n_tokens=3, block_size=BLOCK, val_fraction=0.5)
     with pytest.raises(MonorouteError, match="no validation split"):
         build_stream(ByteTokenizer(), str(corpus), n_tokens=1000, block_size=BLOCK, val_fraction=0.0)
+
+
+def test_a_format_1_capture_still_reads_but_is_not_resumed(tmp_path):
+    """Analyses written before exact dense captures (format 1: every set as COO triples) still load in
+    the browser; a new capture into that folder starts over instead of appending to it."""
+    model, pos = tiny("routed"), positions(4)
+    capture(model, pos, model_unit_sets(model), tmp_path, BLOCK, "fp", shard_windows=2, progress=False)
+    expected = Capture(tmp_path).load("routed_units.L0").matrix.toarray()
+    index = json.loads((tmp_path / "index.json").read_text())
+    index["format"] = 1
+    for info in index["unit_sets"].values():
+        info.pop("dense"), info.pop("cap")
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    np.testing.assert_array_equal(Capture(tmp_path).load("routed_units.L0").matrix.toarray(), expected)
+    from monoroute.interp.capture import read_index
+
+    assert read_index(tmp_path) is None  # what `capture` resumes from: nothing

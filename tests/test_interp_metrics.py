@@ -350,3 +350,22 @@ def test_all_metrics_keys_and_json():
 M_HEADLINE = ("l0", "live_slot_fraction", "dead_fraction", "coverage", "coverage_in_sample", "coverage_at_m",
               "mean_purity", "mean_purity_null",
               "share_pure", "share_pure_null", "sparse_probe_f1", "sparse_probe_f1_top1", "explanation_f1")
+
+
+def test_positive_part_keeps_exactly_the_firings_and_no_score_that_reads_firing_changes():
+    rng = np.random.default_rng(11)
+    P, N = 3000, 40
+    dense = rng.normal(size=(P, N)).astype(np.float32)  # signed, like exactly captured GELU neurons
+    acts = UnitActivations("dense_neurons", 0, sp.csr_matrix(dense))
+    fired = M.positive_part(acts)
+    assert fired.matrix.nnz == int((dense > 0).sum()) and (fired.matrix.data > 0).all()
+    np.testing.assert_array_equal(fired.matrix.toarray(), np.where(dense > 0, dense, 0))
+    assert M.positive_part(fired) is fired  # nothing to drop: the same object
+    doc_ids = np.repeat(np.arange(P // 100), 100)
+    L = np.stack([dense[:, 0] > 1.0, rng.random(P) < 0.2], axis=1)
+    labels = ConceptLabels(["u0", "noise"], L)
+    a, b = M.coverage(acts, labels, doc_ids), M.coverage(fired, labels, doc_ids)
+    assert a["coverage"] == b["coverage"] and a["coverage_at_m"] == b["coverage_at_m"]
+    assert a["per_concept"][0]["best_unit"] == 0 and a["per_concept"][0]["f1"] > 0.8  # unit 0 at t = 0.3 or so
+    assert M.firing_stats(acts)["l0"] == M.firing_stats(fired)["l0"] == pytest.approx((dense > 0).sum() / P)
+    assert M.firing_stats(acts)["l0_nonzero"] == pytest.approx(N)

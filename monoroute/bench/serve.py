@@ -30,6 +30,7 @@ def synthetic_store(folder: Path, n_units: int, n_positions: int, k: int, n_conc
     import scipy.sparse as sp
 
     from monoroute.fileio import save_safetensors_atomic, write_json_atomic
+    from monoroute.interp.capture import FORMAT as CAPTURE_FORMAT
     from monoroute.interp.store import save_labels
     from monoroute.interp.types import ConceptLabels, Positions, UnitActivations
     from monoroute.interp.unit_table import build_unit_table, write_unit_table
@@ -65,7 +66,7 @@ def synthetic_store(folder: Path, n_units: int, n_positions: int, k: int, n_conc
     from monoroute.fileio import sha256
 
     write_json_atomic(cap / "index.json", {
-        "format": 1, "fingerprint": "synthetic", "n_positions": P, "block_size": 128, "shard_windows": P // 128,
+        "format": CAPTURE_FORMAT, "fingerprint": "synthetic", "n_positions": P, "block_size": 128, "shard_windows": P // 128,
         "unit_sets": {key: {"name": "routed_units", "layer": 0, "n_units": N, "k": k, "hook": "blocks.0.mlp.hook_post"}},
         "shards": [{"file": "shard-00000.safetensors", "first_window": 0, "n_windows": P // 128,
                     "sha256": sha256(cap / "shard-00000.safetensors"), "nnz": {key: int(A.nnz)}}], "complete": True})

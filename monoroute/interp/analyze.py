@@ -10,13 +10,14 @@ result replaces RUN/analysis/ in one rename, so `analysis/` never holds a half-w
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import resource
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -92,218 +93,287 @@ def check_options(run: Path, opts: AnalyzeOptions) -> None:
         raise MonorouteError("--interventions and --dashboards must be 0 or more")
 
 
-def analyze(run_dir: str | Path, opts: AnalyzeOptions | None = None) -> dict:
-    """Run the whole analysis of one run; returns report.json's content (also written to RUN/analysis/)."""
-    from monoroute.data import load_tokenizer, prepare_data
-    from monoroute.devices import resolve_device
-    from monoroute.interp import labels as L
-    from monoroute.models import GPT
-    from monoroute.train.trainer import evaluate, load_run
+@dataclass
+class Job:
+    """What every stage of one analysis reads: the run, its model and the analysed positions."""
 
-    opts = opts or AnalyzeOptions()
+    run: Path
+    opts: AnalyzeOptions
+    cfg: object  # RunConfig
+    model: object  # GPT, eval mode
+    tokenizer: object
+    device: torch.device
+    layer: int  # the headline layer, scored in full (and where baselines train)
+    score_layers: list[int]
+    source: str
+    split: str
+    stream: Stream
+    keep: int | None  # the dense sets' per-position cap (None: exact)
+    work: Path
+    fingerprint: str
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def block(self) -> int:
+        return self.cfg.model.block_size
+
+    @property
+    def trained_name(self) -> str:
+        return "routed_units" if self.cfg.model.ffn_kinds()[self.layer] == "routed" else "dense_neurons"
+
+    @contextlib.contextmanager
+    def lap(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - t0, 2)
+
+
+def analyze(run_dir: str | Path, opts: AnalyzeOptions | None = None) -> dict:
+    """Run the whole analysis of one run; returns report.json's content (also written to RUN/analysis/).
+
+    Stages: prepare (load, check, the analysed stream) -> capture (trained model and its random init)
+    -> model numbers -> baselines (trained and untrained SAE / transcoder, captured) -> labels ->
+    scores -> the browser's store -> dashboards -> interventions -> report, published in one rename."""
+    from monoroute.data import prepare_data
+
+    start = time.perf_counter()
+    job = prepare(run_dir, opts or AnalyzeOptions())
+    with job.lap("capture"):
+        capture_model(job)
+    store = prepare_data(job.cfg.data)
+    with job.lap("val_loss"):
+        model_info = model_numbers(job, store)
+    baselines_info = train_baselines(job, store)
+    with job.lap("labels"):
+        labels = job_labels(job)
+    with job.lap("metrics"):
+        unit_sets, per_layer, loaded = score(job, labels, baselines_info)
+    from monoroute.interp.dashboards import vocab_strings
+
+    strings = vocab_strings(job.tokenizer, job.cfg.model.vocab_size)
+    with job.lap("unit_tables"):
+        write_browser_store(job, labels, loaded, strings)
+    chosen = pick_concepts(unit_sets[job.trained_name], max(job.opts.dashboards, job.opts.interventions))
+    with job.lap("dashboards"):
+        dashboards = make_dashboards(job, labels, unit_sets, loaded, strings, chosen, list(baselines_info))
+    with job.lap("interventions"):
+        interventions = run_interventions(job, labels, unit_sets, loaded, chosen)
+    report = {
+        "store_format": STORE_FORMAT, "run": str(job.run), "data": job.source, "split": job.split,
+        "n_positions": len(job.stream.positions), "n_documents": len(job.stream.docs), "dense_cap": job.keep,
+        "layer": job.layer, "scored_layers": job.score_layers, "config": job.cfg.to_dict(), "model": model_info,
+        "concepts": {"names": labels.names, "frequency": [round(float(f), 6) for f in labels.frequency()]},
+        "unit_sets": unit_sets, "per_layer": per_layer, "interventions": interventions,
+        "dashboards": dashboards, "timings_s": job.timings,
+    }
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    report["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    from monoroute.interp.report import write_outputs
+
+    write_outputs(report, job.work)
+    publish(job.run, job.work)
+    return report
+
+
+def prepare(run_dir: str | Path, opts: AnalyzeOptions) -> Job:
+    """Load and check the run (a clear error for missing or corrupt weights, a bad layer, baselines
+    on a routed layer, a bad concept file) and build the analysed token stream."""
+    from monoroute.data import load_tokenizer
+    from monoroute.devices import resolve_device
+    from monoroute.train.trainer import load_run
+
     run = Path(run_dir)
     check_options(run, opts)
-    start = time.perf_counter()
-    device = resolve_device(opts.device)
-    cfg, model = load_run(run, opts.device)  # a clear error when weights are missing or corrupt
+    cfg, model = load_run(run, opts.device)
     tokenizer = load_tokenizer(run / "tokenizer.json")
     n_layer = cfg.model.n_layer
     layer = n_layer // 2 if opts.layer is None else opts.layer
     if not 0 <= layer < n_layer:
         raise MonorouteError(f"--layer {layer} is out of range: the model has layers 0..{n_layer - 1}")
-    kinds = cfg.model.ffn_kinds()
-    if (opts.sae or opts.transcoder) and kinds[layer] != "dense":
+    if (opts.sae or opts.transcoder) and cfg.model.ffn_kinds()[layer] != "dense":
         raise MonorouteError(f"--sae/--transcoder train on a dense FFN's activations, but layer {layer} of {run} is "
                              f"routed; run them on the dense run (or pick a dense --layer)")
-    labeller = L.labeller_for(opts.data or cfg.data.source, opts.concepts)  # a bad concept file fails here
+    from monoroute.interp import labels as L
+
+    L.labeller_for(opts.data or cfg.data.source, opts.concepts)  # a bad concept file fails here, before any work
     source = opts.data or cfg.data.source
     split = opts.split or ("val" if opts.data is None else "all")
     stream = build_stream(tokenizer, source, opts.tokens, cfg.model.block_size,
                           cfg.data.val_fraction if opts.data is None else max(cfg.data.val_fraction, 0.05),
                           cfg.data.text_column, cfg.data.max_bytes if opts.data is None else None, split)
     keep = dense_cap(opts, cfg, len(stream.positions))
-    timings: dict[str, float] = {}
-
-    def lap(name: str, t0: float) -> None:
-        timings[name] = round(time.perf_counter() - t0, 2)
-
     work = run / WORK_DIR
     work.mkdir(exist_ok=True)
     settings = json.dumps({"data": source, "split": split, "tokens": opts.tokens, "keep": keep, "seed": opts.seed,
                            "layer": layer, "all_layers": opts.all_layers}, sort_keys=True)
     fingerprint = hashlib.sha256((weights_fingerprint(model) + settings).encode()).hexdigest()[:16]
-    block = cfg.model.block_size
-    score_layers = list(range(n_layer)) if opts.all_layers else [layer]
+    return Job(run, opts, cfg, model, tokenizer, resolve_device(opts.device), layer,
+               list(range(n_layer)) if opts.all_layers else [layer], source, split, stream, keep, work, fingerprint)
 
-    # --- capture: trained model, random-init floor ------------------------------------------
-    t0 = time.perf_counter()
-    trained_sets = model_unit_sets(model, keep=keep)
-    capture(model, stream.positions, trained_sets, work / "capture", block, fingerprint,
-            progress=opts.progress, device=device, desc="capture trained")
+
+def capture_model(job: Job) -> None:
+    """Every FFN layer of the trained model, and of the same config at the run's own initialisation."""
+    from monoroute.models import GPT
+
+    capture(job.model, job.stream.positions, model_unit_sets(job.model, keep=job.keep), job.work / "capture",
+            job.block, job.fingerprint, progress=job.opts.progress, device=job.device, desc="capture trained")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.train.seed)  # the run's own initialisation, before any step
-        random_model = GPT(cfg.model).to(device).eval()
-    random_sets = model_unit_sets(random_model, prefix="random_init", keep=keep)
-    capture(random_model, stream.positions, random_sets, work / "capture-random", block, fingerprint,
-            progress=opts.progress, device=device, desc="capture random init")
-    lap("capture", t0)
+        torch.manual_seed(job.cfg.train.seed)  # the run's own initialisation, before any step
+        random_model = GPT(job.cfg.model).to(job.device).eval()
+    capture(random_model, job.stream.positions, model_unit_sets(random_model, prefix="random_init", keep=job.keep),
+            job.work / "capture-random", job.block, job.fingerprint, progress=job.opts.progress, device=job.device,
+            desc="capture random init")
 
-    # --- model-level numbers -------------------------------------------------------------------
-    t0 = time.perf_counter()
-    store = prepare_data(cfg.data)
-    val_loss = evaluate(model, store, cfg, device)
-    flops = model.flops_per_token()
-    model_info = {"val_loss": val_loss, "flops_per_token": flops["total"], "params": model.n_params(),
-                  "active_params": model.n_active_params(), "tokens_per_s": median_tokens_per_s(run),
-                  "ffn": cfg.model.ffn, "n_units": cfg.model.n_units if "routed" in kinds else None,
-                  "k": cfg.model.k if "routed" in kinds else None, "d_ff": cfg.model.ffn_width,
-                  "l1_coef": cfg.model.l1_coef if "routed" in kinds else None}
-    lap("val_loss", t0)
 
-    # --- baselines -------------------------------------------------------------------------------
-    baselines_info: dict[str, dict] = {}
-    baseline_sets: list[UnitSet] = []
-    if opts.sae or opts.transcoder:
-        from monoroute.interp import baselines as B
+def model_numbers(job: Job, store) -> dict:
+    from monoroute.train.trainer import evaluate
 
-        n_latents = opts_n_latents(cfg)
-        k_latents = cfg.model.k
-        for kind in ("sae", "transcoder"):
-            if not getattr(opts, kind):
-                continue
+    cfg, model = job.cfg, job.model
+    routed = "routed" in cfg.model.ffn_kinds()
+    return {"val_loss": evaluate(model, store, cfg, job.device), "flops_per_token": model.flops_per_token()["total"],
+            "params": model.n_params(), "active_params": model.n_active_params(),
+            "tokens_per_s": median_tokens_per_s(job.run), "ffn": cfg.model.ffn,
+            "n_units": cfg.model.n_units if routed else None, "k": cfg.model.k if routed else None,
+            "d_ff": cfg.model.ffn_width, "l1_coef": cfg.model.l1_coef if routed else None}
+
+
+def train_baselines(job: Job, store) -> dict[str, dict]:
+    """--sae / --transcoder: train each, measure its reconstruction and spliced loss, and capture its
+    latents beside those of its matched floor (the same architecture, width and seed, untrained).
+    Returns {kind: numbers} (empty without baselines)."""
+    opts = job.opts
+    if not (opts.sae or opts.transcoder):
+        return {}
+    from monoroute.interp import baselines as B
+
+    model, layer, device = job.model, job.layer, str(job.device)
+    n_latents, k_latents = opts_n_latents(job.cfg), job.cfg.model.k
+    infos: dict[str, dict] = {}
+    sets: list[UnitSet] = []
+    for kind in ("sae", "transcoder"):
+        if not getattr(opts, kind):
+            continue
+        with job.lap(f"train_{kind}"):
             t0 = time.perf_counter()
             trainer = B.train_sae if kind == "sae" else B.train_transcoder
             tokens = opts.baseline_tokens or (B.SAE_TOKENS if kind == "sae" else B.TRANSCODER_TOKENS)
-            base = trainer(model, store, layer, n_latents, k_latents, tokens=tokens, seed=opts.seed,
-                           device=str(device), progress=opts.progress)
-            base.save(work / kind)
-            windows = torch.from_numpy(stream.positions.token_ids[: 64 * block].reshape(-1, block))
+            base = trainer(model, store, layer, n_latents, k_latents, tokens=tokens, seed=opts.seed, device=device,
+                           progress=opts.progress)
+            base.save(job.work / kind)
+            windows = torch.from_numpy(job.stream.positions.token_ids[: 64 * job.block].reshape(-1, job.block))
             info = B.explained_variance(base, model, windows)
-            clean, spliced, zero = B.spliced_loss(model, base, store, cfg)
+            clean, spliced, zero = B.spliced_loss(model, base, store, job.cfg)
             info.update(clean_val_loss=clean, spliced_val_loss=spliced, zero_ablation_val_loss=zero,
                         loss_recovered=(zero - spliced) / (zero - clean) if zero != clean else None,
-                        n_latents=n_latents, k=k_latents, train_tokens=tokens, train_seconds=round(time.perf_counter() - t0, 1))
-            baselines_info[kind] = info
-            baseline_sets.append(UnitSet(f"{kind}.L{layer}", kind, layer, n_latents, k_latents, base.hook,
-                                         base.extractor()))
-            lap(f"train_{kind}", t0)
-            # its matched floor: the same architecture, width and seed, untrained, on the same positions
-            init = (B.init_sae(model, store, layer, n_latents, k_latents, seed=opts.seed, device=str(device))
-                    if kind == "sae" else B.init_transcoder(model, layer, n_latents, k_latents, opts.seed, str(device)))
-            init_name = floor_of(kind)
-            baseline_sets.append(UnitSet(f"{init_name}.L{layer}", init_name, layer, n_latents, k_latents, init.hook,
-                                         init.extractor()))
-        t0 = time.perf_counter()
-        capture(model, stream.positions, baseline_sets, work / "capture-baselines", block, fingerprint,
-                progress=opts.progress, device=device, desc="capture baselines")
-        lap("capture_baselines", t0)
+                        n_latents=n_latents, k=k_latents, train_tokens=tokens,
+                        train_seconds=round(time.perf_counter() - t0, 1))
+        infos[kind] = info
+        sets.append(UnitSet(f"{kind}.L{layer}", kind, layer, n_latents, k_latents, base.hook, base.extractor()))
+        init = (B.init_sae(model, store, layer, n_latents, k_latents, seed=opts.seed, device=device)
+                if kind == "sae" else B.init_transcoder(model, layer, n_latents, k_latents, opts.seed, device))
+        init_name = floor_of(kind)
+        sets.append(UnitSet(f"{init_name}.L{layer}", init_name, layer, n_latents, k_latents, init.hook, init.extractor()))
+    with job.lap("capture_baselines"):
+        capture(model, job.stream.positions, sets, job.work / "capture-baselines", job.block, job.fingerprint,
+                progress=opts.progress, device=job.device, desc="capture baselines")
+    return infos
 
-    # --- labels ------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    labeller.fit(stream.texts)
-    labels = label_stream(labeller, stream, tokenizer)
-    lap("labels", t0)
 
-    # --- metrics -------------------------------------------------------------------------------------
+def job_labels(job: Job):
+    from monoroute.interp import labels as L
+
+    labeller = L.labeller_for(job.source, job.opts.concepts)
+    labeller.fit(job.stream.texts)
+    return label_stream(labeller, job.stream, job.tokenizer)
+
+
+def score(job: Job, labels, baselines_info: dict[str, dict]):
+    """Firing statistics of every captured set on every layer, all metrics on the scored layers.
+    Returns (unit_sets of the headline layer, per_layer, the headline layer's non-floor activations)."""
     from monoroute.interp import metrics as M
 
-    t0 = time.perf_counter()
-    captures = [Capture(work / "capture"), Capture(work / "capture-random")]
-    if baseline_sets:
-        captures.append(Capture(work / "capture-baselines"))
+    folders = ["capture", "capture-random"] + (["capture-baselines"] if baselines_info else [])
     per_layer: dict[str, dict] = {}
     unit_sets: dict[str, dict] = {}
     loaded = {}
-    for cap in captures:
+    for folder in folders:
+        cap = Capture(job.work / folder)
         for key in cap.keys:
             acts = cap.load(key)
-            per_layer.setdefault(f"L{acts.layer}", {})[acts.name] = M.firing_stats(acts)
-            if acts.layer in score_layers:
-                scored = M.all_metrics(acts, labels, stream.positions, seed=opts.seed)
-                scored.update(n_units=acts.n_units, k=acts.k)
-                if acts.layer == layer:
-                    unit_sets[acts.name] = scored
-                    if not is_floor(acts.name):  # floors are only scored: nothing later reads their activations
-                        loaded[acts.name] = acts
-                else:
-                    per_layer[f"L{acts.layer}"][acts.name] = dict(per_layer[f"L{acts.layer}"][acts.name],
-                                                                  **{k: scored[k] for k in HEADLINE})
-            else:
-                del acts
+            here = per_layer.setdefault(f"L{acts.layer}", {})
+            here[acts.name] = M.firing_stats(acts)
+            if acts.layer not in job.score_layers:
+                continue
+            scored = M.all_metrics(acts, labels, job.stream.positions, seed=job.opts.seed)
+            scored.update(n_units=acts.n_units, k=acts.k)
+            if acts.layer != job.layer:
+                here[acts.name] = dict(here[acts.name], **{k: scored[k] for k in HEADLINE})
+                continue
+            unit_sets[acts.name] = scored
+            if not is_floor(acts.name):  # floors are only scored: nothing later reads their activations
+                loaded[acts.name] = acts
     for kind, info in baselines_info.items():
         unit_sets[kind].update(info)
     for name, scored in unit_sets.items():
         if not is_floor(name):
             scored["floor"] = floor_of(name)
-    lap("metrics", t0)
+    return unit_sets, per_layer, loaded
 
-    # --- the browser's store: concept labels and one row per unit of each headline unit set ---------
-    t0 = time.perf_counter()
-    from monoroute.interp.dashboards import vocab_strings
+
+def write_browser_store(job: Job, labels, loaded: dict, strings: list[str]) -> None:
+    """What `monoroute serve` reads: the concept labels and one row per unit of each headline set."""
     from monoroute.interp.store import save_labels
     from monoroute.interp.unit_table import build_unit_table, write_unit_table
 
-    strings = vocab_strings(tokenizer, cfg.model.vocab_size)
-    save_labels(labels, work / "labels.safetensors")
+    save_labels(labels, job.work / "labels.safetensors")
     for set_name, acts in loaded.items():
-        if not is_floor(set_name):
-            write_unit_table(build_unit_table(acts, labels, stream.positions, strings, seed=opts.seed),
-                             work / "units" / f"{set_name}.parquet")
-    lap("unit_tables", t0)
+        write_unit_table(build_unit_table(acts, labels, job.stream.positions, strings, seed=job.opts.seed),
+                         job.work / "units" / f"{set_name}.parquet")
 
-    # --- dashboards and interventions on the headline layer's trained units -------------------------
-    t0 = time.perf_counter()
+
+def make_dashboards(job: Job, labels, unit_sets: dict, loaded: dict, strings: list[str], chosen: list[str],
+                    baselines: list[str]) -> list[dict]:
+    """Dashboards of the best unit of each chosen concept, in the model's own set and each baseline."""
+    from monoroute.interp import metrics as M
     from monoroute.interp.dashboards import unit_dashboard
-    from monoroute.interp.interventions import specificity_table, unit_logit_effect
+    from monoroute.interp.interventions import unit_logit_effect
 
-    trained_name = "routed_units" if kinds[layer] == "routed" else "dense_neurons"
-    chosen = pick_concepts(unit_sets[trained_name], max(opts.dashboards, opts.interventions))
+    positions, seed = job.stream.positions, job.opts.seed
     dashboards = []
-    for set_name in [trained_name] + list(baselines_info):
+    for set_name in [job.trained_name] + baselines:
         acts = loaded[set_name]
         best = {c["concept"]: c["best_unit"] for c in unit_sets[set_name]["details"]["coverage"]["per_concept"]}
-        for concept in chosen[: opts.dashboards]:
+        for concept in chosen[: job.opts.dashboards]:
             unit = best.get(concept)
             if unit is None:
                 continue
-            dash = unit_dashboard(acts.matrix, unit, stream.positions, strings, labels, seed=opts.seed)
-            dash.update(set=set_name, layer=layer, concept=concept)
-            if set_name == trained_name:
-                dash["logit_effect"] = unit_logit_effect(model, layer, unit, top=8, tokenizer=tokenizer)
-            dash["explanation"] = M.explanation_scores(acts, stream.positions.token_ids, stream.positions.doc_ids,
-                                                       units=[unit], seed=opts.seed)["per_unit"][0] \
-                if acts.matrix[:, unit].nnz else None
+            dash = unit_dashboard(acts.matrix, unit, positions, strings, labels, seed=seed)
+            dash.update(set=set_name, layer=job.layer, concept=concept)
+            if set_name == job.trained_name:
+                dash["logit_effect"] = unit_logit_effect(job.model, job.layer, unit, top=8, tokenizer=job.tokenizer)
+            dash["explanation"] = M.explanation_scores(acts, positions.token_ids, positions.doc_ids, units=[unit],
+                                                       seed=seed)["per_unit"][0] if acts.matrix[:, unit].nnz else None
             dashboards.append(dash)
-    lap("dashboards", t0)
+    return dashboards
 
-    t0 = time.perf_counter()
-    best_trained = {c["concept"]: c["best_unit"] for c in unit_sets[trained_name]["details"]["coverage"]["per_concept"]}
-    n_win = min(64, len(stream.positions) // block)
-    windows = torch.from_numpy(stream.positions.token_ids[: n_win * block].reshape(n_win, block))
+
+def run_interventions(job: Job, labels, unit_sets: dict, loaded: dict, chosen: list[str]) -> list[dict]:
+    """Ablate / clamp / steer the best trained unit of each chosen concept: effect where the concept
+    holds against elsewhere."""
+    from monoroute.interp.interventions import specificity_table
+
+    rows = unit_sets[job.trained_name]["details"]["coverage"]["per_concept"]
+    best = {c["concept"]: c["best_unit"] for c in rows}
+    block, positions = job.block, job.stream.positions
+    n_win = min(64, len(positions) // block)
+    windows = torch.from_numpy(positions.token_ids[: n_win * block].reshape(n_win, block))
     concept_index = {name: i for i, name in enumerate(labels.names)}
     masks, units = {}, {}
-    for concept in chosen[: opts.interventions]:
+    for concept in chosen[: job.opts.interventions]:
         mask = labels.matrix[: n_win * block, concept_index[concept]].reshape(n_win, block)
         masks[concept] = torch.from_numpy(mask[:, :-1].copy())
-        units[concept] = [(layer, int(best_trained[concept]))]
-    interventions = specificity_table(model, windows, masks, units, loaded[trained_name]) if masks else []
-    lap("interventions", t0)
-
-    report = {
-        "store_format": STORE_FORMAT, "run": str(run), "data": source, "split": split,
-        "n_positions": len(stream.positions), "n_documents": len(stream.docs), "dense_cap": keep,
-        "layer": layer, "scored_layers": score_layers, "config": cfg.to_dict(), "model": model_info,
-        "concepts": {"names": labels.names, "frequency": [round(float(f), 6) for f in labels.frequency()]},
-        "unit_sets": unit_sets, "per_layer": per_layer, "interventions": interventions,
-        "dashboards": dashboards, "timings_s": timings,
-    }
-    report["seconds"] = round(time.perf_counter() - start, 1)
-    report["peak_rss_mb"] = round(peak_rss_mb(), 1)
-    from monoroute.interp.report import write_outputs
-
-    write_outputs(report, work)
-    publish(run, work)
-    return report
+        units[concept] = [(job.layer, int(best[concept]))]
+    return specificity_table(job.model, windows, masks, units, loaded[job.trained_name]) if masks else []
 
 
 def dense_cap(opts: AnalyzeOptions, cfg, n_positions: int) -> int | None:

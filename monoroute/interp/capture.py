@@ -209,12 +209,15 @@ def capture(
     return folder
 
 
-def read_index(folder: Path) -> dict | None:
+READABLE_FORMATS = (1, FORMAT)  # format 1 (every set as COO triples) still reads; a capture resumes only at FORMAT
+
+
+def read_index(folder: Path, formats: tuple[int, ...] = (FORMAT,)) -> dict | None:
     try:
         index = json.loads((folder / INDEX).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
-    return index if isinstance(index, dict) and index.get("format") == FORMAT else None
+    return index if isinstance(index, dict) and index.get("format") in formats else None
 
 
 def valid_shards(folder: Path, index: dict) -> list[dict]:
@@ -234,7 +237,7 @@ class Capture:
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
-        index = read_index(self.folder)
+        index = read_index(self.folder, READABLE_FORMATS)
         if index is None or not index.get("complete"):
             raise MonorouteError(f"{self.folder} holds no complete activation capture; run `monoroute analyze` again")
         self.index = index

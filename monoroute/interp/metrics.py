@@ -56,6 +56,21 @@ def _csr(acts: UnitActivations) -> sp.csr_matrix:
     return m
 
 
+def positive_part(acts: UnitActivations) -> UnitActivations:
+    """The same unit set with only its firing (> 0) entries: all that firing statistics, coverage,
+    purity, explanations and unit tables read. For exactly captured dense neurons (every signed value,
+    ~10 % of them positive once trained) it is a fraction of the matrix; a set that stores only
+    firings (routed units, TopK latents) comes back as it is."""
+    A = _csr(acts)
+    keep = A.data > 0
+    if keep.all():
+        return acts
+    cum = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
+    m = sp.csr_matrix((A.data[keep], A.indices[keep], cum[A.indptr]), shape=A.shape)
+    m.has_sorted_indices = True
+    return UnitActivations(acts.name, acts.layer, m, acts.k, meta=dict(acts.meta, positive_only=True))
+
+
 def _check_labels(A: sp.csr_matrix, labels: ConceptLabels) -> np.ndarray:
     L = np.asarray(labels.matrix, dtype=bool)
     if L.shape[0] != A.shape[0]:
@@ -810,10 +825,12 @@ def all_metrics(acts: UnitActivations, labels: ConceptLabels, positions: Positio
     them) and the full dicts under `details` (`firing`, `coverage`, `purity`, `sparse_probe`,
     `explanation`)."""
     fs = firing_stats(acts)
-    cov = coverage(acts, labels, positions.doc_ids, seed=seed)
-    pur = purity(acts, labels, seed=seed)
-    probe = sparse_probe(acts, labels, positions.doc_ids, seed=seed)
-    expl = explanation_scores(acts, positions.token_ids, positions.doc_ids, seed=seed)
+    probe = sparse_probe(acts, labels, positions.doc_ids, seed=seed)  # the only reader of signed values
+    fired = positive_part(acts)
+    cov = coverage(fired, labels, positions.doc_ids, seed=seed)
+    pur = purity(fired, labels, seed=seed)
+    expl = explanation_scores(fired, positions.token_ids, positions.doc_ids, seed=seed)
+    del fired
     return {
         "l0": fs["l0"], "live_slot_fraction": fs["live_slot_fraction"], "dead_fraction": fs["dead_fraction"],
         "coverage": cov["coverage"], "coverage_in_sample": cov["coverage_in_sample"],

@@ -102,7 +102,9 @@ def explanation_columns(acts: UnitActivations, positions: Positions, strings: li
 
 def build_unit_table(acts: UnitActivations, labels: ConceptLabels, positions: Positions, strings: list[str],
                      seed: int = 0, explain: bool = True) -> dict[str, np.ndarray | list]:
-    """All columns of the unit table (see the module docstring) as equal-length arrays / lists."""
+    """All columns of the unit table (see the module docstring) as equal-length arrays / lists. Every
+    column is about firing (> 0), so only the positive entries are read (a fraction of a dense set)."""
+    acts = M.positive_part(acts)
     A = M._csr(acts)
     P, N = A.shape
     C = A.tocsc()
