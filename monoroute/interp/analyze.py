@@ -111,6 +111,7 @@ class Job:
     keep: int | None  # the dense sets' per-position cap (None: exact)
     work: Path
     fingerprint: str
+    labeller: object  # the concept labeller for this corpus (fitted in `job_labels`)
     timings: dict = field(default_factory=dict)
 
     @property
@@ -195,7 +196,7 @@ def prepare(run_dir: str | Path, opts: AnalyzeOptions) -> Job:
                              f"routed; run them on the dense run (or pick a dense --layer)")
     from monoroute.interp import labels as L
 
-    L.labeller_for(opts.data or cfg.data.source, opts.concepts)  # a bad concept file fails here, before any work
+    labeller = L.labeller_for(opts.data or cfg.data.source, opts.concepts)  # a bad concept file fails here, before any work
     source = opts.data or cfg.data.source
     split = opts.split or ("val" if opts.data is None else "all")
     stream = build_stream(tokenizer, source, opts.tokens, cfg.model.block_size,
@@ -208,7 +209,8 @@ def prepare(run_dir: str | Path, opts: AnalyzeOptions) -> Job:
                            "layer": layer, "all_layers": opts.all_layers}, sort_keys=True)
     fingerprint = hashlib.sha256((weights_fingerprint(model) + settings).encode()).hexdigest()[:16]
     return Job(run, opts, cfg, model, tokenizer, resolve_device(opts.device), layer,
-               list(range(n_layer)) if opts.all_layers else [layer], source, split, stream, keep, work, fingerprint)
+               list(range(n_layer)) if opts.all_layers else [layer], source, split, stream, keep, work, fingerprint,
+               labeller)
 
 
 def capture_model(job: Job) -> None:
@@ -280,11 +282,8 @@ def train_baselines(job: Job, store) -> dict[str, dict]:
 
 
 def job_labels(job: Job):
-    from monoroute.interp import labels as L
-
-    labeller = L.labeller_for(job.source, job.opts.concepts)
-    labeller.fit(job.stream.texts)
-    return label_stream(labeller, job.stream, job.tokenizer)
+    job.labeller.fit(job.stream.texts)
+    return label_stream(job.labeller, job.stream, job.tokenizer)
 
 
 def score(job: Job, labels, baselines_info: dict[str, dict]):
