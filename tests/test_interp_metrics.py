@@ -100,8 +100,8 @@ def test_coverage_frequency_bins():
     assert bins["<0.1%"]["mean_f1"] == pytest.approx(2 / 101)  # unit 0 covers position 0 among its 100
     assert bins[">=10%"]["mean_f1"] == pytest.approx(2 * 100 / 1100)
     assert cov["coverage_in_sample"] == pytest.approx(np.mean([2 / 101, 2 * 10 / 110, 1.0, 200 / 1100]))
-    # held out: one document, so the halves are the first and last 1000 positions. Only f1000 has
-    # positives in both halves? No: all four concepts hold only in the first half, so none is scored.
+    # held out: one document, so the halves are the first and last 1000 positions; all four concepts
+    # hold only in the first half, so none is scored held out.
     assert cov["split"] == "positions" and cov["n_concepts"] == 0 and cov["coverage"] is None
     assert by["f100"]["f1"] is None and by["f100"]["best_unit"] == 0
 
