@@ -27,7 +27,8 @@ MIN_BPE_VOCAB = 258  # 256 byte symbols + end-of-text + at least one merge
 @dataclass
 class DataConfig:
     source: str = "stdlib"  # "stdlib" | path | dir | glob | "hf:NAME[:CONFIG]" (text column via text_column)
-    tokenizer: str = "byte"  # "byte" | "bpe"
+    tokenizer: str = "byte"  # "byte" | "bpe" | "file" (the tokenizer.json at tokenizer_file, e.g. a GPT-2's)
+    tokenizer_file: str | None = None
     bpe_vocab_size: int = 4096
     val_fraction: float = 0.05
     text_column: str = "text"
@@ -36,6 +37,11 @@ class DataConfig:
 
     def check(self) -> None:
         check_kind(self.tokenizer)
+        if self.tokenizer == "file":
+            if not self.tokenizer_file or not Path(self.tokenizer_file).is_file():
+                raise MonorouteError(f"tokenizer=file needs tokenizer_file pointing at a tokenizer.json, got "
+                                     f"{self.tokenizer_file!r}")
+            load_tokenizer(self.tokenizer_file)  # one clear error now if it is not a tokenizer we can use
         if not 0.0 <= self.val_fraction < 1.0:
             raise MonorouteError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.max_bytes is not None and self.max_bytes <= 0:
@@ -46,6 +52,11 @@ class DataConfig:
     def tokenizer_spec(self) -> dict:
         if self.tokenizer == "byte":
             return {"kind": "byte"}
+        if self.tokenizer == "file":
+            from monoroute.fileio import sha256
+
+            path = Path(self.tokenizer_file).resolve()
+            return {"kind": "file", "path": str(path), "sha256": sha256(path)}
         return {"kind": "bpe", "vocab_size": self.bpe_vocab_size}
 
 

@@ -191,6 +191,10 @@ def check_entry(path: Path, meta: dict, tokenizer: Tokenizer, key: str) -> None:
 def train_tokenizer(spec: dict, train_texts: Iterable[str]) -> Tokenizer:
     if spec["kind"] == "byte":
         return ByteTokenizer()
+    if spec["kind"] == "file":
+        from monoroute.data.tokenizers import load_tokenizer
+
+        return load_tokenizer(spec["path"])
     return BPETokenizer.train(train_texts, spec["vocab_size"])
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from monoroute.errors import MonorouteError
 
-TOKENIZER_KINDS = ("byte", "bpe")
+TOKENIZER_KINDS = ("byte", "bpe", "file")  # file: a fixed tokenizer.json (a pretrained model's), never retrained
 EOT = "<|endoftext|>"
 BYTE_SEPARATOR = b"\n\n"
 

@@ -57,39 +57,13 @@ SAE_LR = 2e-3
 TRANSCODER_TOKENS = 800_000
 TRANSCODER_LR = 2e-3
 BATCH_TOKENS = 2048
-NORM_BATCHES = 4  # batches used to estimate the input scale / target mean before training
+NORM_BATCHES = 4  # batches used to estimate the SAE's input scale before training
+DECAY_FRACTION = 0.2  # the SAE's learning rate decays linearly to zero over the last 20 % of steps
 DEAD_TOKENS = 50_000  # a latent that has not fired in this many training tokens counts as dead
-DECAY_FRACTION = 0.2  # the learning rate decays linearly to zero over the last 20 % of steps
 
 
 # --- reading activations ------------------------------------------------------------------------------
-class _Stop(Exception):
-    """Raised by a hook once every wanted activation is stored, to skip the rest of the forward."""
-
-
-@torch.no_grad()
-def layer_cache(model, idx: Tensor, names: list[str]) -> dict[str, Tensor]:
-    """{name: activation} for the given hook points of one forward pass over idx (B, T), stopping
-    the forward as soon as all of them have been seen (the later blocks and the LM head are skipped)."""
-    wanted = set(names)
-    cache: dict[str, Tensor] = {}
-
-    def store(activation, hook) -> None:
-        cache[hook.name] = activation.detach()
-        if wanted <= cache.keys():
-            raise _Stop
-
-    was_training = model.training
-    model.eval()
-    try:
-        model.run_with_hooks(idx, [(name, store) for name in wanted])
-    except _Stop:
-        pass
-    finally:
-        model.train(was_training)
-    if not wanted <= cache.keys():
-        raise MonorouteError(f"hook point(s) {', '.join(sorted(wanted - cache.keys()))} produced no activation")
-    return cache
+from monoroute.train.layerwise import layer_cache  # noqa: E402  (one teacher-reading helper for both)
 
 
 def model_device(model) -> torch.device:
@@ -519,60 +493,28 @@ def train_transcoder(model, store, layer: int, n_units: int, k: int, tokens: int
     pairs (x = ln_2(resid_mid), y = mlp_out) of layer `layer` of a dense `model`, ~`tokens` pairs
     from the store's TRAIN windows. Returned in eval mode, on `device`.
 
-    Loss: mean squared error against the target standardised by its mean μ and overall scale σ
-    (estimated on NORM_BATCHES batches), i.e. about the fraction of variance unexplained, plus the
-    layer's own dead-unit revival loss (`ffn.aux_loss`). σ and μ are folded into w_out and b_out at
-    the end, so the result maps raw inputs to raw outputs. Adam, constant learning rate with a
-    linear decay to zero over the last 20 % of steps."""
-    from tqdm import tqdm
-
+    The fit is upcycling's stage 1 on one layer (`monoroute.train.layerwise.fit_layers`: standardised
+    MSE plus the layer's dead-unit revival loss, Adam, linear decay over the last 20 % of steps, the
+    target's mean and scale folded back at the end), with the transcoder's own output bias b_out."""
     from monoroute.devices import resolve_device
+    from monoroute.train.layerwise import LayerFitter, fit_layers
 
     batch, steps = check_budget(tokens, batch_tokens, model.cfg.block_size)
     dev = resolve_device(device)
     start = time.perf_counter()
     base = init_transcoder(model, layer, n_units, k, seed, str(dev))
-    data = train_batches(model, store, base, batch, seed, dev)
+    fitter = LayerFitter([layer], [base.ffn], [base.ln]).to(dev)
+    windows = max(1, batch // model.cfg.block_size)
+    batch_at = lambda step: store.batch(step, windows, model.cfg.block_size, seed, split="train")[0]  # noqa: E731
+    last = fit_layers(fitter, model, batch_at, steps, lr, seed=seed, progress=progress, desc="train transcoder")
+    fitter.fold()
     with torch.no_grad():
-        warm = [next(data) for _ in range(NORM_BATCHES)]
-        ys = torch.cat([y for _, y in warm]).float()
-        mu = ys.mean(0)
-        sigma = (ys - mu).pow(2).mean().sqrt().clamp(min=1e-12)  # per-dimension RMS around the mean
-
-    def pairs() -> Iterator[tuple[Tensor, Tensor]]:
-        yield from warm
-        yield from data
-
-    ffn, bias = base.ffn, base.b_out
-    params = list(ffn.parameters()) + [bias]
-    optimizer = torch.optim.Adam(params, lr=lr)
-    decay = max(1, int(steps * DECAY_FRACTION))
-    base.train()
-    bar = tqdm(total=steps, desc="train transcoder", unit="step", disable=not progress, leave=False)
-    last = {}
-    try:
-        for step, (x, y) in zip(range(steps), pairs()):
-            for group in optimizer.param_groups:
-                group["lr"] = lr * min(1.0, (steps - step) / decay)
-            y_std = (y - mu) / sigma
-            mse = (ffn(x) + bias - y_std).pow(2).mean()
-            aux = ffn.aux_loss if ffn.aux_loss is not None else mse.new_zeros(())
-            (mse + aux).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            last = {"mse_std": mse.item(), "aux": aux.item()}
-            bar.update(1)
-            bar.set_postfix(fvu=f"{last['mse_std']:.3f}")
-    finally:
-        bar.close()
-    with torch.no_grad():  # back to raw units: ffn(x)·σ + (b·σ + μ)
-        ffn.w_out.mul_(sigma)
-        bias.copy_(bias * sigma + mu)
+        base.b_out.copy_(fitter.biases[0])
     base.eval()
     base.train_info = {"tokens": steps * batch, "steps": steps, "batch_tokens": batch, "lr": lr, "seed": seed,
-                       "target_scale": sigma.item(), "final_train_fvu": last.get("mse_std"),
-                       "dead_fraction": ffn.dead_fraction(), "seconds": round(time.perf_counter() - start, 2),
-                       "trainer": "torch.optim.Adam"}
+                       "target_scale": fitter.sigma[0].item(), "final_train_fvu": (last.get("fvu") or [None])[0],
+                       "dead_fraction": base.ffn.dead_fraction(), "seconds": round(time.perf_counter() - start, 2),
+                       "trainer": "monoroute.train.layerwise.fit_layers (torch.optim.Adam)"}
     return base
 
 

@@ -59,7 +59,7 @@ def resolve_coupling(coupling: str, router: str, activation: str) -> str:
     frontier sweep in the README) and "none" elsewhere; any other value is returned as given."""
     if coupling != "auto":
         return coupling
-    return "preact" if router == "product_key" and activation == "relu" else "none"
+    return "preact" if router in ("product_key", "multi_pool") and activation == "relu" else "none"
 
 
 def check_choice(kind: str, value: str, choices) -> None:
@@ -78,6 +78,8 @@ class RoutedFFN(nn.Module):
         bias: bool = True,
         gate: str | None = None,
         d_key: int | None = None,
+        router_pools: int = 1,
+        out_bias: bool = False,
         aux_coef: float = 0.1,
         aux_units: int = 256,
         l1_coef: float = 0.0,
@@ -106,6 +108,9 @@ class RoutedFFN(nn.Module):
         check_choice("impl", impl, available_impls())
         check_choice("coupling", coupling, COUPLINGS)
         coupling = resolve_coupling(coupling, router, activation)
+        if coupling == "agreement" and router == "multi_pool":
+            raise MonorouteError("coupling='agreement' needs router='product_key' (one shared score scale); "
+                                 "use coupling='preact' or 'none' with router='multi_pool'")
         if coupling != "none" and (router == "dense" or activation != "relu"):
             raise MonorouteError(
                 f"coupling={coupling!r} makes a product-key router agree with which ReLU units fire; it needs "
@@ -121,11 +126,12 @@ class RoutedFFN(nn.Module):
         self.aux_coef, self.aux_units, self.l1_coef, self.dead_window = aux_coef, aux_units, l1_coef, dead_window
         self.coupling, self.agree_coef = coupling, agree_coef
         self.router = build_router(router, d_model, n_units, k, d_key, router_heads,
-                                   "preact" if coupling == "preact" else "score", impl, router_balance)
+                                   "preact" if coupling == "preact" else "score", impl, router_balance, router_pools)
         self.router_name = router
         self.w_in = nn.Parameter(torch.empty(n_units, d_model).uniform_(-1, 1) / math.sqrt(d_model))
         self.b_in = nn.Parameter(torch.zeros(n_units)) if bias else None
         self.w_out = nn.Parameter(torch.randn(n_units, d_model) / math.sqrt(k * d_model))
+        self.b_out = nn.Parameter(torch.zeros(d_model)) if out_bias else None
         self.hook_pre = HookPoint()
         self.hook_post = HookPoint()
         # Firing statistics: token count at each unit's last firing (-1: never), and total firings.
@@ -138,7 +144,7 @@ class RoutedFFN(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, n_units={self.n_units}, k={self.k}, router={self.router_name}, "
-            f"activation={self.activation}, gate={self.gate}, coupling={self.coupling}"
+            f"activation={self.activation}, gate={self.gate}, coupling={self.coupling}, out_bias={self.b_out is not None}"
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -171,7 +177,17 @@ class RoutedFFN(nn.Module):
             self.aux_loss = self.auxiliary_loss(xt, routing, h)
         else:
             self.aux_loss = None
+        if self.b_out is not None:
+            y = y + self.b_out
         return y.view(*lead, self.d_model)
+
+    def set_k(self, k: int) -> None:
+        """Change the cap k in place (the k schedule of train/config.py shrinks it during training).
+        Weights and firing statistics are untouched; only the router's search changes."""
+        if not 1 <= k <= self.n_units:
+            raise MonorouteError(f"k must be between 1 and n_units={self.n_units}, got k={k}")
+        self.router.set_k(k)
+        self.k = k
 
     @torch.no_grad()
     def record_firing(self, idx: Tensor, h: Tensor) -> None:

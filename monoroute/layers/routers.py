@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from monoroute.errors import MonorouteError
 
-ROUTERS = ("dense", "product_key")
+ROUTERS = ("dense", "product_key", "multi_pool")
 
 
 class Routing(NamedTuple):
@@ -45,6 +45,9 @@ class DenseRouter(nn.Module):
     def __init__(self, n_units: int, k: int) -> None:
         super().__init__()
         self.n_units, self.k = n_units, k
+
+    def set_k(self, k: int) -> None:
+        self.k = k
 
     def all_scores(self, x: Tensor, w_in: Tensor, b_in: Tensor | None) -> Tensor:
         scores = x @ w_in.t()  # (T, N): the O(N·d) cost this router exists to show
@@ -103,21 +106,27 @@ class ProductKeyRouter(nn.Module):
             raise MonorouteError(f"router_heads must be a whole number >= 1, got {heads!r}; 1 is a single query")
         if select not in self.SELECTS:
             raise MonorouteError(f"unknown select {select!r}; choose one of {', '.join(self.SELECTS)}")
-        self.n_units, self.k, self.n_sub, self.d_half, self.heads = n_units, k, n_sub, d_key // 2, heads
+        self.n_units, self.n_sub, self.d_half, self.heads = n_units, n_sub, d_key // 2, heads
         self.select, self.impl, self.balance = select, impl, balance
-        self.k_search = min(2 * k, n_units) if select == "preact" else k  # units each head retrieves
+        self.set_k(k)
+        self.query = nn.Linear(d_model, heads * d_key, bias=False)
+        self.keys = nn.Parameter(torch.randn(2, n_sub, self.d_half) / math.sqrt(self.d_half))
+        self.log_scale = nn.Parameter(torch.full((1,), math.log(4.0)))  # gate sharpness; (1,) as FSDP2 shards no scalars
+
+    def set_k(self, k: int) -> None:
+        """Set k and the candidate pattern of the search (also used by the k schedule to shrink k)."""
+        self.k = k
+        self.k_search = min(2 * k, self.n_units) if self.select == "preact" else k  # units each head retrieves
         # k_sub^2 >= k_search candidates always: k_search <= n_sub gives k_search^2 >= k_search, else n_sub^2 = N.
-        self.k_sub = min(self.k_search, n_sub)
+        self.k_sub = min(self.k_search, self.n_sub)
         ranks = torch.arange(self.k_sub)
         cand_i, cand_j = torch.cartesian_prod(ranks, ranks).unbind(-1)
         # The only rank pairs that can reach the top k_search. The pattern holds >= k_search pairs: the
         # top of any score grid (with distinct values) lies inside it, and the grid has enough pairs.
         keep = (cand_i + 1) * (cand_j + 1) <= self.k_search
-        self.register_buffer("cand_i", cand_i[keep], persistent=False)  # (C,) rank in the first list
-        self.register_buffer("cand_j", cand_j[keep], persistent=False)  # (C,) rank in the second list
-        self.query = nn.Linear(d_model, heads * d_key, bias=False)
-        self.keys = nn.Parameter(torch.randn(2, n_sub, self.d_half) / math.sqrt(self.d_half))
-        self.log_scale = nn.Parameter(torch.full((1,), math.log(4.0)))  # gate sharpness; (1,) as FSDP2 shards no scalars
+        device = self.cand_i.device if hasattr(self, "cand_i") else None
+        self.register_buffer("cand_i", cand_i[keep].to(device), persistent=False)  # (C,) rank in the first list
+        self.register_buffer("cand_j", cand_j[keep].to(device), persistent=False)  # (C,) rank in the second list
 
     def half_scores(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Scaled cosine similarity of each head's query halves to the sub-keys: (T, H, n_sub) each.
@@ -220,8 +229,63 @@ def balance_scores(s: Tensor, eps: float = 1e-6) -> Tensor:
     return (s - mean) / (s.std(-1, keepdim=True) + eps)
 
 
+class MultiPoolRouter(nn.Module):
+    """Several independent product-key routers, each over its own pool of N / P units, each picking
+    k / P of them ("sparsely gated tiny linear experts", Schug 2026: several channels, each choosing
+    a few single-unit experts from its own pool, the score scaling the unit, which here is the
+    layer's sigmoid gate). Pool p owns units [p·N/P, (p+1)·N/P). A token always gets k / P units
+    from every pool, so the pools cannot collapse onto one region of the table, and each pool's
+    search is a product-key search over sqrt(N / P) sub-keys per half."""
+
+    def __init__(self, d_model: int, n_units: int, k: int, pools: int, d_key: int | None = None, heads: int = 1,
+                 select: str = "score", impl: str = "auto", balance: bool = False) -> None:
+        super().__init__()
+        if isinstance(pools, bool) or not isinstance(pools, int) or pools < 1:
+            raise MonorouteError(f"router_pools must be a whole number >= 1, got {pools!r}")
+        if n_units % pools or k % pools:
+            raise MonorouteError(f"router 'multi_pool' splits n_units={n_units} and k={k} evenly over "
+                                 f"router_pools={pools}; pick pools dividing both (e.g. 4 with n_units 16384, k 32)")
+        self.n_units, self.k, self.pools, self.pool_size = n_units, k, pools, n_units // pools
+        self.routers = nn.ModuleList(ProductKeyRouter(d_model, self.pool_size, k // pools, d_key, heads, select, impl,
+                                                      balance) for _ in range(pools))
+
+    def set_k(self, k: int) -> None:
+        if k % self.pools:
+            raise MonorouteError(f"k={k} must be a multiple of router_pools={self.pools}")
+        self.k = k
+        for router in self.routers:
+            router.set_k(k // self.pools)
+
+    def _slice(self, p: int, w: Tensor | None) -> Tensor | None:
+        return None if w is None else w[p * self.pool_size:(p + 1) * self.pool_size]
+
+    def forward(self, x: Tensor, w_in: Tensor | None = None, b_in: Tensor | None = None) -> Routing:
+        picks = [router(x, self._slice(p, w_in), self._slice(p, b_in)) for p, router in enumerate(self.routers)]
+        units = torch.cat([r.indices + p * self.pool_size for p, r in enumerate(picks)], dim=-1)  # (T, k)
+        return Routing(units, torch.cat([r.scores for r in picks], dim=-1))
+
+    def all_scores(self, x: Tensor) -> Tensor:
+        """(T, N) every unit's score in its own pool (the dense reference of each pool's selection)."""
+        return torch.cat([router.all_scores(x) for router in self.routers], dim=-1)
+
+    def score_units(self, x: Tensor, units: Tensor, w_in: Tensor | None = None, b_in: Tensor | None = None,
+                    sparse_grad: bool = False, routing: Routing | None = None) -> Tensor:
+        """(T, d), (U,) -> (T, U) scores of the given units on every token, each by its own pool."""
+        out = x.new_zeros(x.shape[0], units.numel())
+        pool = units // self.pool_size
+        for p, router in enumerate(self.routers):
+            mine = (pool == p).nonzero().squeeze(1)
+            if mine.numel():
+                out[:, mine] = router.score_units(x, units[mine] - p * self.pool_size)
+        return out
+
+
 def build_router(name: str, d_model: int, n_units: int, k: int, d_key: int | None = None, heads: int = 1,
-                 select: str = "score", impl: str = "auto", balance: bool = False) -> nn.Module:
+                 select: str = "score", impl: str = "auto", balance: bool = False, pools: int = 1) -> nn.Module:
+    if name != "multi_pool" and pools != 1:
+        raise MonorouteError(f"router_pools={pools} needs router='multi_pool'")
+    if name == "multi_pool":
+        return MultiPoolRouter(d_model, n_units, k, pools, d_key, heads, select, impl, balance)
     if name == "dense":
         if heads != 1 or select != "score" or balance:
             raise MonorouteError("router_heads, router_balance and coupling='preact' need router='product_key'; the dense router "

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from monoroute.errors import MonorouteError
 
 FFN_KINDS = ("dense", "routed")
+DENSE_ACTIVATIONS = ("gelu", "gelu_tanh")
 
 
 @dataclass
@@ -21,10 +22,18 @@ class GPTConfig:
     # FFN per block: "dense", "routed", or a comma list with one entry per layer ("dense,routed,...").
     ffn: str = "dense"
     d_ff: int | None = None  # dense FFN width; None = 4 * d_model
+    # Dense FFN nonlinearity: "gelu" (exact erf) or "gelu_tanh" (GPT-2's "gelu_new"), and the LayerNorm
+    # epsilon: both set by Hugging Face loading (models/hf.py) so a GPT-2 checkpoint computes what it did there.
+    dense_activation: str = "gelu"
+    ln_eps: float = 1e-5
     # RoutedFFN settings (used by routed blocks only)
     n_units: int = 16384
     k: int = 32
     router: str = "product_key"
+    router_pools: int = 1  # router="multi_pool": independent pools of n_units / pools units, each picking k / pools
+    # An output bias on routed layers (like a dense FFN's down-projection bias): upcycled layers need
+    # it to reproduce the teacher FFN's output mean without spending units on it. Off for runs from scratch.
+    out_bias: bool = False
     activation: str = "relu"
     d_key: int | None = None
     aux_coef: float = 0.1
@@ -72,6 +81,9 @@ class GPTConfig:
 
     def validate(self) -> "GPTConfig":
         self.ffn_kinds()
+        if self.dense_activation not in DENSE_ACTIVATIONS:
+            raise MonorouteError(f"unknown dense_activation {self.dense_activation!r}; choose one of "
+                                 f"{', '.join(DENSE_ACTIVATIONS)}")
         if self.d_model % self.n_head:
             raise MonorouteError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):

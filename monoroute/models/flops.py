@@ -32,9 +32,10 @@ def router_flops(cfg: GPTConfig) -> int:
     if cfg.router == "dense":
         return 2 * cfg.n_units * d  # every unit's pre-activation
     d_key, heads = cfg.d_key or d, cfg.router_heads
-    n_sub = math.isqrt(cfg.n_units)
-    # Per head: query projection, both halves against sqrt(N) sub-keys.
-    flops = heads * (2 * d * d_key + 2 * n_sub * d_key)
+    pools = cfg.router_pools if cfg.router == "multi_pool" else 1
+    n_sub = math.isqrt(cfg.n_units // pools)
+    # Per head and pool: query projection, both halves against sqrt(N / pools) sub-keys.
+    flops = pools * heads * (2 * d * d_key + 2 * n_sub * d_key)
     if cfg.layer_coupling == "preact":
         flops += 2 * min(2 * cfg.k, cfg.n_units) * d  # pre-activations of the 2k candidates
     return flops

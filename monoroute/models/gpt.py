@@ -48,11 +48,12 @@ class DenseMLP(nn.Module):
         super().__init__()
         self.up = nn.Linear(cfg.d_model, cfg.ffn_width, bias=cfg.bias)
         self.down = nn.Linear(cfg.ffn_width, cfg.d_model, bias=cfg.bias)
+        self.approximate = "tanh" if cfg.dense_activation == "gelu_tanh" else "none"
         self.hook_pre, self.hook_post = HookPoint(), HookPoint()
 
     def forward(self, x: Tensor) -> Tensor:
         pre = self.hook_pre(self.up(x))  # (B, T, d_ff)
-        return self.down(self.hook_post(F.gelu(pre)))
+        return self.down(self.hook_post(F.gelu(pre, approximate=self.approximate)))
 
 
 def build_ffn(cfg: GPTConfig, kind: str) -> nn.Module:
@@ -60,7 +61,7 @@ def build_ffn(cfg: GPTConfig, kind: str) -> nn.Module:
         return DenseMLP(cfg)
     return RoutedFFN(
         cfg.d_model, cfg.n_units, cfg.k, router=cfg.router, activation=cfg.activation, bias=cfg.bias,
-        d_key=cfg.d_key, aux_coef=cfg.aux_coef, l1_coef=cfg.l1_coef, dead_window=cfg.dead_window,
+        d_key=cfg.d_key, router_pools=cfg.router_pools, out_bias=cfg.out_bias, aux_coef=cfg.aux_coef, l1_coef=cfg.l1_coef, dead_window=cfg.dead_window,
         dead_grace=cfg.dead_grace, impl=cfg.impl,
         sparse_grad=cfg.sparse_grad, router_heads=cfg.router_heads, router_balance=cfg.router_balance, coupling=cfg.coupling, agree_coef=cfg.agree_coef,
     )
@@ -69,7 +70,8 @@ def build_ffn(cfg: GPTConfig, kind: str) -> nn.Module:
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig, ffn_kind: str) -> None:
         super().__init__()
-        self.ln_1, self.ln_2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias), nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
+        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
         self.attn = CausalSelfAttention(cfg)
         self.mlp = build_ffn(cfg, ffn_kind)
         self.drop = nn.Dropout(cfg.dropout)
@@ -90,7 +92,7 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, kind) for kind in cfg.ffn_kinds())
-        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.lm_head.weight = self.wte.weight

@@ -43,8 +43,28 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 autocast where supported) | float32 | bfloat16
+    # Distillation (stage 2 of `monoroute upcycle`): loss = cross-entropy + kl_coef · T² · KL(teacher ‖ model)
+    # at temperature T = kl_temperature, against the frozen run in `teacher` (a dense run directory), whose
+    # current weights must still have `teacher_sha256` (so a resumed run cannot silently change teacher).
+    teacher: str | None = None
+    teacher_sha256: str | None = None
+    kl_coef: float = 0.0
+    kl_temperature: float = 1.0
+    # Dense-to-sparse schedules (routed models trained from scratch):
+    # dense_fraction F: train a dense model (d_ff wide) for the first F·steps steps, then upcycle it in place:
+    # fit_steps batches of layer-local fitting (train/layerwise.py, counted as training steps and tokens),
+    # then routed for the rest. Total steps and tokens equal a plain run's.
+    dense_fraction: float = 0.0
+    fit_steps: int = 50
+    fit_lr: float = 2e-3
+    fit_init: str = "random"  # layerwise.INITS
+    # k schedule: start every routed layer at k_start and shrink k geometrically to the model's k over the
+    # first k_decay of the steps (None: a fixed k).
+    k_start: int | None = None
+    k_decay: float = 0.5
 
-    POSITIVE = ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "log_every", "ckpt_every")
+    POSITIVE = ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "log_every", "ckpt_every",
+                "fit_steps")
 
     def check(self) -> "TrainConfig":
         """One clear error for a value that would crash or silently misbehave later (a zero step
@@ -65,11 +85,49 @@ class TrainConfig:
             if not ok:
                 raise MonorouteError(f"{name} (--{name.replace('_', '-')}) must be a finite number "
                                      f"{'>' if strict else '>='} {low:g}, got {value!r}")
+        for name, low in (("kl_coef", 0.0), ("kl_temperature", 1e-9), ("fit_lr", 1e-12)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
+                raise MonorouteError(f"{name} (--{name.replace('_', '-')}) must be a finite number >= {low:g}, "
+                                     f"got {value!r}")
+        if self.kl_coef > 0 and not self.teacher:
+            raise MonorouteError("kl_coef > 0 needs a teacher run (teacher=DIR); `monoroute upcycle` sets both")
+        if isinstance(self.dense_fraction, bool) or not isinstance(self.dense_fraction, (int, float)) or \
+                not 0 <= self.dense_fraction < 1:
+            raise MonorouteError(f"dense_fraction must be in [0, 1), got {self.dense_fraction!r}; e.g. 0.5")
+        from monoroute.train.layerwise import INITS
+
+        if self.fit_init not in INITS:
+            raise MonorouteError(f"unknown fit_init {self.fit_init!r}; choose one of {', '.join(INITS)}")
+        if self.dense_fraction > 0 and switch_step(self) + self.fit_steps >= self.steps:
+            raise MonorouteError(f"dense_fraction={self.dense_fraction} with fit_steps={self.fit_steps} leaves no "
+                                 f"routed steps of {self.steps}; lower dense_fraction or fit_steps")
+        if self.k_start is not None and (isinstance(self.k_start, bool) or not isinstance(self.k_start, int)
+                                         or self.k_start < 1):
+            raise MonorouteError(f"k_start must be a whole number >= 1 (or unset), got {self.k_start!r}")
+        if isinstance(self.k_decay, bool) or not isinstance(self.k_decay, (int, float)) or not 0 < self.k_decay <= 1:
+            raise MonorouteError(f"k_decay must be in (0, 1], got {self.k_decay!r}; e.g. 0.5")
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise MonorouteError(f"{name} must be in [0, 1), got {value!r}")
         return self
+
+
+def switch_step(tc: TrainConfig) -> int | None:
+    """The step at which a dense_fraction run stops training dense (None: no dense phase)."""
+    return None if tc.dense_fraction <= 0 else max(1, round(tc.dense_fraction * tc.steps))
+
+
+def k_at(step: int, tc: TrainConfig, k: int, multiple: int = 1) -> int:
+    """The k schedule: k_start at step 0, geometric decay to k at k_decay·steps, k after (rounded to `multiple`)."""
+    if tc.k_start is None or tc.k_start == k:
+        return k
+    end = max(1, round(tc.k_decay * tc.steps))
+    if step >= end:
+        return k
+    value = tc.k_start * (k / tc.k_start) ** (step / end)
+    return max(multiple, int(round(value / multiple)) * multiple)
 
 
 @dataclass
@@ -163,6 +221,8 @@ def build_run_config(preset: str = "tiny", overrides: dict | None = None) -> Run
     )
     if not given & {"sparse_rows", "sparse_grad"} and row_sparse_by_default(cfg):
         cfg.model.sparse_grad = cfg.train.sparse_rows = True
+    if cfg.train.dense_fraction > 0 and "out_bias" not in given:
+        cfg.model.out_bias = True  # the in-place upcycle fits the dense FFN's output mean into this bias
     return cfg
 
 

@@ -38,8 +38,9 @@ except ImportError:  # not POSIX: fall back to the pid check
 LOCK_FILE = "train.lock"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+# "upcycle" and "teacher": `monoroute upcycle`'s stage-1 folder and converted Hugging Face teacher.
 RUN_FILES = {CONFIG_FILE, TOKENIZER_FILE, METRICS_FILE, TENSORBOARD_DIR, CHECKPOINTS_DIR, POINTER_FILE, LOCK_FILE,
-             *CHECKPOINT_FILES}
+             *CHECKPOINT_FILES, "upcycle", "teacher"}
 
 
 def pid_alive(pid: int) -> bool:

@@ -39,7 +39,8 @@ from monoroute.train.checkpoint import (
     CONFIG_FILE, TOKENIZER_FILE, Checkpoint, NonFiniteWeights, current_checkpoint, is_disk_full, load_checkpoint,
     load_weights, read_json, save_checkpoint, write_json, write_text,
 )
-from monoroute.train.config import RunConfig, TrainConfig
+from monoroute.train.config import RunConfig, TrainConfig, k_at, switch_step
+from monoroute.train.distill import dense_version, distill_kl, load_teacher, routed_from_dense, routed_layer_fitter
 from monoroute.train.rundir import METRICS_FILE, RunLock, clear_run, start_mode
 from monoroute.train.fsdp import shard_model
 from monoroute.train.optim import build_optimizer, clip_grad_norm_
@@ -210,6 +211,14 @@ def read_run_config(out: str | Path) -> RunConfig:
 LEGACY_MODEL_DEFAULTS = {"coupling": "none"}
 
 
+def model_config_at(cfg: RunConfig, step: int):
+    """The architecture a run has at `step`: a dense_fraction run is dense up to its switch step
+    (its checkpoint there is the dense model) and routed from switch + fit_steps on; any other run
+    is `cfg.model` throughout."""
+    switch = switch_step(cfg.train)
+    return dense_version(cfg.model) if switch is not None and step <= switch else cfg.model
+
+
 def load_run(out: str | Path, device: str = "cpu") -> tuple[RunConfig, GPT]:
     """Rebuild a saved run's config and model (weights and firing statistics) for eval/sampling.
 
@@ -225,7 +234,8 @@ def _load_model(out: str | Path, device: str) -> tuple[RunConfig, GPT, Checkpoin
         raise MonorouteError(f"run directory {out} is missing; point at a run directory written by `monoroute train`")
     cfg = read_run_config(out)
     target = resolve_device(device)
-    model = GPT(cfg.model)
+    ckpt = current_checkpoint(out)
+    model = GPT(model_config_at(cfg, ckpt.step if ckpt is not None else cfg.train.steps))
     ckpt = load_weights(out, model)
     return cfg, model.to(target).eval(), ckpt
 
@@ -278,6 +288,23 @@ def check_settings(cfg: RunConfig, device: torch.device, until: int | None, worl
     if cfg.model.sparse_grad and world > 1:
         raise MonorouteError("sparse_grad=true (row-sparse gradients) does not run under torchrun: DDP cannot "
                              "all-reduce sparse gradients; pass --set sparse_grad=false --set sparse_rows=false")
+    kinds = cfg.model.ffn_kinds()
+    if tc.dense_fraction > 0:
+        if "routed" not in kinds:
+            raise MonorouteError("dense_fraction needs routed layers to switch to (ffn=routed); a dense model is "
+                                 "dense throughout")
+        if world > 1:
+            raise MonorouteError("dense_fraction does not run under torchrun yet (the in-place fit runs on one "
+                                 "process); train on one device")
+    if tc.k_start is not None:
+        if "routed" not in kinds:
+            raise MonorouteError("k_start (the k schedule) needs routed layers (ffn=routed)")
+        if not cfg.model.k <= tc.k_start <= cfg.model.n_units:
+            raise MonorouteError(f"k_start must be between k={cfg.model.k} and n_units={cfg.model.n_units}, got "
+                                 f"{tc.k_start}; e.g. k_start={min(8 * cfg.model.k, cfg.model.n_units)}")
+        pools = cfg.model.router_pools if cfg.model.router == "multi_pool" else 1
+        if tc.k_start % pools:
+            raise MonorouteError(f"k_start={tc.k_start} must be a multiple of router_pools={pools}")
     if tc.parallel == "fsdp" and tc.sparse_rows:
         raise MonorouteError("parallel=fsdp works with plain AdamW only (FSDP2 reduce-scatters dense gradients); "
                              "drop sparse_rows or use parallel=ddp")
@@ -302,7 +329,9 @@ def _train(cfg: RunConfig, info: D.DistInfo, resume: bool, until: int | None, ov
     cfg = replace(cfg, model=replace(cfg.model, vocab_size=store.vocab_size))
     check_splits(store, cfg)
     torch.manual_seed(tc.seed)
-    model = GPT(cfg.model).to(device)  # raises the layer's own errors (k, n_units, router, ...)
+    final = GPT(cfg.model) if switch_step(tc) is not None else None  # raises the layer's own errors (k, n_units, ...)
+    ckpt = current_checkpoint(out) if resume else None
+    model = GPT(model_config_at(cfg, ckpt.step if ckpt is not None else 0)).to(device)
     lock = RunLock(out) if info.is_main else None
     created = not out.exists()
     try:
@@ -318,7 +347,7 @@ def _train(cfg: RunConfig, info: D.DistInfo, resume: bool, until: int | None, ov
                           file=sys.stderr)
                 clear_run(out)
             if not resume:
-                write_json(out / CONFIG_FILE, {"run": cfg.to_dict(), **run_info(model)})
+                write_json(out / CONFIG_FILE, {"run": cfg.to_dict(), **run_info(final or model)})
                 write_text(out / TOKENIZER_FILE, store.tokenizer.to_json())
         D.barrier(info)
         return _train_locked(cfg, info, resume, until, show_progress, device, store, model)
@@ -353,9 +382,26 @@ def _train_locked(cfg, info, resume, until, show_progress, device, store, model)
     if optimizer_state is not None:
         load_optimizer_state(model, optimizer, optimizer_state, fsdp)
     metrics = MetricsLog(out, info.is_main, progress["step"] if resume else None)
+    teacher = load_teacher(tc.teacher, tc.teacher_sha256, device) if tc.teacher and tc.kl_coef > 0 else None
+    stop = min(tc.steps, until) if until is not None else tc.steps
+    switch = switch_step(tc)
+    summary = None
     try:
-        summary = _loop(cfg, info, model, net, optimizer, store, device, metrics, progress, until, show_progress,
-                        fsdp)
+        if switch is not None and progress["step"] <= switch:  # the dense phase of a dense_fraction run
+            summary = _loop(cfg, info, model, net, optimizer, store, device, metrics, progress, min(stop, switch),
+                            show_progress, fsdp, teacher)
+            progress = {"step": summary["step"], "tokens": summary["tokens"]}
+            if stop > switch:
+                model, progress, fit = upcycle_in_place(cfg, model, store, device, show_progress,
+                                                        {"step": switch, "tokens": summary["tokens"]})
+                metrics.log({**progress, "upcycle_fvu": fit.get("fvu")})
+                net = parallelize(model, info, fsdp)
+                optimizer = build_optimizer(model, lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.beta1, tc.beta2),
+                                            sparse_rows=tc.sparse_rows, table_lr_mult=tc.table_lr_mult)
+                save_checkpoint(out, model, optimizer.state_dict(), progress)
+        if summary is None or progress["step"] < stop:
+            summary = _loop(cfg, info, model, net, optimizer, store, device, metrics, progress, stop, show_progress,
+                            fsdp, teacher)
     finally:
         metrics.close()
     # Under FSDP2 there is one logical copy of the weights, so there is nothing to compare.
@@ -411,9 +457,39 @@ def stopped(out: Path, what: str, step: int, last_saved: int | None) -> Monorout
     )
 
 
-def _loop(cfg, info, model, net, optimizer, store, device, metrics, progress, until, show_progress, fsdp) -> dict:
+def upcycle_in_place(cfg: RunConfig, dense: GPT, store, device, show_progress: bool, progress: dict
+                     ) -> tuple[GPT, dict, dict]:
+    """The switch of a dense_fraction run: a routed model with the dense model's non-FFN weights,
+    its routed layers fitted layer-locally to the dense FFNs on the next fit_steps batches of the
+    training stream (counted as steps and tokens). Returns it and the progress after the fit."""
+    from monoroute.train.layerwise import fit_layers
+
+    tc = cfg.train
+    routed = routed_from_dense(dense, cfg.model)
+    fitter = routed_layer_fitter(dense, routed)
+    windows = tc.batch_size * tc.grad_accum
+    start = progress["step"]
+    batch_at = lambda s: store.batch(start + s, windows, cfg.model.block_size, tc.seed, split="train")[0]  # noqa: E731
+    fit = fit_layers(fitter, dense, batch_at, tc.fit_steps, tc.fit_lr, init=tc.fit_init, seed=tc.seed,
+               progress=show_progress, desc=f"upcycle in place at step {start}")
+    fitter.fold()
+    for layer in routed.routed_layers():  # firing statistics restart with the routed phase
+        layer.train()
+    tokens = progress["tokens"] + tc.fit_steps * windows * cfg.model.block_size
+    return routed.to(device), {"step": start + tc.fit_steps, "tokens": tokens}, fit
+
+
+def set_k_schedule(model: GPT, step: int, tc: TrainConfig) -> None:
+    for layer in model.routed_layers():
+        pools = getattr(layer.router, "pools", 1)
+        k = k_at(step, tc, model.cfg.k, pools)
+        if k != layer.k:
+            layer.set_k(k)
+
+
+def _loop(cfg, info, model, net, optimizer, store, device, metrics, progress, stop, show_progress, fsdp,
+          teacher=None) -> dict:
     tc, out = cfg.train, Path(cfg.out)
-    stop = min(tc.steps, until) if until is not None else tc.steps
     tokens_per_step = tc.batch_size * cfg.model.block_size * tc.grad_accum * info.world
     step, tokens = progress["step"], progress["tokens"]
     last_saved = step if step > 0 else None
@@ -424,10 +500,12 @@ def _loop(cfg, info, model, net, optimizer, store, device, metrics, progress, un
     firing = D.FiringSync(model.routed_layers(), info)  # FSDP2 leaves buffers per rank too
     net.train()
     while step < stop:
+        if tc.k_start is not None:
+            set_k_schedule(model, step, tc)
         lr = lr_at(step, tc)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
-        loss_sum = aux_sum = 0.0
+        loss_sum = aux_sum = kl_sum = 0.0
         for micro in range(tc.grad_accum):
             x, y = store.batch(step * tc.grad_accum + micro, tc.batch_size, cfg.model.block_size, tc.seed,
                                info.rank, info.world)
@@ -435,9 +513,16 @@ def _loop(cfg, info, model, net, optimizer, store, device, metrics, progress, un
             # DDP skips the all-reduce on all but the last micro-batch; FSDP2 reduce-scatters every one.
             sync = micro == tc.grad_accum - 1 or info.world == 1 or fsdp
             with (contextlib.nullcontext() if sync else net.no_sync()), autocast_for(device, tc.dtype):
-                _, loss = net(x, y)
+                logits, loss = net(x, y)
                 aux = model.aux_loss()
-                ((loss + aux) / tc.grad_accum).backward()
+                total = loss + aux
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = teacher(x)[0]
+                    kl = distill_kl(logits, teacher_logits, tc.kl_temperature)
+                    total = total + tc.kl_coef * kl
+                    kl_sum += kl.item()
+                (total / tc.grad_accum).backward()
             routed.update()
             loss_sum += loss.item()
             aux_sum += aux.item()
@@ -462,6 +547,10 @@ def _loop(cfg, info, model, net, optimizer, store, device, metrics, progress, un
             record = {"step": step, "tokens": tokens, "train_loss": D.mean_across_ranks(train_loss, info),
                       "aux_loss": aux_sum / tc.grad_accum, "lr": lr, "grad_norm": grad_norm,
                       "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
+            if teacher is not None:
+                record["kl"] = kl_sum / tc.grad_accum
+            if tc.k_start is not None and model.routed_layers():
+                record["k"] = model.routed_layers()[0].k
             if model.routed_layers():
                 record["dead_fraction"] = model.dead_fraction()
                 record.update(routed.summary(info))  # over this log window's training tokens

@@ -1,0 +1,345 @@
+"""Upcycling (train/upcycle.py, layerwise.py, distill.py), Hugging Face loading, the dense-to-sparse schedules."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import safetensors.torch as st
+import torch
+
+from monoroute.cli import main
+from monoroute.layers import RoutedFFN
+from monoroute.models import GPT
+from monoroute.models.config import GPTConfig
+from monoroute.train.config import TrainConfig, k_at
+from monoroute.train.distill import distill_kl
+
+FAST = ["--no-progress", "--device", "cpu", "--log-every", "1", "--eval-every", "3", "--eval-batches", "1",
+        "--ckpt-every", "2", "--batch-size", "4"]
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("monoroute: error: "), err
+    return err[0]
+
+
+def weights(out):
+    p = json.loads((Path(out) / "checkpoint.json").read_text())
+    return st.load_file(str(Path(out) / p["path"] / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher") / "dense"
+    assert main(["train", "--preset", "tiny", "--ffn", "dense", "--out", str(out), *FAST, "--steps", "8"]) == 0
+    return out
+
+
+def upcycle(teacher, out, *extra):
+    return main(["upcycle", str(teacher), "--out", str(out), "--distill-tokens", "1536", "--steps", "4", *FAST,
+                 *extra])
+
+
+# --- stage 1 ------------------------------------------------------------------------------------------
+def test_stage1_recovers_a_layer_the_student_can_represent_exactly():
+    """Teacher layer 0's FFN is replaced by a ReLU layer of the student's own class (dense router,
+    k = N: a plain ReLU MLP), so a perfect fit exists: the fitted student must reproduce it on
+    held-out windows, in raw units after the fold (a wrong fold of μ, σ fails this)."""
+    from monoroute.train.layerwise import LayerFitter, fit_layers, layer_cache
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=32, block_size=16, n_layer=1, n_head=2, d_model=16, ffn="dense", d_ff=32)
+    teacher = GPT(cfg).eval()
+    truth = RoutedFFN(16, 16, 16, router="dense", out_bias=True, aux_coef=0.0)
+    with torch.no_grad():
+        truth.w_out.mul_(3.0)
+        truth.b_out.fill_(0.7)  # an output mean the fit must fold back
+    teacher.blocks[0].mlp = truth.eval()
+    student = RoutedFFN(16, 16, 16, router="dense", out_bias=True, aux_coef=0.0)
+    fitter = LayerFitter([0], [student], [teacher.blocks[0].ln_2])
+    g = torch.Generator().manual_seed(1)
+    batch_at = lambda step: torch.randint(0, 32, (8, 16), generator=torch.Generator().manual_seed(step))  # noqa: E731
+    last = fit_layers(fitter, teacher, batch_at, 800, 1e-2, progress=False)
+    assert last["fvu"][0] < 0.05  # the student's random init starts near 1
+    fitter.fold()
+    held_out = torch.randint(0, 32, (8, 16), generator=g)
+    cache = layer_cache(teacher, held_out, fitter.hooks)
+    x, y = fitter.pairs(cache)[0]
+    with torch.no_grad():
+        pred = student.eval()(x)
+    rel = (pred - y).pow(2).mean() / (y - y.mean(0)).pow(2).mean()
+    assert rel < 0.08
+    assert abs(pred.mean() - y.mean()) < 0.05 * y.abs().mean()
+
+
+def test_data_init_makes_the_router_pick_its_units_by_their_input_direction():
+    """init='data': w_in of unit (a, b) is the concatenation of its keys and the query is the identity,
+    so the router's chosen units are (nearly) the units with the largest pre-activations."""
+    from monoroute.train.layerwise import init_from_data
+
+    torch.manual_seed(0)
+    ffn = RoutedFFN(16, 256, 8, router="product_key", coupling="none", bias=False)
+    x = torch.randn(2000, 16)
+    init_from_data(ffn, x)
+    test = torch.randn(200, 16)
+    chosen = ffn.router(test, ffn.w_in, None).indices
+    best = (test @ ffn.w_in.t()).topk(8).indices
+    overlap = sum(len(set(c.tolist()) & set(b.tolist())) for c, b in zip(chosen, best)) / chosen.numel()
+    assert overlap > 0.5  # a random router/w_in pair overlaps ~8/256
+    keys = torch.nn.functional.normalize(ffn.router.keys, dim=-1)
+    row = torch.nn.functional.normalize(torch.cat([keys[0, 3], keys[1, 5]]), dim=0)
+    assert torch.allclose(torch.nn.functional.normalize(ffn.w_in[3 * 16 + 5], dim=0), row, atol=1e-5)
+
+
+# --- stage 2's KL -----------------------------------------------------------------------------------------
+def test_kl_term_matches_a_hand_computation():
+    student = torch.tensor([[0.0, 0.0]])
+    teacher = torch.tensor([[math.log(3.0), 0.0]])  # p_teacher = (3/4, 1/4), p_student = (1/2, 1/2)
+    by_hand = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)  # 0.130812
+    assert distill_kl(student, teacher).item() == pytest.approx(by_hand, rel=1e-6)
+    pt = math.sqrt(3) / (math.sqrt(3) + 1)  # T = 2: logits halved, p_teacher = (√3, 1) / (√3 + 1)
+    by_hand_t2 = 4 * (pt * math.log(pt / 0.5) + (1 - pt) * math.log((1 - pt) / 0.5))  # T² · KL = 0.145348
+    assert distill_kl(student, teacher, 2.0).item() == pytest.approx(by_hand_t2, rel=1e-6)
+    assert distill_kl(teacher, teacher).item() == pytest.approx(0.0, abs=1e-7)
+    # mean over positions: a second, identical position leaves the value unchanged
+    assert distill_kl(student.repeat(2, 1), teacher.repeat(2, 1)).item() == pytest.approx(by_hand, rel=1e-6)
+
+
+# --- the command -----------------------------------------------------------------------------------------
+def test_upcycle_makes_an_ordinary_run_that_records_its_teacher(teacher, tmp_path, capsys):
+    out = tmp_path / "up"
+    assert upcycle(teacher, out) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["run"]["model"]["ffn"] == "routed" and saved["run"]["model"]["out_bias"] is True
+    assert saved["run"]["train"]["teacher"] == str(teacher.resolve())
+    from monoroute.train.distill import teacher_weights_sha256
+
+    assert saved["upcycle"]["teacher_sha256"] == teacher_weights_sha256(teacher) == saved["run"]["train"]["teacher_sha256"]
+    assert saved["upcycle"]["stage1"]["steps"] == 1536 // (4 * 64)
+    assert summary["step"] == 4 and "kl" in summary
+    assert len(summary["upcycle"]["stage1"]["final_fvu"]) == 2  # both layers fitted in one pass
+    assert not (out / "upcycle" / "checkpoints").exists()  # stage 1's own checkpoint is gone once it is done
+    # The teacher's non-FFN weights went into the student (and stage 2 moved them only by its steps).
+    t, s = weights(teacher), weights(out)
+    assert s["wpe.weight"].shape == t["wpe.weight"].shape
+    # eval / sample / resume work on it unchanged
+    assert main(["eval", str(out), "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["step"] == 4 and math.isfinite(ev["val_loss"])
+    assert main(["sample", str(out), "--max-new-tokens", "5"]) == 0
+    assert main(["train", "--resume", str(out), "--no-progress", "--steps", "6"]) == 0
+    assert json.loads((out / "checkpoint.json").read_text())["step"] == 6
+
+
+def test_upcycle_resumes_after_a_kill_in_stage_1_exactly(teacher, tmp_path, monkeypatch):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert upcycle(teacher, whole) == 0
+    import monoroute.train.checkpoint as C
+
+    class Killed(BaseException):
+        pass
+
+    def kill_after_stage1_save(stage, step):
+        if stage == "pointer_switched" and step == 2:
+            raise Killed  # as kill -9 right after stage 1's step-2 checkpoint
+    monkeypatch.setattr(C, "reached", kill_after_stage1_save)
+    with pytest.raises(Killed):
+        upcycle(teacher, split)
+    assert json.loads((split / "upcycle" / "checkpoint.json").read_text())["step"] == 2
+    assert not (split / "checkpoint.json").exists()
+    monkeypatch.undo()
+    assert main(["upcycle", "--resume", str(split), "--no-progress"]) == 0
+    record = json.loads((split / "upcycle" / "stage1.json").read_text())
+    assert record["resumed_at"] == 2
+    a, b = weights(whole), weights(split)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["train_loss"] for r in metrics(split)] == [r["train_loss"] for r in metrics(whole)]
+
+
+@pytest.mark.parametrize("case", ["routed_teacher", "no_checkpoint", "bad_width", "k_too_large", "tokenizer"])
+def test_bad_input_is_one_error_line_and_writes_nothing(case, teacher, tmp_path, capsys):
+    out = tmp_path / "out"
+    src, extra = teacher, []
+    if case == "routed_teacher":
+        src = tmp_path / "routed"
+        assert main(["train", "--preset", "tiny", "--out", str(src), *FAST, "--steps", "2"]) == 0
+    elif case == "no_checkpoint":
+        src = tmp_path / "empty"
+        src.mkdir()
+        (src / "config.json").write_text((teacher / "config.json").read_text())
+    elif case == "bad_width":
+        extra = ["--n-units", "300"]
+    elif case == "k_too_large":
+        extra = ["--k", "999"]
+    elif case == "tokenizer":
+        src = tmp_path / "bpe"
+        corpus = tmp_path / "a.txt"
+        corpus.write_text("".join(f"line {i} of the first corpus, about apples\n" for i in range(3000)))
+        other = tmp_path / "b.txt"
+        other.write_text("".join(f"zebra {i} crosses the other corpus\n" for i in range(3000)))
+        assert main(["train", "--preset", "tiny", "--ffn", "dense", "--tokenizer", "bpe", "--bpe-vocab-size", "300",
+                     "--data", str(corpus), "--out", str(src), *FAST, "--steps", "2"]) == 0
+        extra = ["--data", str(other)]
+    capsys.readouterr()
+    assert upcycle(src, out, *extra) == 2
+    line = error_line(capsys)
+    expected = {"routed_teacher": "has routed layers", "no_checkpoint": "has no checkpoint",
+                "bad_width": "perfect square", "k_too_large": "k must be between", "tokenizer": "tokenizer differs"}
+    assert expected[case] in line
+    assert not out.exists()
+
+
+# --- Hugging Face ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A tiny GPT2LMHeadModel and its fast tokenizer, saved as save_pretrained writes them (no network)."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    folder = tmp_path_factory.mktemp("hf") / "gpt2-tiny"
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(["def add(a, b):\n    return a + b\n" * 40, "the cat sat on the mat. " * 40], trainer=trainer)
+    tok = transformers.GPT2TokenizerFast(tokenizer_object=hf, eos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=hf.get_vocab_size(), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                     bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder, model
+
+
+def test_hf_logits_equal_transformers_in_float64(hf_folder):
+    from monoroute.models.hf import load_hf_gpt2
+
+    folder, reference = hf_folder
+    ours, cfg, _ = load_hf_gpt2(folder, torch.float64)
+    assert cfg.dense_activation == "gelu_tanh" and cfg.n_layer == 2
+    idx = torch.randint(0, cfg.vocab_size, (3, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = reference.double()(idx).logits
+        mine = ours(idx)[0]
+    reference.float()
+    assert (theirs - mine).abs().max().item() < 1e-10
+
+
+def test_hf_refuses_pickles_and_other_architectures(hf_folder, tmp_path, capsys):
+    folder, _ = hf_folder
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((folder / "config.json").read_text())
+    (pickled / "pytorch_model.bin").write_bytes(b"not read")
+    (pickled / "tokenizer.json").write_text((folder / "tokenizer.json").read_text())
+    assert main(["upcycle", "--from-hf", str(pickled), "--out", str(tmp_path / "o")]) == 2
+    assert "pickles are not loaded" in error_line(capsys)
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert main(["upcycle", "--from-hf", str(llama), "--out", str(tmp_path / "o")]) == 2
+    assert "only GPT-2-family" in error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_upcycle_from_hf_end_to_end(hf_folder, tmp_path, capsys):
+    folder, _ = hf_folder
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"def add{i}(a, b):\n    return a + b  # the cat sat on the mat\n" for i in range(4000)))
+    out = tmp_path / "routed"
+    assert main(["upcycle", "--from-hf", str(folder), "--data", str(corpus), "--out", str(out), "--n-units", "256",
+                 "--k", "8", "--distill-tokens", "2048", "--steps", "4", *FAST]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["upcycle"]["source"] == "hf"
+    assert saved["run"]["data"]["tokenizer"] == "file"
+    capsys.readouterr()
+    assert main(["eval", str(out / "teacher"), "--json"]) == 0  # the converted teacher is a run too
+    before = json.loads(capsys.readouterr().out)["val_loss"]
+    assert main(["eval", str(out), "--json"]) == 0
+    after = json.loads(capsys.readouterr().out)["val_loss"]
+    assert math.isfinite(before) and math.isfinite(after)
+    assert saved["run"]["model"]["dense_activation"] == "gelu_tanh"
+
+
+# --- schedules -------------------------------------------------------------------------------------------
+def test_k_schedule_values():
+    tc = TrainConfig(steps=600, k_start=256, k_decay=0.5)
+    assert [k_at(s, tc, 32) for s in (0, 150, 299, 300, 599)] == [256, round(256 * (1 / 8) ** 0.5), 32, 32, 32]
+    assert k_at(100, TrainConfig(steps=600), 32) == 32
+    assert k_at(150, tc, 32, multiple=4) % 4 == 0
+
+
+def test_k_schedule_shrinks_k_and_keeps_the_search_exact(tmp_path):
+    out = tmp_path / "ks"
+    assert main(["train", "--preset", "tiny", "--out", str(out), *FAST, "--steps", "8", "--set", "k_start=64",
+                 "--set", "coupling=none"]) == 0
+    ks = [r["k"] for r in metrics(out)]
+    assert ks[0] == 64 and ks[-1] == 8 and ks == sorted(ks, reverse=True)
+    layer = RoutedFFN(16, 256, 64, router="product_key", coupling="none")
+    layer.set_k(8)
+    x = torch.randn(40, 16)
+    chosen = layer.router(x, layer.w_in, layer.b_in).indices.sort(-1).values
+    assert torch.equal(chosen, layer.router.all_scores(x).topk(8).indices.sort(-1).values)
+
+
+def test_dense_fraction_switches_once_at_equal_tokens_and_resumes_across_the_switch(tmp_path):
+    plain, whole, split = tmp_path / "plain", tmp_path / "whole", tmp_path / "split"
+    args = [*FAST, "--steps", "10", "--set", "dense_fraction=0.4", "--set", "fit_steps=2"]
+    assert main(["train", "--preset", "tiny", "--out", str(plain), *FAST, "--steps", "10"]) == 0
+    assert main(["train", "--preset", "tiny", "--out", str(whole), *args]) == 0
+    records = metrics(whole)
+    switch = [r for r in records if "upcycle_fvu" in r]
+    assert [r["step"] for r in switch] == [6]  # dense for 4 steps, 2 fit steps
+    assert records[-1]["tokens"] == metrics(plain)[-1]["tokens"]  # equal total tokens
+    assert "routed" in records[-1] and "routed" not in records[2]  # dense before the switch, routed after
+    assert set(weights(whole)) == set(weights(plain)) | {"blocks.0.mlp.b_out", "blocks.1.mlp.b_out"}  # routed + bias
+    assert main(["train", "--preset", "tiny", "--out", str(split), *args, "--until", "3"]) == 0
+    assert "blocks.0.mlp.up.weight" in weights(split)  # still dense at step 3
+    assert main(["train", "--resume", str(split), "--no-progress"]) == 0
+    assert [r.get("train_loss") for r in metrics(split)] == [r.get("train_loss") for r in records]
+    assert metrics(split)[-1]["val_loss"] == records[-1]["val_loss"]
+
+
+def test_dense_fraction_refusals(tmp_path, capsys):
+    assert main(["train", "--preset", "tiny", "--ffn", "dense", "--out", str(tmp_path / "a"), *FAST,
+                 "--set", "dense_fraction=0.5", "--set", "fit_steps=2"]) == 2
+    assert "needs routed layers" in error_line(capsys)
+    assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "b"), *FAST, "--steps", "4",
+                 "--set", "dense_fraction=0.9", "--set", "fit_steps=3"]) == 2
+    assert "leaves no routed steps" in error_line(capsys)
+
+
+# --- the multi-pool router ---------------------------------------------------------------------------------
+def test_multi_pool_router_picks_each_pools_exact_top_k():
+    torch.manual_seed(0)
+    layer = RoutedFFN(32, 1024, 16, router="multi_pool", router_pools=4, coupling="none")
+    x = torch.randn(60, 32)
+    routing = layer.router(x, layer.w_in, layer.b_in)
+    scores = layer.router.all_scores(x)
+    for p in range(4):
+        ref = scores[:, p * 256:(p + 1) * 256].topk(4).indices + p * 256
+        assert torch.equal(routing.indices[:, p * 4:(p + 1) * 4].sort(-1).values, ref.sort(-1).values)
+    units = torch.tensor([3, 700, 260, 1023])
+    assert torch.allclose(layer.router.score_units(x, units), scores[:, units], atol=1e-6)
+    with pytest.raises(Exception, match="evenly"):
+        RoutedFFN(32, 1024, 15, router="multi_pool", router_pools=4)
+
+
+def test_multi_pool_trains_with_preact_and_revival(tmp_path):
+    out = tmp_path / "mp"
+    assert main(["train", "--preset", "tiny", "--out", str(out), *FAST, "--steps", "4", "--router", "multi_pool",
+                 "--set", "router_pools=4", "--n-units", "256", "--set", "dead_grace=0"]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["run"]["model"]["router"] == "multi_pool"
+    # per layer: 4 pools of 64 units, each a query projection (32 x 32) and 8 sub-keys per half, plus the
+    # pre-activations of the 2k = 16 candidates (preact coupling); 2 layers
+    assert saved["flops_per_token"]["router"] == 2 * (4 * (2 * 32 * 32 + 2 * 8 * 32) + 2 * 16 * 32)
