@@ -133,6 +133,12 @@ def test_upcycle_makes_an_ordinary_run_that_records_its_teacher(teacher, tmp_pat
     ev = json.loads(capsys.readouterr().out)
     assert ev["step"] == 4 and math.isfinite(ev["val_loss"])
     assert main(["sample", str(out), "--max-new-tokens", "5"]) == 0
+    capsys.readouterr()
+    assert main(["analyze", str(out), "--tokens", "2048", "--no-progress", "--interventions", "0", "--dashboards", "0",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    units = report["unit_sets"]["routed_units"]
+    assert units["n_units"] == 256 and units["k"] == 8  # the tiny preset's routed width, read off the upcycled run
     assert main(["train", "--resume", str(out), "--no-progress", "--steps", "6"]) == 0
     assert json.loads((out / "checkpoint.json").read_text())["step"] == 6
 
@@ -154,6 +160,7 @@ def test_upcycle_resumes_after_a_kill_in_stage_1_exactly(teacher, tmp_path, monk
     assert json.loads((split / "upcycle" / "checkpoint.json").read_text())["step"] == 2
     assert not (split / "checkpoint.json").exists()
     monkeypatch.undo()
+    assert main(["train", "--resume", str(split), "--no-progress"]) == 2  # stage 1 is the upcycle's to finish
     assert main(["upcycle", "--resume", str(split), "--no-progress"]) == 0
     record = json.loads((split / "upcycle" / "stage1.json").read_text())
     assert record["resumed_at"] == 2

@@ -410,10 +410,11 @@ def _routed_items(run: Path, run_cfg, set_name, layer, device, notes, reasons) -
             "kind": "routed_layer", "exact": True, "input": _ln_input(i),
             "latents_hook": f"blocks.{i}.mlp.hook_post",
             "note": TRANSCODER_NOTE + f" Its latents are the layer's own units (blocks.{i}.mlp.hook_post) and its "
-                                      f"decode is the layer's output; b_dec is 0 (a RoutedFFN has no output bias)."})
+                                      f"decode is the layer's output; b_dec is its output bias (0 without out_bias)."})
         cfg = topk_cfg(ffn.d_model, ffn.n_units, ffn.k, False, False, meta)
         b_in = ffn.b_in if ffn.b_in is not None else ffn.w_in.new_zeros(ffn.n_units)
-        tensors = _tensors(W_enc=ffn.w_in.t(), b_enc=b_in, W_dec=ffn.w_out, b_dec=ffn.w_out.new_zeros(ffn.d_model))
+        tensors = _tensors(W_enc=ffn.w_in.t(), b_enc=b_in, W_dec=ffn.w_out,
+                           b_dec=ffn.b_out if ffn.b_out is not None else ffn.w_out.new_zeros(ffn.d_model))
         items.append(SAELensItem("routed_units", i, cfg, tensors))
     return items
 

@@ -171,6 +171,9 @@ def start_mode(out: Path, resume: bool, overwrite: bool) -> str:
     if resume:
         if not (out / CONFIG_FILE).is_file():
             raise MonorouteError(f"nothing to resume in {out}: no {CONFIG_FILE}; check the path or start a new run")
+        if current_checkpoint(out) is None and (out / "upcycle").is_dir():
+            raise MonorouteError(f"{out} is an upcycle that stopped in stage 1 (the layer-local fit); continue it with "
+                                 f"`monoroute upcycle --resume {out}`")
         if current_checkpoint(out) is None:
             raise MonorouteError(
                 f"nothing to resume in {out}: the run stopped before its first checkpoint ({POINTER_FILE} is "

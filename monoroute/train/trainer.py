@@ -373,7 +373,7 @@ def _train_locked(cfg, info, resume, until, show_progress, device, store, model)
     if resume:  # every rank reads the full checkpoint, before any sharding
         optimizer_state, progress = load_checkpoint(out, model)
     if info.is_main:
-        print(f"monoroute: {cfg.preset} {cfg.model.ffn} params={model.n_params():,} "
+        print(f"monoroute: {cfg.preset} {model.cfg.ffn} params={model.n_params():,} "
               f"active={model.n_active_params():,} flops/token={model.flops_per_token()['total']:,} device={device}")
     net = parallelize(model, info, fsdp)
     # Built after sharding: under FSDP2 the optimizer must hold the sharded (DTensor) parameters.

@@ -111,7 +111,7 @@ def convert_hf(folder: str, data_overrides: dict):
         setattr(data, key, value)
     if data.tokenizer != "file":
         raise MonorouteError("--from-hf keeps the checkpoint's own tokenizer; drop --tokenizer")
-    return model, RunConfig(preset="hf", out="", model=gcfg, data=data, train=TrainConfig(steps=1, batch_size=8))
+    return model, RunConfig(preset="hf", out="", model=gcfg, data=data, train=TrainConfig(batch_size=16))
 
 
 def check_tokenizer(store, teacher_tokenizer_json: str, teacher: str) -> None:
