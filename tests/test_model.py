@@ -40,9 +40,26 @@ def test_hook_point_names():
     names = set(model_for(ffn="dense,routed").hook_points)
     for i in range(2):
         for hook in ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "mlp.hook_pre", "mlp.hook_post",
-                     "hook_mlp_out", "hook_resid_post"):
+                     "hook_mlp_out", "hook_resid_post", "ln_1.hook_normalized", "ln_2.hook_normalized",
+                     "attn.hook_q", "attn.hook_k", "attn.hook_v"):
             assert f"blocks.{i}.{hook}" in names
-    assert {"hook_embed", "hook_pos_embed"} <= names
+    assert {"hook_embed", "hook_pos_embed", "ln_f.hook_normalized"} <= names
+
+
+def test_ln_and_qkv_hooks_see_what_the_block_computes():
+    """ln_2.hook_normalized is the FFN's input and hook_q/k/v the projections, split before the heads."""
+    model = model_for(ffn="dense")
+    tokens = torch.randint(0, 64, (2, 16))
+    _, cache = model.run_with_cache(tokens)
+    block = model.blocks[0]
+    ln2 = block.ln_2(cache["blocks.0.hook_resid_mid"])
+    assert torch.allclose(cache["blocks.0.ln_2.hook_normalized"], ln2)
+    q, k, v = block.attn.qkv(cache["blocks.0.ln_1.hook_normalized"]).split(model.cfg.d_model, dim=2)
+    assert torch.allclose(cache["blocks.0.attn.hook_v"], v) and torch.allclose(cache["blocks.0.attn.hook_q"], q)
+    # zeroing v zeroes attention's output before the projection: attn_out is the projection's bias alone
+    with model.hooks([("blocks.0.attn.hook_v", lambda a, h: torch.zeros_like(a))]):
+        _, c2 = model.run_with_cache(tokens, names_filter=["blocks.0.hook_attn_out"])
+    assert torch.allclose(c2["blocks.0.hook_attn_out"], block.attn.proj.bias.expand(2, 16, -1))
 
 
 def test_run_with_cache_shapes_and_sparse_record():

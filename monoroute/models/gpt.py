@@ -8,6 +8,9 @@ patching, ablation and steering need no surgery:
     blocks.{i}.hook_resid_pre / hook_attn_out / hook_resid_mid / hook_mlp_out / hook_resid_post  (B, T, d)
     blocks.{i}.mlp.hook_pre    dense: (B, T, d_ff) pre-activations; routed: (B, T, k) selected pre-activations
     blocks.{i}.mlp.hook_post   dense: (B, T, d_ff) activations;     routed: SparseActivations (B, T, k)
+    blocks.{i}.ln_1.hook_normalized, blocks.{i}.ln_2.hook_normalized, ln_f.hook_normalized   (B, T, d)
+                               what attention, the FFN and the unembedding read (after the LayerNorm)
+    blocks.{i}.attn.hook_q / hook_k / hook_v   (B, T, d) before the split into heads (head h: channels h*dh..)
 """
 from __future__ import annotations
 
@@ -25,16 +28,30 @@ from monoroute.models.config import GPTConfig
 from monoroute.models.flops import flops_per_token
 
 
+class HookedLayerNorm(nn.LayerNorm):
+    """nn.LayerNorm whose output passes through `hook_normalized` (same parameters and state dict):
+    the residual channels a block reads are nodes a circuit search can mask."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.hook_normalized(super().forward(x))
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.n_head, self.dropout = cfg.n_head, cfg.dropout
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, d = x.shape
-        q, k, v = self.qkv(x).split(d, dim=2)
+        q, k, v = self.qkv(x).split(d, dim=2)  # (B, T, d) each
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         q, k, v = (t.view(B, T, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, dh)
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)  # (B, H, T, dh)
@@ -70,8 +87,8 @@ def build_ffn(cfg: GPTConfig, kind: str) -> nn.Module:
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig, ffn_kind: str) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
-        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
+        self.ln_1 = HookedLayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
+        self.ln_2 = HookedLayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
         self.attn = CausalSelfAttention(cfg)
         self.mlp = build_ffn(cfg, ffn_kind)
         self.drop = nn.Dropout(cfg.dropout)
@@ -92,7 +109,7 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, kind) for kind in cfg.ffn_kinds())
-        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
+        self.ln_f = HookedLayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.lm_head.weight = self.wte.weight

@@ -1,0 +1,207 @@
+"""Find the smallest set of nodes that still does a task (Gao et al. 2025's pruning, our code).
+
+    1. learn masks on the task's training pairs:  loss = task loss + lam * (nodes kept), AdamW on tau
+       (hard 0/1 forward, sigmoid surrogate backward; masks.py)
+    2. rank live nodes by tau and bisect on K: the smallest top-K circuit whose task loss on the
+       held-out pairs is <= the target (everything else ablated)
+    3. checks on the held-out pairs: necessity (ablate only the circuit: the loss should rise to
+       about chance, ln 2) and a random control of the same size and composition (same count per
+       hook point, drawn from its live nodes): kept alone, and ablated alone.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from monoroute.circuits.masks import CircuitMask
+from monoroute.circuits.nodes import KINDS, NodeGroup
+from monoroute.circuits.tasks import Pair
+
+CHANCE = math.log(2)
+
+
+@dataclass
+class TaskBatch:
+    tokens: Tensor  # (B, T) right-padded prompts (causal attention: padding never reaches a prompt's last position)
+    last: Tensor    # (B,) index of each prompt's last byte
+    cand: Tensor    # (B, 2) the two candidate bytes: [target, alternative]
+    label: Tensor   # (B,) which candidate is right: 0 for the pair's A member, 1 for B
+
+
+def make_batch(pairs: list[Pair], tokenizer) -> TaskBatch:
+    prompts, cands, labels = [], [], []
+    for p in pairs:
+        cand = tokenizer.encode(p.a.answer) + tokenizer.encode(p.b.answer)
+        for label, ex in enumerate((p.a, p.b)):
+            prompts.append(tokenizer.encode(ex.prompt))
+            cands.append(cand)
+            labels.append(label)
+    T = max(len(p) for p in prompts)
+    tokens = torch.zeros(len(prompts), T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = torch.tensor(p)
+    return TaskBatch(tokens, torch.tensor([len(p) - 1 for p in prompts]), torch.tensor(cands), torch.tensor(labels))
+
+
+def task_loss(model, batch: TaskBatch) -> Tensor:
+    """Binary cross-entropy over the two candidate bytes at each prompt's last position (mean, nats)."""
+    logits, _ = model(batch.tokens)  # (B, T, V)
+    last = logits[torch.arange(len(batch.last)), batch.last]  # (B, V)
+    two = last.gather(1, batch.cand).float()  # (B, 2)
+    return F.cross_entropy(two, batch.label)
+
+
+@dataclass
+class SearchOptions:
+    steps: int = 100
+    lam: float = 1e-3     # per kept node, not normalised by the node count (Gao et al.); then steered
+    lr: float = 0.1
+    init: float = 1.0
+    target_loss: float = 0.15
+    seed: int = 0
+
+
+def learn_masks(model, groups: list[NodeGroup], batch: TaskBatch, opts: SearchOptions) -> tuple[CircuitMask, list]:
+    """AdamW on the mask logits for `opts.steps` steps. The penalty's weight starts at `opts.lam` and
+    is steered toward the target every 10 steps (halved while the task loss is above it, x1.25 while
+    below): a fixed weight either barely prunes or collapses the task, depending on the model."""
+    mask = CircuitMask(model, groups, init=opts.init)
+    opt = torch.optim.AdamW(mask.tau.parameters(), lr=opts.lr, weight_decay=0.0)
+    trace, lam, recent = [], opts.lam, []
+    with model.hooks(mask.hooks()):
+        for step in range(opts.steps):
+            loss = task_loss(model, batch)
+            kept = mask.n_kept()
+            opt.zero_grad(set_to_none=True)
+            (loss + lam * kept).backward()
+            opt.step()
+            recent.append(loss.item())
+            if (step + 1) % 10 == 0:
+                lam = lam * 0.5 if sum(recent) / len(recent) > opts.target_loss else min(lam * 1.25, 1.0)
+                recent = []
+            if step % 25 == 0 or step == opts.steps - 1:
+                trace.append({"step": step, "task_loss": round(loss.item(), 4), "kept": int(kept.item()),
+                              "lam": float(f"{lam:.3g}")})
+    return mask, trace
+
+
+@torch.no_grad()
+def loss_with(model, mask: CircuitMask, keep: list[Tensor], batch: TaskBatch) -> float:
+    mask.set_fixed(keep)
+    try:
+        with model.hooks(mask.hooks()):
+            return task_loss(model, batch).item()
+    finally:
+        mask.set_fixed(None)
+
+
+def top_k_keep(scores: list[Tensor], k: int) -> list[Tensor]:
+    """Per group 0/1 masks keeping the k highest-scoring live nodes overall (ties by position)."""
+    flat = torch.cat(scores)
+    keep = torch.zeros_like(flat)
+    if k > 0:
+        keep[torch.argsort(flat, descending=True, stable=True)[:k]] = 1.0
+    return list(keep.split([len(s) for s in scores]))
+
+
+def bisect_circuit(model, mask: CircuitMask, batch: TaskBatch, target: float) -> tuple[list[Tensor], float, int]:
+    """The smallest K whose top-K circuit reaches `target` on `batch`; returns (keep, loss, evaluations).
+
+    The search runs over K <= the learned mask's size when that mask reaches the target; else K grows
+    from it by doubling along the ranking until it does (nodes the masks pruned may be ones whose
+    *mean* helps, so far down the ranking the loss is not monotone in K). Within the range the
+    bisection assumes the loss falls with K, as Gao et al.'s does."""
+    scores = mask.scores()
+    n_live = int(sum(g.live.sum() for g in mask.groups))
+    n_learned = int(sum(((t.detach() > 0) & g.live).sum() for t, g in zip(mask.tau, mask.groups)))
+    lo, hi, evals = 0, n_live, 0
+    cache: dict[int, float] = {}
+
+    def at(k: int) -> float:
+        nonlocal evals
+        if k not in cache:
+            cache[k] = loss_with(model, mask, top_k_keep(scores, k), batch)
+            evals += 1
+        return cache[k]
+
+    if at(n_learned) <= target:
+        hi = n_learned
+    else:  # the learned set misses the target on held-out pairs: grow it along the ranking until it reaches it
+        lo, k = n_learned + 1, max(2 * n_learned, 1)
+        while k < n_live and at(k) > target:
+            lo, k = k + 1, 2 * k
+        hi = min(k, n_live)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if at(mid) <= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return top_k_keep(scores, lo), at(lo), evals
+
+
+def counts_by_kind(groups: list[NodeGroup], keep: list[Tensor]) -> dict[str, int]:
+    out = {kind: 0 for kind in KINDS}
+    for g, k in zip(groups, keep):
+        out[g.kind] += int((k * g.live).sum().item())
+    out["total"] = sum(out[kind] for kind in KINDS)
+    return out
+
+
+def random_like(groups: list[NodeGroup], keep: list[Tensor], generator: torch.Generator) -> list[Tensor]:
+    """A random set with the same number of live nodes at every hook point as `keep`."""
+    out = []
+    for g, k in zip(groups, keep):
+        n = int((k * g.live).sum().item())
+        live = torch.nonzero(g.live).flatten()
+        r = torch.zeros(g.size)
+        if n:
+            r[live[torch.randperm(len(live), generator=generator)[:n]]] = 1.0
+        out.append(r)
+    return out
+
+
+def circuit_nodes(groups: list[NodeGroup], keep: list[Tensor]) -> dict[str, list[int]]:
+    """{hook: [channel or unit ids]} of the kept live nodes."""
+    return {g.hook: torch.nonzero(k * g.live).flatten().tolist() for g, k in zip(groups, keep) if (k * g.live).any()}
+
+
+def find_circuit(model, groups: list[NodeGroup], train: TaskBatch, test: TaskBatch, opts: SearchOptions) -> dict:
+    """One task's circuit and its checks (losses on the held-out `test` pairs unless named _train)."""
+    t0 = time.perf_counter()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    mask, trace = learn_masks(model, groups, train, opts)
+    keep, loss, evals = bisect_circuit(model, mask, test, opts.target_loss)
+    ones = [torch.ones(g.size) for g in groups]
+    complement = [1 - k for k in keep]
+    gen = torch.Generator().manual_seed(opts.seed)
+    control = random_like(groups, keep, gen)
+    learned = [(t.detach() > 0).float() for t in mask.tau]
+    return {
+        "nodes": counts_by_kind(groups, keep),
+        "live": counts_by_kind(groups, ones),
+        "learned_mask_nodes": counts_by_kind(groups, learned)["total"],
+        "circuit_loss": loss,
+        "circuit_loss_train": loss_with(model, mask, keep, train),
+        "necessity_loss": loss_with(model, mask, complement, test),
+        "control_keep_loss": loss_with(model, mask, control, test),
+        "control_ablate_loss": loss_with(model, mask, [1 - c for c in control], test),
+        "all_ablated_loss": loss_with(model, mask, [torch.zeros(g.size) for g in groups], test),
+        "bisection_evals": evals,
+        "trace": trace,
+        "circuit": circuit_nodes(groups, keep),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def geomean(values: list[float]) -> float | None:
+    """Geometric mean with each value floored at 1 (a circuit with no units counts as one)."""
+    if not values:
+        return None
+    return math.exp(sum(math.log(max(v, 1)) for v in values) / len(values))

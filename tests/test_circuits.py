@@ -1,0 +1,253 @@
+"""Circuit discovery: task generators, masks against simple references, a hand-built model whose task
+one known unit carries, and the command's bad-input errors."""
+import ast
+import json
+
+import pytest
+import torch
+
+from monoroute.circuits.masks import CircuitMask
+from monoroute.circuits.nodes import compute_means, node_groups
+from monoroute.circuits.search import SearchOptions, find_circuit, loss_with, make_batch, task_loss
+from monoroute.circuits.tasks import TASKS, Task, select_tasks
+from monoroute.data.tokenizers import ByteTokenizer
+from monoroute.errors import MonorouteError
+from monoroute.hooks import SparseActivations
+from monoroute.models.config import GPTConfig
+from monoroute.models.gpt import GPT
+
+from conftest import FAST_TRAIN
+
+TOK = ByteTokenizer()
+
+
+# --- tasks -----------------------------------------------------------------------------------------
+
+def test_at_least_twelve_tasks_whose_completed_pairs_parse():
+    assert len(TASKS) >= 12
+    for task in TASKS.values():
+        pairs = task.pairs(40, seed=3, max_prompt_bytes=127)
+        assert len(pairs) == 40
+        for p in pairs:
+            assert p.a.answer != p.b.answer
+            assert len(p.a.prompt) <= 127 and len(p.b.prompt) <= 127
+            for ex in (p.a, p.b):
+                ast.parse(ex.text)  # the byte asked for is one that completes valid Python
+        # varied: identifiers, values and surroundings change between pairs
+        assert len({p.a.prompt for p in pairs}) >= 30, task.name
+        # every pair of a task poses the same binary choice
+        assert len({(p.a.answer, p.b.answer) for p in pairs}) == 1, task.name
+
+
+def test_tasks_are_seeded_and_fit_a_short_context():
+    t = TASKS["dict_vs_list"]
+    assert t.pairs(5, seed=1) == t.pairs(5, seed=1) != t.pairs(5, seed=2)
+    assert all(len(p.a.prompt) <= 63 and len(p.b.prompt) <= 63 for p in TASKS["set_vs_str"].pairs(20, max_prompt_bytes=63))
+
+
+def test_unknown_task_names_the_choices():
+    with pytest.raises(MonorouteError, match="unknown task 'nope'; choose from quote"):
+        select_tasks(["quote", "nope"])
+
+
+def test_task_loss_is_binary_cross_entropy_at_each_prompts_last_byte():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=1, d_model=16, block_size=64)).eval()
+    pairs = TASKS["quote"].pairs(3)
+    batch = make_batch(pairs, TOK)
+    ref = []
+    for p in pairs:  # one prompt at a time, unpadded, in float64
+        cand = [ord(p.a.answer), ord(p.b.answer)]
+        for label, ex in enumerate((p.a, p.b)):
+            logits = model(torch.tensor([TOK.encode(ex.prompt)]))[0][0, -1].double()
+            ref.append(-torch.log_softmax(logits[cand], 0)[label])
+    assert task_loss(model, batch).item() == pytest.approx(torch.stack(ref).mean().item(), abs=1e-5)
+
+
+# --- masks against references ----------------------------------------------------------------------
+
+def tiny(ffn: str) -> GPT:
+    torch.manual_seed(1)
+    cfg = GPTConfig(n_layer=2, n_head=2, d_model=16, block_size=32, ffn=ffn, d_ff=32, n_units=64, k=4, out_bias=True)
+    return GPT(cfg).eval()
+
+
+def windows(n=16, T=32, seed=0):
+    return torch.randint(97, 123, (n, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("ffn", ["dense", "routed"])
+def test_all_kept_is_the_model_and_all_ablated_is_the_mean_prediction(ffn):
+    model = tiny(ffn)
+    groups = node_groups(model)
+    compute_means(model, groups, windows(256))
+    # (a node that never varied in the means pass is ablated even when kept: here every node is live)
+    assert all(bool(g.live.all()) for g in groups if "attn" not in g.hook)
+    mask = CircuitMask(model, groups)
+    x = windows(4, 20, seed=5)
+    clean = model(x)[0]
+    mask.set_fixed([torch.ones(g.size) for g in groups])
+    with model.hooks(mask.hooks()):
+        assert torch.allclose(model(x)[0], clean, atol=1e-5)
+    mask.set_fixed([torch.zeros(g.size) for g in groups])
+    with model.hooks(mask.hooks()):
+        ablated = model(x)[0]
+    ln_f = next(g for g in groups if g.hook == "ln_f.hook_normalized")
+    # every node at its mean: the logits are the unembedding of ln_f's mean output, at every position
+    mean_prediction = model.lm_head(ln_f.mean)
+    assert torch.allclose(ablated, mean_prediction.expand_as(ablated), atol=1e-5)
+    assert not torch.allclose(clean, clean[:, :1])  # the clean model does depend on its input
+
+
+def test_routed_unit_mask_equals_ablating_the_unit_and_adding_its_mean_contribution():
+    model = tiny("routed")
+    groups = node_groups(model)
+    compute_means(model, groups, windows())
+    gi = next(i for i, g in enumerate(groups) if g.hook == "blocks.1.mlp.hook_post")
+    g = groups[gi]
+    unit = int(torch.nonzero(g.live)[0])
+    keep = [torch.ones(h.size) for h in groups]
+    keep[gi][unit] = 0.0
+    mask = CircuitMask(model, groups)
+    mask.set_fixed(keep)
+    x = windows(3, 24, seed=7)
+    with model.hooks(mask.hooks()):
+        masked = model(x)[0]
+    w_out = model.blocks[1].mlp.w_out
+    hooks = [("blocks.1.mlp.hook_post", lambda act, hook: act.ablate([unit])),
+             ("blocks.1.hook_mlp_out", lambda act, hook: act + g.mean[unit] * w_out[unit])]
+    with model.hooks(hooks):
+        reference = model(x)[0]
+    assert torch.allclose(masked, reference, atol=1e-5)
+    assert not torch.allclose(masked, model(x)[0], atol=1e-4)  # the unit mattered somewhere
+
+
+def test_routed_unit_means_count_unselected_tokens_as_zero():
+    model = tiny("routed")
+    groups = node_groups(model)
+    w = windows()
+    compute_means(model, groups, w)
+    g = next(g for g in groups if g.hook == "blocks.0.mlp.hook_post")
+    acts = model.run_with_cache(w, names_filter=[g.hook])[1][g.hook]
+    assert isinstance(acts, SparseActivations)
+    assert torch.allclose(g.mean, acts.to_dense().reshape(-1, g.size).mean(0), atol=1e-6)
+    assert torch.equal(g.live, (acts.to_dense().reshape(-1, g.size) != 0).any(0))
+
+
+# --- a hand-built model: unit 0 alone carries the task ---------------------------------------------
+
+def hand_built() -> GPT:
+    """One block, d 8, four neurons. Token 'b' writes +(e0 - e1), 'c' writes -(e0 - e1), 'a' writes
+    e6 - e7; every token also writes the constant e4 - e5. Attention is zeroed. Neuron 0 reads e0 - e1
+    and writes e2 - e3; the unembedding reads e2 - e3 for 'x' and the constant channel for 'y', so
+    after 'b' the model says 'x' and after 'c' 'y' through neuron 0 alone. Neuron 1 reads 'a'
+    (e6 - e7) and neuron 2 reads e0 - e1 too; both write a little into e6 - e7, which the unembedding
+    ignores (it only rescales the LayerNorm)."""
+    cfg = GPTConfig(n_layer=1, n_head=1, d_model=8, block_size=16, ffn="dense", d_ff=4, tie_weights=False)
+    model = GPT(cfg)
+    e = torch.eye(8)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        for ln in (model.blocks[0].ln_1, model.blocks[0].ln_2, model.ln_f):
+            ln.weight.fill_(1.0)
+        const = e[4] - e[5]
+        model.wte.weight[:] = const
+        model.wte.weight[ord("a")] = const + e[6] - e[7]
+        model.wte.weight[ord("b")] = const + e[0] - e[1]
+        model.wte.weight[ord("c")] = const - e[0] + e[1]
+        mlp = model.blocks[0].mlp
+        mlp.up.weight[0] = 2 * (e[0] - e[1])
+        mlp.up.weight[1] = 2 * (e[6] - e[7])
+        mlp.up.weight[2] = 2 * (e[0] - e[1])
+        mlp.down.weight[:, 0] = e[2] - e[3]
+        mlp.down.weight[:, 1] = 0.1 * (e[6] - e[7])  # small writes: live units of (almost) no effect
+        mlp.down.weight[:, 2] = 0.1 * (e[6] - e[7])
+        model.lm_head.weight[ord("x")] = e[2] - e[3]
+        model.lm_head.weight[ord("y")] = e[4] - e[5]
+    return model.eval()
+
+
+def hand_task() -> Task:
+    import random
+
+    def make(rng: random.Random):
+        pre = "".join(rng.choice("abc") for _ in range(rng.randint(2, 9)))
+        return pre + "b", "x", pre + "c", "y"
+
+    return Task("b_or_c", "x after b, y after c", make, preamble=False)
+
+
+def test_search_keeps_the_one_unit_that_carries_the_task_and_little_else(monkeypatch):
+    import monoroute.circuits.tasks as tasks
+
+    monkeypatch.setattr(tasks, "check_pair", lambda name, pair: None)  # not Python: skip the parse check
+    model = hand_built()
+    groups = node_groups(model)
+    compute_means(model, groups, torch.tensor([[ord(c) for c in "abcacbbacabcabca"]] * 4))
+    pairs = hand_task().pairs(24, seed=0, max_prompt_bytes=15)
+    train, test = make_batch(pairs[:12], TOK), make_batch(pairs[12:], TOK)
+    assert task_loss(model, test).item() < 0.1  # the full model does the task
+    out = find_circuit(model, groups, train, test, SearchOptions(steps=150, target_loss=0.15))
+    assert out["circuit"].get("blocks.0.mlp.hook_post") == [0]
+    assert out["nodes"]["units"] == 1
+    assert out["nodes"]["attention"] == 0  # attention is zeroed: its channels are constant, never live
+    live = out["live"]["total"]
+    assert out["nodes"]["total"] <= 8 < live  # a handful of residual channels around the unit, of many live nodes
+    assert out["circuit_loss"] <= 0.15
+    assert out["necessity_loss"] > 0.6  # without the circuit the model is at (or below) chance
+    mask = CircuitMask(model, groups)
+    only_unit0 = [torch.ones(g.size) for g in groups]
+    only_unit0[next(i for i, g in enumerate(groups) if g.kind == "units")] = torch.tensor([1.0, 0, 0, 0])
+    assert loss_with(model, mask, only_unit0, test) < 0.1  # the other units are not needed at all
+
+
+# --- the command -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from monoroute.cli import main
+
+    run = tmp_path_factory.mktemp("circ") / "dense"
+    assert main(["train", "--preset", "tiny", "--ffn", "dense", "--out", str(run), *FAST_TRAIN]) == 0
+    return run
+
+
+def test_cli_writes_json_csv_and_html(tiny_run, capsys):
+    from monoroute.cli import main
+
+    # a barely trained model cannot do most tasks: a target at 0.69 lets the search run anyway
+    assert main(["circuits", str(tiny_run), "--tasks", "quote,bracket_type", "--target-loss", "0.69", "--steps", "5",
+                 "--pairs", "8", "--mean-tokens", "1024", "--no-progress", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    out = tiny_run / "circuits"
+    report = json.loads((out / "circuits.json").read_text())
+    assert [t["task"] for t in report["tasks"]] == ["quote", "bracket_type"]
+    assert summary["tasks_done"] + len(summary["tasks_cannot_do"]) == 2
+    csv_lines = (out / "circuits.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("task,status,full_loss") and len(csv_lines) == 3
+    assert "<h2>Circuits" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tasks", "quote,nope"], "unknown task 'nope'"),
+    (["--target-loss", "0"], "--target-loss must be in (0, 0.693)"),
+    (["--target-loss", "-1"], "--target-loss must be in (0, 0.693)"),
+])
+def test_bad_input_is_one_clear_error_line(tiny_run, capsys, args, message):
+    from monoroute.cli import main
+
+    assert main(["circuits", str(tiny_run), *args, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err and err.startswith("monoroute: error:")
+
+
+def test_run_without_checkpoint_is_one_clear_error_line(tmp_path, capsys):
+    from monoroute.cli import main
+
+    (tmp_path / "config.json").write_text("{}")
+    assert main(["circuits", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "has no checkpoint" in err
+    assert main(["circuits", str(tmp_path / "missing"), "--no-progress"]) == 2
+    assert "missing" in capsys.readouterr().err
