@@ -227,6 +227,14 @@ def test_cli_writes_json_csv_and_html(tiny_run, capsys):
     csv_lines = (out / "circuits.csv").read_text().splitlines()
     assert csv_lines[0].startswith("task,status,full_loss") and len(csv_lines) == 3
     assert "<h2>Circuits" in (out / "report.html").read_text()
+    # --out keeps another target's results apart, leaving RUN/circuits as it was
+    before = (out / "circuits.json").read_text()
+    other = tiny_run / "circuits-strict"
+    assert main(["circuits", str(tiny_run), "--tasks", "quote", "--target-loss", "0.01", "--steps", "5", "--pairs", "8",
+                 "--mean-tokens", "1024", "--no-progress", "--out", str(other)]) == 0
+    capsys.readouterr()
+    assert json.loads((other / "circuits.json").read_text())["target_loss"] == 0.01
+    assert (out / "circuits.json").read_text() == before
 
 
 @pytest.mark.parametrize("args, message", [

@@ -245,3 +245,54 @@ def test_serve_analyze_fills_in_a_missing_analysis(analysed_runs, tmp_path):
     (store,) = open_stores([str(plain)], analyze_missing=True, device="cpu", analyze_tokens=2048)
     assert store.report["n_positions"] == 2048 and store.set_names == ["routed_units"]
     assert len(store.table("routed_units")) == store.report["unit_sets"]["routed_units"]["n_units"]
+
+
+def write_fake_circuits(run_dir, layer: int) -> dict:
+    """A circuits.json as `monoroute circuits` writes it, with units at the analysed layer and another."""
+    from monoroute.circuits.run import write_outputs
+
+    other = 1 - layer
+    ok = {"task": "quote", "description": "d", "status": "ok", "full_loss": 0.1, "circuit_loss": 0.14,
+          "nodes": {"units": 3, "residual": 1, "attention": 0, "total": 4},
+          "live": {"units": 50, "residual": 60, "attention": 70, "total": 180},
+          "necessity_loss": 0.9, "control_keep_loss": 0.7, "control_ablate_loss": 0.1,
+          "circuit": {f"blocks.{layer}.mlp.hook_post": [3, 5], f"blocks.{other}.mlp.hook_post": [7],
+                      "blocks.0.hook_mlp_out": [1]}}
+    report = {"run": str(run_dir), "val_loss": 3.0, "target_loss": 0.15, "ablation": "mean", "tasks_done": 1,
+              "geomean_units": 3.0, "geomean_nodes": 4.0, "seconds": 1.0, "peak_rss_mb": 100.0,
+              "tasks": [ok, {"task": "with_as", "description": "d", "status": "cannot_do", "full_loss": 0.5}]}
+    write_outputs(run_dir / "circuits", report)
+    return report
+
+
+def test_circuits_task_view_lists_each_circuits_units_and_links_the_analysed_layer(analysed_runs, tmp_path):
+    from fastapi.testclient import TestClient
+
+    run = tmp_path / "routed"
+    shutil.copytree(analysed_runs[0], run)
+    store = AnalysisStore(run).warm()
+    write_fake_circuits(run, store.layer)
+    client = TestClient(create_app([store, AnalysisStore(analysed_runs[1]).warm()]))
+    view = client.get("/api/runs/0/circuits").json()
+    assert view["set"] == "routed_units" and view["geomean_units"] == 3.0
+    ok, cannot = view["tasks"]
+    assert cannot["status"] == "cannot_do" and cannot["units"] == []
+    assert [(u["layer"], u["unit"], u["page"]) for u in ok["units"]] == [
+        (store.layer, 3, True), (store.layer, 5, True), (1 - store.layer, 7, False)]
+    assert ok["nodes"]["total"] == 4  # residual channels are counted, not listed as units
+    r = client.get("/api/runs/1/circuits")  # the dense run has no circuits
+    assert r.status_code == 404 and "monoroute circuits" in r.json()["detail"]
+
+
+def test_circuits_show_in_the_analysis_report_and_in_compare(analysed_runs, tmp_path, capsys):
+    run = tmp_path / "routed"
+    shutil.copytree(analysed_runs[0], run)
+    write_fake_circuits(run, AnalysisStore(run).layer)
+    page = (run / "analysis" / "report.html").read_text()
+    assert "<h2>Circuits: the smallest node set" in page and "<h2>Unit dashboards</h2>" in page
+    assert main(["compare", str(run), str(analysed_runs[1])]) == 0
+    out = capsys.readouterr().out
+    assert "geomean units" in out and "1 of 2" in out and "routed_units" in out  # both tables
+    assert main(["compare", str(run), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["circuits"]
+    assert rows[0]["units_per_task"] == {"quote": 3} and rows[0]["tasks_cannot_do"] == ["with_as"]

@@ -148,3 +148,31 @@ def test_sae_latents_in_the_live_prompt_and_a_bad_request_shows_an_error(browser
     driver.find_element(By.ID, "iv-apply").click()
     err = wait_for(driver, "#iv-error")
     assert "out of range" in err.text
+
+
+def test_circuits_task_view_links_units_to_their_pages(analysed_runs, tmp_path):
+    import shutil
+
+    from test_serve import write_fake_circuits
+
+    run = tmp_path / "routed"
+    shutil.copytree(analysed_runs[0], run)
+    store = AnalysisStore(run).warm()
+    write_fake_circuits(run, store.layer)
+    with BackgroundServer(create_app([store])) as url:
+        driver = headless_chromium()
+        try:
+            driver.get(url + "/#/circuits/0")
+            wait_for(driver, "#circuits-table a.circuit-unit")
+            text = driver.find_element(By.ID, "circuits-table").text
+            assert "quote" in text and "cannot do" in text
+            links = driver.find_elements(By.CSS_SELECTOR, "#circuits-table a.circuit-unit")
+            assert [a.text for a in links] == [f"L{store.layer}:3", f"L{store.layer}:5"]
+            no_page_errors(driver)
+            snap(driver, "circuits")
+            links[0].click()
+            WebDriverWait(driver, 30).until(lambda d: "#/unit/0/routed_units/3" in d.current_url)
+            wait_for(driver, "#main h2")
+            no_page_errors(driver)
+        finally:
+            driver.quit()

@@ -40,6 +40,7 @@ class CircuitOptions:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    out: str | None = None   # default RUN/circuits
 
     def check(self) -> None:
         if not 0 < self.target_loss < CHANCE:
@@ -130,14 +131,14 @@ def circuits(run: str | Path, opts: CircuitOptions | None = None) -> dict:
     report.update({
         "run": str(run_dir), "step": loaded.step, "val_loss": run_val_loss(run_dir), "ffn": model.cfg.ffn_kinds(),
         "n_layer": model.cfg.n_layer, "d_model": model.cfg.d_model,
-        "options": {k: v for k, v in asdict(opts).items() if k not in ("progress", "device")},
+        "options": {k: v for k, v in asdict(opts).items() if k not in ("progress", "device", "out")},
         "groups": [{"hook": g.hook, "kind": g.kind, "layer": g.layer, "size": g.size, "live": int(g.live.sum())}
                    for g in groups],
         "seconds_means": round(t_means, 1), "seconds": round(time.perf_counter() - t0, 1),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "tasks": rows,
     })
-    write_outputs(run_dir / OUT_DIR, report)
+    write_outputs(Path(opts.out) if opts.out else run_dir / OUT_DIR, report, update_analysis=not opts.out)
     return report
 
 
@@ -174,13 +175,21 @@ def _f(v) -> str:
     return "" if v is None else f"{v:.4f}"
 
 
-def write_outputs(out: Path, report: dict) -> None:
+def write_outputs(out: Path, report: dict, update_analysis: bool = True) -> None:
     from monoroute.circuits.report import render_html
 
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "circuits.json", json.dumps(report, indent=1))
     write_text_atomic(out / "circuits.csv", csv_text(report))
     write_text_atomic(out / "report.html", render_html(report))
+    analysis = out.parent / "analysis" / "report.json"
+    if update_analysis and analysis.is_file():  # the analysis page gets the circuits section too
+        from monoroute.interp.report import build_html
+
+        try:
+            write_text_atomic(analysis.parent / "report.html", build_html(json.loads(analysis.read_text("utf-8")), report))
+        except (json.JSONDecodeError, KeyError):
+            pass  # an old or broken analysis: its own page stays as it was; circuits/report.html has the results
 
 
 def load_circuits(run: str | Path) -> dict | None:
@@ -218,6 +227,31 @@ def table(reports: list[dict]) -> str:
     return "\n".join(out)
 
 
+def circuits_summary_rows(reports: list[dict]) -> list[dict]:
+    """One row per run: what `compare` shows (its --json "circuits")."""
+    keys = ("run", "val_loss", "target_loss", "ablation", "tasks_done", "geomean_units", "geomean_nodes",
+            "mean_necessity_loss", "mean_control_keep_loss")
+    return [{k: rep.get(k) for k in keys}
+            | {"tasks_cannot_do": [r["task"] for r in rep["tasks"] if r["status"] != "ok"],
+               "units_per_task": {r["task"]: r["nodes"]["units"] for r in rep["tasks"] if r["status"] == "ok"}}
+            for rep in reports]
+
+
+def circuits_summary_table(reports: list[dict]) -> str:
+    header = ["run", "val loss", "target", "tasks done", "geomean units", "geomean nodes", "necessity", "control"]
+    f3 = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = [[r["run"], f3(r["val_loss"]), str(r["target_loss"]),
+              f"{r['tasks_done']} of {r['tasks_done'] + len(r['tasks_cannot_do'])}", _g(r["geomean_units"]),
+              _g(r["geomean_nodes"]), f3(r["mean_necessity_loss"]), f3(r["mean_control_keep_loss"])]
+             for r in circuits_summary_rows(reports)]
+    widths = [max(len(x) for x in col) for col in zip(header, *lines)]
+    out = ["circuits (monoroute circuits): geometric means over the tasks each run can do at its target; "
+           "necessity / control: mean task loss with only the circuit ablated / a random same-size set kept (chance 0.693)",
+           "  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+    return "\n".join(out)
+
+
 def _g(v) -> str:
     return "–" if v is None else f"{v:.1f}"
 
@@ -237,6 +271,7 @@ def add_parser(sub) -> None:
     p.add_argument("--mean-tokens", type=int, default=65_536, help="training-split tokens for the ablation means")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--out", help="folder for the results (default RUN/circuits; another keeps several targets apart)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_circuits)
@@ -246,7 +281,7 @@ def cmd_circuits(args) -> int:
     names = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
     opts = CircuitOptions(tasks=names, target_loss=args.target_loss, ablation=args.ablation, pairs=args.pairs,
                           steps=args.steps, lam=args.lam, lr=args.lr, mean_tokens=args.mean_tokens, seed=args.seed,
-                          device=args.device, progress=not args.no_progress)
+                          device=args.device, progress=not args.no_progress, out=args.out)
     report = circuits(args.run, opts)
     if args.json:
         keys = ["run", "val_loss", "target_loss", "ablation", "tasks_done", "tasks_cannot_do", "geomean_units",
@@ -260,6 +295,6 @@ def cmd_circuits(args) -> int:
         print(json.dumps(summary))
     else:
         print(table([report]))
-        print(f"wrote {Path(args.run) / OUT_DIR}/ (circuits.json, circuits.csv, report.html; {report['seconds']} s, "
+        print(f"wrote {args.out or Path(args.run) / OUT_DIR}/ (circuits.json, circuits.csv, report.html; {report['seconds']} s, "
               f"peak RSS {report['peak_rss_mb']:.0f} MB)")
     return 0

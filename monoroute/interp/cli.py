@@ -138,9 +138,21 @@ def compare_table(reports: list[dict]) -> str:
 
 
 def cmd_compare(args) -> int:
-    reports = [load_report(run) for run in args.runs]
+    """Analyses side by side, then (for runs that have them) circuits: `monoroute circuits` results."""
+    from monoroute.circuits.run import OUT_DIR, circuits_summary_rows, circuits_summary_table, load_circuits
+
+    reports, circuits = [], []
+    for run in args.runs:
+        has_circuits = (Path(run) / OUT_DIR / "circuits.json").is_file()
+        if has_circuits:
+            circuits.append(load_circuits(run))
+        if not has_circuits or (Path(run) / "analysis" / "report.json").is_file():
+            reports.append(load_report(run))  # a run with neither gets load_report's error
     if args.json:
-        print(json.dumps({"rows": compare_rows(reports)}))
+        print(json.dumps({"rows": compare_rows(reports), "circuits": circuits_summary_rows(circuits)}))
     else:
-        print(compare_table(reports))
+        if reports:
+            print(compare_table(reports))
+        if circuits:
+            print(circuits_summary_table(circuits))
     return 0

@@ -214,7 +214,8 @@ def interventions_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def build_html(report: dict) -> str:
+def build_html(report: dict, circuits: dict | None = None) -> str:
+    """The analysis page; with `circuits` (RUN/circuits/circuits.json) also its circuits section."""
     m = report["model"]
     floor = report["unit_sets"].get("random_init", {})
     trained = next((report["unit_sets"][s] for s in ("routed_units", "dense_neurons") if s in report["unit_sets"]), {})
@@ -247,6 +248,10 @@ def build_html(report: dict) -> str:
         interventions_table(report["interventions"]),
         "<h2>Unit dashboards</h2>", *[dashboard_html(d) for d in report["dashboards"]],
     ]
+    if circuits is not None:
+        from monoroute.circuits.report import circuits_section
+
+        body.append(circuits_section(circuits))
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>monoroute analysis</title>"
             f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
 
@@ -277,4 +282,15 @@ def write_outputs(report: dict, folder: Path) -> None:
     if report["interventions"]:
         keys = [k for k in report["interventions"][0] if not isinstance(report["interventions"][0][k], (list, dict))]
         write_csv(folder / "interventions.csv", keys, [[r.get(k) for k in keys] for r in report["interventions"]])
-    write_text_atomic(folder / "report.html", build_html(report))
+    write_text_atomic(folder / "report.html", build_html(report, run_circuits(folder.parent)))
+
+
+def run_circuits(run_dir: Path) -> dict | None:
+    """The run's circuits (for the report's circuits section), or None when it has none or they do not load."""
+    from monoroute.circuits.run import load_circuits
+    from monoroute.errors import MonorouteError
+
+    try:
+        return load_circuits(run_dir)
+    except MonorouteError:
+        return None

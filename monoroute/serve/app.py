@@ -6,6 +6,7 @@
     GET  /api/overview                       every run side by side: per-layer firing, coverage per concept
     GET  /api/runs/{r}/sets/{s}/units        the unit list: sort, filter, search, paged
     GET  /api/runs/{r}/sets/{s}/units/{u}    one unit's dashboard, with links to other sets' units
+    GET  /api/runs/{r}/circuits              `monoroute circuits` results: per task the circuit's units
     POST /api/runs/{r}/prompt                {text, set}: top firing units per token
     POST /api/runs/{r}/intervene             {text, set, unit, kind, alpha, max_new_tokens}
 
@@ -138,6 +139,34 @@ def overview(stores: list) -> dict:
             "concepts": sorted(concepts.values(), key=lambda c: -(c["frequency"] or 0))}
 
 
+def circuits_view(store) -> dict:
+    """The task view: per task its losses, node counts and units by layer. Units of the analysed
+    layer carry `page: true` (they have a unit page in this browser); others are listed only."""
+    from fastapi import HTTPException
+
+    from monoroute.circuits.run import load_circuits
+
+    try:
+        rep = load_circuits(store.run)
+    except MonorouteError as exc:
+        raise HTTPException(500, str(exc)) from None
+    if rep is None:
+        raise HTTPException(404, f"run {store.name} has no circuits; run `monoroute circuits {store.run}` first")
+    tasks = []
+    for t in rep["tasks"]:
+        units = []
+        for hook, ids in t.get("circuit", {}).items():
+            if hook.endswith("mlp.hook_post"):
+                layer = int(hook.split(".")[1])
+                units += [{"layer": layer, "unit": u, "page": layer == store.layer} for u in ids]
+        tasks.append({k: t.get(k) for k in ("task", "description", "status", "full_loss", "circuit_loss", "nodes",
+                                            "live", "necessity_loss", "control_keep_loss", "control_ablate_loss")}
+                     | {"units": units})
+    return _json({"run": store.name, "layer": store.layer, "set": store.own_set, "val_loss": rep.get("val_loss"),
+                  "target_loss": rep["target_loss"], "ablation": rep["ablation"], "geomean_units": rep["geomean_units"],
+                  "geomean_nodes": rep["geomean_nodes"], "tasks": tasks})
+
+
 def create_app(stores: list):
     """The FastAPI app over already-loaded `AnalysisStore`s (their order gives the run ids)."""
     from fastapi import Body, FastAPI, HTTPException, Query, Request
@@ -220,6 +249,10 @@ def create_app(stores: list):
                                       "layer": other.layer, **best})
         dash["links"] = links
         return dash
+
+    @app.get("/api/runs/{r}/circuits")
+    def circuits(r: int):
+        return circuits_view(get_store(r))
 
     def prompt_args(body: dict, store) -> tuple[str, str]:
         text = body.get("text")

@@ -3,6 +3,7 @@
 //   #/units/R/SET?q=&sort=...   unit list: sortable, filterable, searchable, paged
 //   #/unit/R/SET/U              unit page: contexts, quantiles, histogram, logits, concepts, links
 //   #/prompt/R?set=&unit=       live prompt: top units per token, ablate / clamp / steer
+//   #/circuits/R                task view: each task's circuit (monoroute circuits) and its units
 "use strict";
 
 const $main = document.getElementById("main");
@@ -71,7 +72,7 @@ function setNav(here) {
   const r = parseHash().parts[1] || 0;
   const own = RUNS && RUNS[r] ? RUNS[r].sets[0].name : "";
   const links = [["overview", "#/", "Overview"], ["units", `#/units/${r}/${encodeURIComponent(own)}`, "Units"],
-                 ["prompt", `#/prompt/${r}`, "Live prompt"]];
+                 ["prompt", `#/prompt/${r}`, "Live prompt"], ["circuits", `#/circuits/${r}`, "Circuits"]];
   $nav.innerHTML = links.map(([k, href, label]) => `<a href="${href}" class="${k === here ? "here" : ""}" id="nav-${k}">${label}</a>`).join("");
 }
 
@@ -337,6 +338,26 @@ function renderIntervention(r, res) {
       <h2>Continuation, ${esc(what)}</h2><div class="ctx" id="cont-after">${esc(res.continuation_after)}</div></div></div>`;
 }
 
+// --- circuits: the task view ---------------------------------------------------------------------
+async function viewCircuits(r) {
+  setNav("circuits");
+  const c = await api(`/api/runs/${r}/circuits`);
+  const unitLink = x => x.page ? `<a class="circuit-unit" href="${unitHref(r, c.set, x.unit)}">L${x.layer}:${x.unit}</a>`
+                               : `<span class="muted">L${x.layer}:${x.unit}</span>`;
+  const rows = c.tasks.map(t => t.status !== "ok"
+    ? `<tr><td>${esc(t.task)}</td><td>${fmt(t.full_loss)}</td><td colspan="7" class="muted">above the target: the model cannot do it</td></tr>`
+    : `<tr class="circuit-task"><td title="${esc(t.description)}">${esc(t.task)}</td><td>${fmt(t.full_loss)}</td><td>${fmt(t.circuit_loss)}</td>
+         <td>${t.nodes.units}</td><td>${t.nodes.residual}</td><td>${t.nodes.attention}</td><td>${t.nodes.total}</td>
+         <td>${fmt(t.necessity_loss)}</td><td>${fmt(t.control_keep_loss)}</td></tr>
+       <tr><td></td><td colspan="8">${t.units.map(unitLink).join(" ") || "<span class='muted'>no units</span>"}</td></tr>`);
+  $main.innerHTML = `<h2>Circuits: ${esc(runName(r))}</h2>
+    <p>Target task loss ${c.target_loss} nats (chance 0.693), pruned nodes ${esc(c.ablation)}-ablated; val loss ${fmt(c.val_loss)}.
+       Geometric mean over the tasks it can do: <b>${fmt(c.geomean_units, 1)}</b> units, <b>${fmt(c.geomean_nodes, 1)}</b> nodes.
+       Units of layer ${c.layer} (the analysed layer) link to their unit pages.</p>
+    <table id="circuits-table"><tr><th>task</th><th>full loss</th><th>circuit loss</th><th>units</th><th>residual</th>
+      <th>attention</th><th>all nodes</th><th>necessity</th><th>control</th></tr>${rows.join("")}</table>`;
+}
+
 // --- router ----------------------------------------------------------------------------------------
 async function route() {
   try {
@@ -345,6 +366,7 @@ async function route() {
     if (parts[0] === "units" && parts.length >= 2) return await viewUnits(+parts[1], parts[2] || RUNS[+parts[1]].sets[0].name, params);
     if (parts[0] === "unit" && parts.length === 4) return await viewUnit(+parts[1], parts[2], +parts[3]);
     if (parts[0] === "prompt") return await viewPrompt(+(parts[1] || 0), params);
+    if (parts[0] === "circuits") return await viewCircuits(+(parts[1] || 0));
     return await viewOverview();
   } catch (e) { showError(e); }
 }
