@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from monoroute.errors import MonorouteError
+from monoroute.train.layerwise import layer_cache  # one teacher-reading helper for baselines and upcycling
 
 FORMAT = 1
 CONFIG_FILE = "baseline.json"
@@ -63,7 +64,6 @@ DEAD_TOKENS = 50_000  # a latent that has not fired in this many training tokens
 
 
 # --- reading activations ------------------------------------------------------------------------------
-from monoroute.train.layerwise import layer_cache  # noqa: E402  (one teacher-reading helper for both)
 
 
 def model_device(model) -> torch.device:
