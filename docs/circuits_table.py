@@ -10,9 +10,10 @@ Per matched pair (dense vs routed at about the same val loss): the geometric mea
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
+
+from monoroute.circuits.search import geomean  # the same geometric mean `monoroute circuits` reports
 
 RUNS = ["std-dense", "std-dense-s1", "dense-512-400", "dense-512-400-s1", "dense-512-250", "dense-512-250-s1",
         "std-routed", "std-routed-s1", "std-up", "std-up-s1", "std-tc", "std-tc-s1"]
@@ -27,10 +28,6 @@ PAIRS = [("dense-512-400", "std-routed-s1", "native routed ~ dense 400 steps (2.
          ("dense-512-400", "std-up", "upcycled vs the weaker dense bracket (1.93 vs 2.06)"),
          ("std-dense", "std-tc", "transcoders spliced into every layer of this dense run"),
          ("std-dense-s1", "std-tc-s1", "")]
-
-
-def geomean(xs):
-    return math.exp(sum(math.log(max(x, 1)) for x in xs) / len(xs)) if xs else None
 
 
 def f(x, d=3):

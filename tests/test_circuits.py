@@ -189,6 +189,7 @@ def test_search_keeps_the_one_unit_that_carries_the_task_and_little_else(monkeyp
     train, test = make_batch(pairs[:12], TOK), make_batch(pairs[12:], TOK)
     assert task_loss(model, test).item() < 0.1  # the full model does the task
     out = find_circuit(model, groups, train, test, SearchOptions(steps=150, target_loss=0.15))
+    assert all(p.requires_grad for p in model.parameters())  # only the masks learned; the model is as it was
     assert out["circuit"].get("blocks.0.mlp.hook_post") == [0]
     assert out["nodes"]["units"] == 1
     assert out["nodes"]["attention"] == 0  # attention is zeroed: its channels are constant, never live

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from monoroute.circuits.nodes import KINDS, compute_means, node_groups
+from monoroute.circuits.nodes import compute_means, node_groups
 from monoroute.circuits.search import CHANCE, SearchOptions, find_circuit, geomean, make_batch, task_loss
 from monoroute.circuits.tasks import select_tasks
 from monoroute.errors import MonorouteError
@@ -57,7 +57,9 @@ class CircuitOptions:
 
 def run_val_loss(run_dir: Path) -> float | None:
     """The last validation loss the run recorded (metrics.jsonl), for matched-loss comparisons."""
-    path = run_dir / "metrics.jsonl"
+    from monoroute.train.rundir import METRICS_FILE
+
+    path = run_dir / METRICS_FILE
     val = None
     if path.is_file():
         for line in path.read_text(encoding="utf-8").splitlines():

@@ -174,9 +174,14 @@ def circuit_nodes(groups: list[NodeGroup], keep: list[Tensor]) -> dict[str, list
 def find_circuit(model, groups: list[NodeGroup], train: TaskBatch, test: TaskBatch, opts: SearchOptions) -> dict:
     """One task's circuit and its checks (losses on the held-out `test` pairs unless named _train)."""
     t0 = time.perf_counter()
-    for p in model.parameters():
+    grads = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():  # only the masks learn; the caller's model is left as it was
         p.requires_grad_(False)
-    mask, trace = learn_masks(model, groups, train, opts)
+    try:
+        mask, trace = learn_masks(model, groups, train, opts)
+    finally:
+        for p, g in zip(model.parameters(), grads):
+            p.requires_grad_(g)
     keep, loss, evals = bisect_circuit(model, mask, test, opts.target_loss)
     ones = [torch.ones(g.size) for g in groups]
     complement = [1 - k for k in keep]
