@@ -16,7 +16,8 @@ OVERRIDE_FLAGS = [
     ("--n-head", "n_head", int), ("--block-size", "block_size", int), ("--d-ff", "d_ff", int),
     ("--impl", "impl", str), ("--aux-coef", "aux_coef", float), ("--l1-coef", "l1_coef", float),
     ("--dead-window", "dead_window", int), ("--dead-grace", "dead_grace", int), ("--router-heads", "router_heads", int), ("--coupling", "coupling", str),
-    ("--agree-coef", "agree_coef", float),
+    ("--agree-coef", "agree_coef", float), ("--router-probes", "router_probes", int),
+    ("--router-candidates", "router_candidates", int),
     ("--data", "data", str), ("--tokenizer", "tokenizer", str), ("--bpe-vocab-size", "bpe_vocab_size", int),
     ("--max-bytes", "max_bytes", int), ("--text-column", "text_column", str),
     ("--steps", "steps", int), ("--batch-size", "batch_size", int), ("--grad-accum", "grad_accum", int),
@@ -86,7 +87,10 @@ def cmd_eval(args) -> int:
         for key, value in report.items():
             if key == "routed":
                 for name, layer in value.items():
-                    print(f"{name:>20}: l0 {layer['l0']:.2f}, live slots {layer['live_slot_fraction']:.3f}")
+                    recall, mass = (f"{v:.3f}" if v is not None else "-" for v in
+                                    (layer.get("selection_recall"), layer.get("selection_mass")))
+                    print(f"{name:>20}: l0 {layer['l0']:.2f}, live slots {layer['live_slot_fraction']:.3f}, "
+                          f"selection recall {recall} (mass {mass})")
             else:
                 print(f"{key:>20}: {value:,.4f}" if isinstance(value, float) else f"{key:>20}: {value}")
     return 0

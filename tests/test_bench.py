@@ -91,3 +91,11 @@ def test_grid_spread_counts_rows_and_columns_and_the_random_expectation():
     assert out["grid_rows"] == 2.5 and out["grid_cols"] == 4.0  # rows (1 + 4) / 2; columns 4 for both
     rows = [len({u // 4 for u in c}) for c in itertools.combinations(range(16), 4)]
     assert out["grid_random"] == pytest.approx(sum(rows) / len(rows))
+
+
+def test_bench_train_set_reaches_the_routed_variants_only(capsys):
+    assert main(["train", "--preset", "tiny", "--steps", "4", "--set", "router=cluster", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    routers = {name: v["router"] for name, v in result["variants"].items()}
+    assert routers == {"dense": "product_key", "routed": "cluster", "routed_sparse_rows": "cluster"}
+    assert result["routed_settings"] == {"router": "cluster"}

@@ -55,8 +55,11 @@ def run_layer(args) -> int:
 def run_train(args) -> int:
     from monoroute.bench.train import format_table, run_train_bench
 
+    from monoroute.cli import parse_set
+
+    routed = dict(parse_set(item) for item in args.set)  # routed variants only, e.g. router=cluster
     with contextlib.redirect_stdout(sys.stderr):  # the trainer's own prints must not mix into --json
-        result = run_train_bench(args.preset, args.steps, args.device, log=_stderr)
+        result = run_train_bench(args.preset, args.steps, args.device, log=_stderr, routed=routed)
     _emit(result, format_table(result), args.json)
     return 0
 
@@ -121,6 +124,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a model setting for the routed variants (e.g. router=cluster); dense is the preset's")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_train)
 

@@ -34,7 +34,10 @@ def variant_overrides(variant: str) -> dict:
     return {"ffn": "routed", "sparse_rows": True, **({"sparse_grad": True} if has_sparse_grad else {})}
 
 
-def run_train_bench(preset: str = "tiny", steps: int = 20, device: str = "cpu", log=print) -> dict:
+def run_train_bench(preset: str = "tiny", steps: int = 20, device: str = "cpu", log=print,
+                    routed: dict | None = None) -> dict:
+    """tokens/s of each variant; `routed` holds extra settings for the two routed variants (the
+    router under test), so routed / dense is one run's ratio for any routed design."""
     from monoroute.train.config import build_run_config
     from monoroute.train.trainer import train
 
@@ -44,26 +47,30 @@ def run_train_bench(preset: str = "tiny", steps: int = 20, device: str = "cpu", 
     with tempfile.TemporaryDirectory(prefix="monoroute-bench-") as tmp:
         for variant in VARIANTS:
             log(f"training {variant}")
+            extra = {} if variant == "dense" else dict(routed or {})
             cfg = build_run_config(preset, {
-                **variant_overrides(variant), "steps": steps, "out": str(Path(tmp) / variant), "device": device,
+                **extra, **variant_overrides(variant), "steps": steps, "out": str(Path(tmp) / variant), "device": device,
                 "log_every": steps // 2, "eval_every": steps, "ckpt_every": steps,
             })
             summary = train(cfg, show_progress=False)
             results[variant] = {
                 "tokens_per_s": summary["tokens_per_s"], "val_loss": summary["val_loss"],
                 "d_model": cfg.model.d_model, "ffn_width": cfg.model.ffn_width,
-                "n_units": cfg.model.n_units, "k": cfg.model.k, "overrides": variant_overrides(variant),
+                "n_units": cfg.model.n_units, "k": cfg.model.k, "router": cfg.model.router,
+                "overrides": {**extra, **variant_overrides(variant)},
             }
     dense = results["dense"]["tokens_per_s"]
     return {
-        "preset": preset, "steps": steps, "device": device, "variants": results,
+        "preset": preset, "steps": steps, "device": device, "routed_settings": dict(routed or {}), "variants": results,
         "routed_vs_dense_tokens_per_s": results["routed"]["tokens_per_s"] / dense,
         "routed_sparse_rows_vs_dense_tokens_per_s": results["routed_sparse_rows"]["tokens_per_s"] / dense,
     }
 
 
 def format_table(result: dict) -> str:
-    lines = [f"training throughput: preset={result['preset']} steps={result['steps']} device={result['device']}",
+    settings = " ".join(f"{k}={v}" for k, v in result.get("routed_settings", {}).items())
+    lines = [f"training throughput: preset={result['preset']} steps={result['steps']} device={result['device']}"
+             + (f" routed: {settings}" if settings else ""),
              f"{'variant':>20} {'tokens/s':>10} {'val_loss':>9}"]
     for name, r in result["variants"].items():
         lines.append(f"{name:>20} {r['tokens_per_s']:10.0f} {r['val_loss']:9.4f}")

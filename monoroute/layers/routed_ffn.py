@@ -46,12 +46,14 @@ from monoroute.errors import MonorouteError
 from monoroute.hooks import HookPoint, SparseActivations
 from monoroute.layers.compute import (ACTIVATIONS, available_impls, compose_unit_ffn, impl_primitives, resolve_impl,
                                      unit_ffn)
-from monoroute.layers.routers import DenseRouter, Routing, build_router
+from monoroute.layers.routers import Routing, build_router
 
 GATES = ("sigmoid", "none")
 # How the router's choice is made to agree with the unit's firing (see `agreement_loss` and
 # ProductKeyRouter(select="preact")); "none" is the plain layer.
-COUPLINGS = ("auto", "none", "agreement", "preact")
+COUPLINGS = ("auto", "none", "agreement", "preact", "rerank")
+# Routers that score units by their own pre-activation: no gate, and the revival threshold is >= 0.
+PREACT_ROUTERS = ("dense", "cluster", "factored")
 
 
 def resolve_coupling(coupling: str, router: str, activation: str) -> str:
@@ -91,6 +93,13 @@ class RoutedFFN(nn.Module):
         router_balance: bool = False,
         coupling: str = "none",
         agree_coef: float = 0.1,
+        router_candidates: int | None = None,
+        rank_coef: float = 1.0,
+        router_clusters: int | None = None,
+        router_probes: int = 4,
+        recluster_every: int = 50,
+        cluster_balance: float = 0.01,
+        revive_where_probed: bool = False,
     ) -> None:
         super().__init__()
         if not 1 <= k <= n_units:
@@ -103,7 +112,9 @@ class RoutedFFN(nn.Module):
                                  f"got {dead_grace!r}")
         self.dead_grace = dead_window if dead_grace is None else dead_grace
         check_choice("activation", activation, ACTIVATIONS)
-        gate = gate or ("none" if router == "dense" else "sigmoid")
+        # Routers whose own score is the pre-activation, and re-ranking (the pre-activation picks among
+        # the proposals), run as a TopK MLP: no gate. The re-ranking keys learn from `rank_loss`.
+        gate = gate or ("none" if router in PREACT_ROUTERS or coupling == "rerank" else "sigmoid")
         check_choice("gate", gate, GATES)
         check_choice("impl", impl, available_impls())
         check_choice("coupling", coupling, COUPLINGS)
@@ -111,22 +122,28 @@ class RoutedFFN(nn.Module):
         if coupling == "agreement" and router == "multi_pool":
             raise MonorouteError("coupling='agreement' needs router='product_key' (one shared score scale); "
                                  "use coupling='preact' or 'none' with router='multi_pool'")
-        if coupling != "none" and (router == "dense" or activation != "relu"):
+        if coupling == "rerank" and router != "product_key":
+            raise MonorouteError(f"coupling='rerank' re-ranks a product-key router's proposals; it needs "
+                                 f"router='product_key' (got {router!r}; router 'cluster' re-ranks by construction)")
+        if coupling not in ("none", "rerank") and (router in PREACT_ROUTERS or activation != "relu"):
             raise MonorouteError(
                 f"coupling={coupling!r} makes a product-key router agree with which ReLU units fire; it needs "
                 f"router='product_key' and activation='relu' (got {router!r}, {activation!r}). The dense router's "
                 f"score is the pre-activation already, and GELU/SiLU units fire whenever selected: use coupling='none'"
             )
-        if isinstance(agree_coef, bool) or not isinstance(agree_coef, (int, float)) or not 0 <= agree_coef < math.inf:
-            raise MonorouteError(f"agree_coef must be a finite number >= 0, got {agree_coef!r}; e.g. 0.1")
+        for name, value in (("agree_coef", agree_coef), ("rank_coef", rank_coef)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise MonorouteError(f"{name} must be a finite number >= 0, got {value!r}; e.g. 0.1")
         self.d_model, self.n_units, self.k = d_model, n_units, k
         self.activation, self.gate, self.impl = activation, gate, impl
         # sparse_grad: w_in/w_out get row-sparse COO gradients (touched rows only), for a row-sparse optimizer.
         self.sparse_grad = sparse_grad
         self.aux_coef, self.aux_units, self.l1_coef, self.dead_window = aux_coef, aux_units, l1_coef, dead_window
-        self.coupling, self.agree_coef = coupling, agree_coef
-        self.router = build_router(router, d_model, n_units, k, d_key, router_heads,
-                                   "preact" if coupling == "preact" else "score", impl, router_balance, router_pools)
+        self.coupling, self.agree_coef, self.rank_coef = coupling, agree_coef, rank_coef
+        select = coupling if coupling in ("preact", "rerank") else "score"
+        self.router = build_router(router, d_model, n_units, k, d_key, router_heads, select, impl, router_balance,
+                                   router_pools, router_candidates, router_clusters, router_probes, recluster_every,
+                                   cluster_balance, revive_where_probed)
         self.router_name = router
         self.w_in = nn.Parameter(torch.empty(n_units, d_model).uniform_(-1, 1) / math.sqrt(d_model))
         self.b_in = nn.Parameter(torch.zeros(n_units)) if bias else None
@@ -153,7 +170,8 @@ class RoutedFFN(nn.Module):
         routing = self.router(xt, self.w_in, self.b_in)  # (T, k) ids and scores
         idx = routing.indices
         gate_logits = routing.scores if self.gate == "sigmoid" else None
-        if not (self.hook_pre.active or self.hook_post.active):
+        offset = routing.pre_offset  # (T, k) a factored router's share of the pre-activation, or None
+        if offset is None and not (self.hook_pre.active or self.hook_post.active):
             # No hook needs to see or change pre/h: the impl's fused op where it has one, whose
             # backward sorts idx once for both tables.
             y, h = unit_ffn(
@@ -163,6 +181,8 @@ class RoutedFFN(nn.Module):
         else:
             # The same unit compute from the two primitives, with the hooks between its steps.
             def pre_hook(pre: Tensor) -> Tensor:
+                if offset is not None:
+                    pre = pre + offset
                 return self.hook_pre(pre.view(*lead, self.k)).reshape(-1, self.k)
 
             def post_hook(idx: Tensor, h: Tensor) -> SparseActivations:
@@ -220,7 +240,24 @@ class RoutedFFN(nn.Module):
             loss = loss + self.aux_coef * self.revival_loss(xt, routing)
         if self.coupling == "agreement" and self.agree_coef > 0:
             loss = loss + self.agree_coef * self.agreement_loss(routing, h)
+        if self.coupling == "rerank" and self.rank_coef > 0:
+            loss = loss + self.rank_coef * self.rank_loss(routing)
         return loss
+
+    def rank_loss(self, routing: Routing) -> Tensor:
+        """Teach the proposer (the product keys) to rank its C candidates as their pre-activations do.
+
+        Listwise distillation (ListNet): per token, KL(softmax(pre / std(pre)) || softmax(score)) over
+        the C candidates, the target detached. Raising the candidates whose pre-activation is high
+        raises their sub-keys, which every unit sharing a sub-key inherits, so units outside the
+        candidates are reached too; the score's temperature is the router's learned scale."""
+        pre = routing.candidate_pre.detach()  # (T, C)
+        if pre.numel() == 0:
+            return pre.new_zeros(())
+        target = F.softmax((pre - pre.mean(-1, keepdim=True)) / (pre.std(-1, keepdim=True) + 1e-6), dim=-1)
+        s1, s2 = routing.halves
+        scores = self.router.unit_scores(s1, s2, routing.candidates)  # (T, C), with gradient to keys and query
+        return F.kl_div(F.log_softmax(scores, dim=-1), target, reduction="batchmean")
 
     def agreement_loss(self, routing: Routing, h: Tensor) -> Tensor:
         """Mean over the T·k slots of relu(score - threshold) / scale on the selected units ReLU silences.
@@ -252,10 +289,11 @@ class RoutedFFN(nn.Module):
         best_token = scores.detach().argmax(0)  # (U,) where each dead unit is closest to selection
         best_score = scores.gather(0, best_token.unsqueeze(0)).squeeze(0)  # (U,)
         threshold = routing.scores.detach().min(-1).values[best_token]  # (U,)
-        if self.activation == "relu" and isinstance(self.router, DenseRouter):
+        by_preact = self.router_name in PREACT_ROUTERS
+        if self.activation == "relu" and by_preact:
             threshold = threshold.clamp(min=0)  # selected but not positive is still not firing
         loss = F.relu(threshold - best_score).mean()
-        if self.activation == "relu" and not isinstance(self.router, DenseRouter):
+        if self.activation == "relu" and not by_preact:
             pre = (xt[best_token] * F.embedding(units, self.w_in, sparse=self.sparse_grad)).sum(-1)
             if self.b_in is not None:
                 pre = pre + self.b_in[units]

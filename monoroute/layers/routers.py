@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from monoroute.errors import MonorouteError
 
-ROUTERS = ("dense", "product_key", "multi_pool")
+ROUTERS = ("dense", "product_key", "multi_pool", "cluster", "factored")
 
 
 class Routing(NamedTuple):
@@ -37,6 +37,13 @@ class Routing(NamedTuple):
     # product_key: this step's (T, n_sub) half scores (s1, s2), with gradient, so `score_units`
     # can score other units on the same tokens without running the query and sub-keys again.
     halves: tuple[Tensor, Tensor] | None = None
+    # Re-ranking routers: the (T, C) proposed candidates and their exact pre-activations (no
+    # gradient), from which the k were chosen; the proposer's ranking loss reads them.
+    candidates: Tensor | None = None
+    candidate_pre: Tensor | None = None
+    # Router "factored": (T, k) the part of the chosen units' pre-activation the router computed
+    # (with gradient), which the layer adds to its own w_in·x + b.
+    pre_offset: Tensor | None = None
 
 
 class DenseRouter(nn.Module):
@@ -68,6 +75,14 @@ class DenseRouter(nn.Module):
         return scores if b_in is None else scores + b_in[units]
 
 
+def all_preacts(x: Tensor, w_in: Tensor, b_in: Tensor | None, router: nn.Module | None = None) -> Tensor:
+    """(T, d) -> (T, N) every unit's pre-activation: the exact selection's scores (O(N·d) per token).
+    A router that computes part of the pre-activation itself (FactoredRouter) adds its part."""
+    if router is not None and hasattr(router, "all_preacts"):
+        return router.all_preacts(x, w_in, b_in)
+    return DenseRouter.all_scores(None, x, w_in, b_in)
+
+
 class ProductKeyRouter(nn.Module):
     """Sub-linear top-k routing with product keys. n_units must be a perfect square.
 
@@ -85,12 +100,19 @@ class ProductKeyRouter(nn.Module):
     compute their pre-activations (a sparse dot, no gradient) and keep the k best-scoring of those
     whose pre-activation is > 0 (silent ones only fill slots when fewer than k fire), so a chosen
     slot is a live one. It needs the layer's w_in/b_in in forward and doubles the sampled dot.
+
+    select="rerank" (candidate re-ranking): the keys only *propose* the top `candidates` = C >> k
+    units by score; their exact pre-activations are computed (a sparse dot, no gradient) and the k
+    with the largest pre-activation run: a TopK MLP restricted to the C candidates, so the unit's
+    own pre-activation decides, as in the exact reference. The keys then learn to propose what the
+    pre-activation would pick through RoutedFFN's ranking loss (`rank_loss`), not through a gate.
     """
 
-    SELECTS = ("score", "preact")
+    SELECTS = ("score", "preact", "rerank")
 
     def __init__(self, d_model: int, n_units: int, k: int, d_key: int | None = None, heads: int = 1,
-                 select: str = "score", impl: str = "auto", balance: bool = False) -> None:
+                 select: str = "score", impl: str = "auto", balance: bool = False,
+                 candidates: int | None = None) -> None:
         super().__init__()
         n_sub = math.isqrt(n_units)
         if n_sub * n_sub != n_units:
@@ -106,8 +128,15 @@ class ProductKeyRouter(nn.Module):
             raise MonorouteError(f"router_heads must be a whole number >= 1, got {heads!r}; 1 is a single query")
         if select not in self.SELECTS:
             raise MonorouteError(f"unknown select {select!r}; choose one of {', '.join(self.SELECTS)}")
+        if select == "rerank":
+            candidates = candidates or 8 * k
+            if isinstance(candidates, bool) or not isinstance(candidates, int) or not k <= candidates <= n_units:
+                raise MonorouteError(f"router_candidates must be a whole number between k={k} and n_units={n_units}, "
+                                     f"got {candidates!r}; e.g. {min(8 * k, n_units)}")
+        elif candidates is not None:
+            raise MonorouteError("router_candidates needs coupling='rerank' (candidate re-ranking)")
         self.n_units, self.n_sub, self.d_half, self.heads = n_units, n_sub, d_key // 2, heads
-        self.select, self.impl, self.balance = select, impl, balance
+        self.select, self.impl, self.balance, self.candidates = select, impl, balance, candidates
         self.set_k(k)
         self.query = nn.Linear(d_model, heads * d_key, bias=False)
         self.keys = nn.Parameter(torch.randn(2, n_sub, self.d_half) / math.sqrt(self.d_half))
@@ -116,17 +145,15 @@ class ProductKeyRouter(nn.Module):
     def set_k(self, k: int) -> None:
         """Set k and the candidate pattern of the search (also used by the k schedule to shrink k)."""
         self.k = k
-        self.k_search = min(2 * k, self.n_units) if self.select == "preact" else k  # units each head retrieves
+        if self.select == "rerank":
+            self.candidates = max(self.candidates, k)  # a k schedule may start above C
+        self.k_search = {"preact": min(2 * k, self.n_units), "rerank": self.candidates}.get(self.select, k)  # per head
         # k_sub^2 >= k_search candidates always: k_search <= n_sub gives k_search^2 >= k_search, else n_sub^2 = N.
         self.k_sub = min(self.k_search, self.n_sub)
-        ranks = torch.arange(self.k_sub)
-        cand_i, cand_j = torch.cartesian_prod(ranks, ranks).unbind(-1)
-        # The only rank pairs that can reach the top k_search. The pattern holds >= k_search pairs: the
-        # top of any score grid (with distinct values) lies inside it, and the grid has enough pairs.
-        keep = (cand_i + 1) * (cand_j + 1) <= self.k_search
         device = self.cand_i.device if hasattr(self, "cand_i") else None
-        self.register_buffer("cand_i", cand_i[keep].to(device), persistent=False)  # (C,) rank in the first list
-        self.register_buffer("cand_j", cand_j[keep].to(device), persistent=False)  # (C,) rank in the second list
+        cand_i, cand_j = pair_pattern(self.k_search, self.n_sub)
+        self.register_buffer("cand_i", cand_i.to(device), persistent=False)  # (C,) rank in the first list
+        self.register_buffer("cand_j", cand_j.to(device), persistent=False)  # (C,) rank in the second list
 
     def half_scores(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Scaled cosine similarity of each head's query halves to the sub-keys: (T, H, n_sub) each.
@@ -153,13 +180,7 @@ class ProductKeyRouter(nn.Module):
     @torch.no_grad()
     def search_heads(self, s1: Tensor, s2: Tensor) -> tuple[Tensor, Tensor]:
         """Each head's exact top-k_search units: ids and scores, (T, H, k_search) each."""
-        top1 = s1.topk(self.k_sub, dim=-1)  # (T, H, k_sub), sorted: the candidate pattern is by rank
-        top2 = s2.topk(self.k_sub, dim=-1)
-        cand = top1.values.index_select(-1, self.cand_i) + top2.values.index_select(-1, self.cand_j)  # (T, H, C)
-        best = cand.topk(self.k_search, dim=-1, sorted=False)  # into the C candidates
-        a = top1.indices.gather(-1, self.cand_i[best.indices])  # first sub-key of each unit
-        b = top2.indices.gather(-1, self.cand_j[best.indices])
-        return a * self.n_sub + b, best.values
+        return product_topk(s1, s2, self.k_search, self.cand_i, self.cand_j)
 
     @torch.no_grad()
     def search(self, s1: Tensor, s2: Tensor) -> tuple[Tensor, Tensor]:
@@ -181,11 +202,7 @@ class ProductKeyRouter(nn.Module):
     @torch.no_grad()
     def keep_firing(self, x: Tensor, units: Tensor, scores: Tensor, w_in: Tensor, b_in: Tensor | None) -> Tensor:
         """(T, k_search) candidates -> (T, k): the best-scoring ones whose pre-activation is > 0 first."""
-        from monoroute.layers.compute import sampled_dot  # compute.py imports nothing from here
-
-        pre = sampled_dot(x, w_in, units, self.impl)
-        if b_in is not None:
-            pre = pre + b_in[units]
+        pre = preacts(x, w_in, b_in, units, self.impl)
         # |cosine score| <= 2·scale, so this penalty ranks every firing unit above every silent one
         # and keeps the score order within each group.
         penalty = (4 * self.log_scale.exp() + 1) * (pre <= 0)
@@ -194,6 +211,13 @@ class ProductKeyRouter(nn.Module):
     def forward(self, x: Tensor, w_in: Tensor | None = None, b_in: Tensor | None = None) -> Routing:
         s1, s2 = self.half_scores(x)  # (T, H, n_sub) each
         units, scores = self.search(s1, s2)  # selection only, no gradient
+        if self.select == "rerank":
+            cand = units  # (T, C) proposals
+            with torch.no_grad():
+                pre = preacts(x, w_in, b_in, cand, self.impl)  # (T, C) exact pre-activations
+                top = pre.topk(self.k, dim=-1, sorted=False)
+            units = cand.gather(-1, top.indices)
+            return Routing(units, self.unit_scores(s1, s2, units), (s1, s2), cand, pre)
         if self.select == "preact":
             units = self.keep_firing(x, units, scores, w_in, b_in)
         # The chosen units' scores are re-read from the half scores, with gradient.
@@ -215,6 +239,14 @@ class ProductKeyRouter(nn.Module):
         running the query projection and sub-key scoring a second time."""
         s1, s2 = routing.halves if routing is not None and routing.halves is not None else self.half_scores(x)
         return self.unit_scores(s1, s2, units.expand(x.shape[0], -1))  # (T, U)
+
+
+def preacts(x: Tensor, w_in: Tensor, b_in: Tensor | None, units: Tensor, impl: str = "auto") -> Tensor:
+    """(T, d), (T, m) unit ids -> (T, m) pre-activations w_in[u]·x + b_u (a sparse dot; no (T, N) tensor)."""
+    from monoroute.layers.compute import sampled_dot  # compute.py imports nothing from here
+
+    pre = sampled_dot(x, w_in, units, impl)
+    return pre if b_in is None else pre + b_in[units]
 
 
 def balance_scores(s: Tensor, eps: float = 1e-6) -> Tensor:
@@ -280,10 +312,314 @@ class MultiPoolRouter(nn.Module):
         return out
 
 
+def pair_pattern(k_search: int, n_sub: int) -> tuple[Tensor, Tensor]:
+    """The rank pairs (i, j) of two sorted lists of n_sub scores that can reach the top k_search of
+    their sums: with both lists sorted, pair (i, j) is beaten by the (i+1)(j+1) - 1 pairs of lower
+    ranks, so only (i+1)(j+1) <= k_search can make it (about k·ln k pairs). The pattern holds >=
+    k_search pairs (k_sub = min(k_search, n_sub) ranks per list: k_sub^2 >= k_search)."""
+    k_sub = min(k_search, n_sub)
+    ranks = torch.arange(k_sub)
+    cand_i, cand_j = torch.cartesian_prod(ranks, ranks).unbind(-1)
+    keep = (cand_i + 1) * (cand_j + 1) <= k_search
+    return cand_i[keep], cand_j[keep]
+
+
+@torch.no_grad()
+def product_topk(s1: Tensor, s2: Tensor, k_search: int, cand_i: Tensor, cand_j: Tensor) -> tuple[Tensor, Tensor]:
+    """(..., n) scores of two halves -> the exact top-k_search of all n^2 sums s1[a] + s2[b]: unit ids
+    a·n + b and their sums, (..., k_search) each, from the `pair_pattern` candidates only."""
+    n_sub = s1.shape[-1]
+    k_sub = int(cand_i.max()) + 1
+    top1 = s1.topk(k_sub, dim=-1)  # sorted: the candidate pattern is by rank
+    top2 = s2.topk(k_sub, dim=-1)
+    cand = top1.values.index_select(-1, cand_i) + top2.values.index_select(-1, cand_j)  # (..., C)
+    best = cand.topk(k_search, dim=-1, sorted=False)
+    a = top1.indices.gather(-1, cand_i[best.indices])  # first half of each unit
+    b = top2.indices.gather(-1, cand_j[best.indices])
+    return a * n_sub + b, best.values
+
+
+class FactoredRouter(nn.Module):
+    """Exact top-k of a product-structured pre-activation, re-ranked with a per-unit residual.
+
+    A unit u = (i, j) = i·n + j (n = sqrt(N)) has input weights A[i] + B[j] + w_in[u]: two shared
+    factor rows (n x d each, owned here) and its own residual row (the layer's w_in). Its
+    pre-activation is therefore a_i + b_j + w_in[u]·x + b_u with a = A x, b = B x: the factor part is
+    a sum of two half scores, so the product-key search (`product_topk`) finds its exact top C in
+    O(n·d) per token, and the C candidates are re-ranked by their full pre-activation (the residual
+    dot, O(C·d)). With a zero residual the selection is the exact top-k of every unit's own
+    pre-activation; the residual lets a unit leave its factors' span, and re-ranking keeps its
+    selection exact among the C proposals. Unlike product keys there is no second score to train into
+    agreement: the search key *is* part of the pre-activation, so the LM loss trains it directly.
+    The factor part reaches the layer as `Routing.pre_offset` (with gradient); the layer adds it to
+    the residual dot it computes, and runs without a gate (a TopK MLP)."""
+
+    def __init__(self, d_model: int, n_units: int, k: int, candidates: int | None = None, impl: str = "auto") -> None:
+        super().__init__()
+        n_sub = math.isqrt(n_units)
+        if n_sub * n_sub != n_units:
+            raise MonorouteError(f"router 'factored' needs n_units to be a perfect square, got {n_units}; use "
+                                 f"{n_sub ** 2} or {(n_sub + 1) ** 2}")
+        self.n_units, self.n_sub, self.impl = n_units, n_sub, impl
+        self.candidates_wanted = candidates
+        # Each factor contributes about as much as the residual at init (w_in is uniform(-1, 1)/sqrt(d)).
+        self.factors = nn.Parameter(torch.empty(2, n_sub, d_model).uniform_(-1, 1) / math.sqrt(d_model))
+        self.set_k(k)
+
+    def set_k(self, k: int) -> None:
+        candidates = self.candidates_wanted or 4 * k
+        if isinstance(candidates, bool) or not isinstance(candidates, int) or not 1 <= candidates <= self.n_units:
+            raise MonorouteError(f"router_candidates must be a whole number between 1 and n_units={self.n_units}, "
+                                 f"got {candidates!r}")
+        self.k, self.candidates = k, max(candidates, k)
+        device = self.cand_i.device if hasattr(self, "cand_i") else None
+        cand_i, cand_j = pair_pattern(self.candidates, self.n_sub)
+        self.register_buffer("cand_i", cand_i.to(device), persistent=False)
+        self.register_buffer("cand_j", cand_j.to(device), persistent=False)
+
+    def halves(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(T, d) -> (a, b), (T, n) each: the factor rows' dot products with x (with gradient)."""
+        return x @ self.factors[0].t(), x @ self.factors[1].t()
+
+    def factor_part(self, a: Tensor, b: Tensor, units: Tensor) -> Tensor:
+        """(T, n) halves, (T, m) units -> (T, m) a_i + b_j, with gradient."""
+        return a.gather(-1, units // self.n_sub) + b.gather(-1, units % self.n_sub)
+
+    def forward(self, x: Tensor, w_in: Tensor, b_in: Tensor | None) -> Routing:
+        a, b = self.halves(x)
+        cand, factor = product_topk(a.detach(), b.detach(), self.candidates, self.cand_i, self.cand_j)  # (T, C)
+        with torch.no_grad():
+            pre = factor + preacts(x, w_in, b_in, cand, self.impl)  # (T, C) full pre-activations
+            top = pre.topk(self.k, dim=-1, sorted=False)
+        units = cand.gather(-1, top.indices)
+        offset = self.factor_part(a, b, units)  # (T, k) with gradient to the factors and x
+        return Routing(units, top.values, (a, b), cand, pre, offset)
+
+    def all_preacts(self, x: Tensor, w_in: Tensor, b_in: Tensor | None) -> Tensor:
+        """(T, N) every unit's full pre-activation (the reference of the selection)."""
+        a, b = self.halves(x)
+        return (a.unsqueeze(-1) + b.unsqueeze(-2)).flatten(-2) + DenseRouter.all_scores(None, x, w_in, b_in)
+
+    def score_units(self, x: Tensor, units: Tensor, w_in: Tensor, b_in: Tensor | None, sparse_grad: bool = False,
+                    routing: Routing | None = None) -> Tensor:
+        """(T, d), (U,) -> (T, U) full pre-activations of the given units (the revival loss's score)."""
+        a, b = routing.halves if routing is not None and routing.halves is not None else self.halves(x)
+        units_t = units.expand(x.shape[0], -1)
+        return self.factor_part(a, b, units_t) + DenseRouter.score_units(None, x, units, w_in, b_in, sparse_grad)
+
+
+class ClusterRouter(nn.Module):
+    """A two-level clustered index over the unit table itself (IVF for maximum inner product search).
+
+    The N units are split into `clusters` = G groups of equal size N / G (a balanced k-means of the
+    rows [w_in[i], b_i], kept in the `members` buffer). A cluster's centroid is the mean of its
+    members' rows, so its score mu_g·x + mean(b) is the *mean pre-activation* of its members on x.
+    Per token: score the G centroids (O(G·d)), probe the best `probes` = c clusters, compute the
+    exact pre-activations of their c·N/G members (O(c·N/G·d)), and keep the top k: a TopK MLP over
+    c·N/G candidates. With G = sqrt(N) both terms are O(sqrt(N)·d), as product keys are.
+
+    Why this proposer and not a better-trained product-key score: a product-key score is the sum of
+    two sub-key scores, which cannot express an arbitrary unit's input direction, and it has to be
+    taught what the pre-activations would pick. Here the index is built *from* the pre-activation
+    weights, so there is no second score to keep in agreement and nothing to learn: a unit is missed
+    only when its cluster's mean pre-activation ranks below c others. Training keeps the index true
+    (centroids are read from the current rows at every forward; the balanced assignment is redone
+    every `recluster_every` training forwards by a few Lloyd steps from the current centroids) and
+    the clusters in use: an additive per-cluster bias, used for probing only and never in a unit's
+    activation, rises for clusters probed less than average and falls for the others (auxiliary-
+    loss-free balancing, Wang et al. 2024), so no cluster of units is left unreachable.
+    Selection has no gradient; the chosen units' pre-activations are recomputed with gradient by the
+    layer (gate "none", as the dense router)."""
+
+    def __init__(self, n_units: int, k: int, d_model: int, clusters: int | None = None, probes: int = 4,
+                 recluster_every: int = 50, balance_rate: float = 0.01, impl: str = "auto",
+                 revive_where_probed: bool = False) -> None:
+        super().__init__()
+        clusters = clusters or math.isqrt(n_units)
+        self.revive_where_probed = bool(revive_where_probed)
+        for name, value in (("router_clusters", clusters), ("router_probes", probes),
+                            ("recluster_every", recluster_every)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise MonorouteError(f"{name} must be a whole number >= 1, got {value!r}")
+        if n_units % clusters:
+            raise MonorouteError(f"router 'cluster' splits n_units={n_units} into router_clusters={clusters} equal "
+                                 f"clusters; pick a divisor (e.g. {math.isqrt(n_units)} when n_units is a square)")
+        if probes > clusters:
+            raise MonorouteError(f"router_probes={probes} exceeds router_clusters={clusters}; probe at most all")
+        if isinstance(balance_rate, bool) or not isinstance(balance_rate, (int, float)) or \
+                not 0 <= balance_rate < math.inf:
+            raise MonorouteError(f"cluster_balance must be a finite number >= 0, got {balance_rate!r}; e.g. 0.01")
+        self.n_units, self.clusters, self.size = n_units, clusters, n_units // clusters
+        self.probes, self.recluster_every, self.balance_rate, self.impl = probes, recluster_every, balance_rate, impl
+        self.candidates = probes * self.size
+        if k > self.candidates:
+            raise MonorouteError(f"k={k} exceeds the router_probes x cluster size = {self.candidates} candidates; "
+                                 f"raise router_probes or lower k")
+        self.k = k
+        # A random balanced assignment until the first reclustering (the rows are random then too).
+        self.register_buffer("members", torch.randperm(n_units).view(clusters, self.size))  # (G, N/G) unit ids
+        self.register_buffer("probe_bias", torch.zeros(clusters))  # (G,) balancing bias, probing only
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))  # training forwards so far
+
+    def set_k(self, k: int) -> None:
+        if k > self.candidates:
+            raise MonorouteError(f"k={k} exceeds the {self.candidates} candidates of router 'cluster'")
+        self.k = k
+
+    def score_units(self, x: Tensor, units: Tensor, w_in: Tensor, b_in: Tensor | None, sparse_grad: bool = False,
+                    routing: Routing | None = None) -> Tensor:
+        """(T, d), (U,) -> (T, U) pre-activations of the given units (the revival loss's score). Given
+        this forward's `routing` and `revive_where_probed`, a unit on a token that does not probe its
+        cluster scores 1e4 lower (a constant: the gradient is the pre-activation's), so revival pulls a
+        dead unit up where it can be selected, not where its cluster is never searched. Off by default:
+        it cut dead units from 61 % to 9 % but ended 0.1-0.2 nats worse (docs/routing.md)."""
+        pre = DenseRouter.score_units(None, x, units, w_in, b_in, sparse_grad)
+        if not self.revive_where_probed or routing is None or routing.candidates is None:
+            return pre
+        cluster_of = torch.empty_like(self.members.flatten())
+        cluster_of[self.members.flatten()] = torch.arange(self.clusters, device=units.device).repeat_interleave(self.size)
+        probed = cluster_of[routing.candidates[:, :: self.size]]  # (T, c) the clusters each token searched
+        visible = (cluster_of[units].view(1, -1, 1) == probed.unsqueeze(1)).any(-1)  # (T, U)
+        return pre - 1e4 * (~visible).to(pre.dtype)
+
+    def centroids(self, w_in: Tensor, b_in: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """(G, d) mean row of each cluster and (G,) mean bias: the centroid score is the members' mean pre."""
+        mu = w_in.detach()[self.members.flatten()].view(self.clusters, self.size, -1).mean(1)
+        return mu, None if b_in is None else b_in.detach()[self.members].mean(1)
+
+    @torch.no_grad()
+    def probe(self, x: Tensor, w_in: Tensor, b_in: Tensor | None) -> Tensor:
+        """(T, d) -> (T, c) the clusters each token probes (by centroid score plus the balancing bias)."""
+        mu, mb = self.centroids(w_in, b_in)
+        scores = x @ mu.t()  # (T, G)
+        if mb is not None:
+            scores = scores + mb
+        return (scores + self.probe_bias).topk(self.probes, dim=-1, sorted=False).indices
+
+    @torch.no_grad()
+    def forward(self, x: Tensor, w_in: Tensor, b_in: Tensor | None) -> Routing:
+        probed = self.probe(x, w_in, b_in)  # (T, c)
+        cand, pre = cluster_preacts(x, w_in, b_in, self.members, probed)  # (T, c·N/G) ids and exact pre
+        top = pre.topk(self.k, dim=-1, sorted=False)
+        if self.training:
+            self.maintain(probed, w_in, b_in)
+        return Routing(cand.gather(-1, top.indices), top.values, None, cand, pre)
+
+    @torch.no_grad()
+    def maintain(self, probed: Tensor, w_in: Tensor, b_in: Tensor | None) -> None:
+        """Balance the probing (sign of each cluster's deviation from the mean load, scaled by the
+        spread of the centroid scores) and rebuild the assignment every recluster_every calls."""
+        load = torch.bincount(probed.flatten(), minlength=self.clusters).to(self.probe_bias.dtype)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load)  # every rank keeps the same bias
+        if self.balance_rate > 0:
+            mu, _ = self.centroids(w_in, b_in)
+            spread = mu.norm(dim=-1).mean()  # a centroid score's typical size on a unit-norm-ish input
+            self.probe_bias += self.balance_rate * spread * torch.sign(load.mean() - load)
+        self.calls += 1
+        if int(self.calls) % self.recluster_every == 0:
+            self.recluster(w_in, b_in)
+
+    @torch.no_grad()
+    def recluster(self, w_in: Tensor, b_in: Tensor | None, iterations: int = 3) -> None:
+        rows = w_in.detach() if b_in is None else torch.cat([w_in.detach(), b_in.detach().unsqueeze(1)], 1)
+        self.members.copy_(balanced_kmeans(rows.float(), self.members, iterations))
+
+
+def cluster_preacts(x: Tensor, w_in: Tensor, b_in: Tensor | None, members: Tensor, probed: Tensor
+                    ) -> tuple[Tensor, Tensor]:
+    """(T, d) tokens, (G, S) cluster members, (T, c) probed clusters -> (T, c·S) candidate ids and
+    their exact pre-activations, no gradient. Grouped by cluster: every (token, probe) pair of one
+    cluster is one dense (n_g, d) x (d, S) product, so the work is T·c·S·d multiply-adds in G
+    matrix products, no (T, c·S, d) gather (`preacts` over the same ids is the reference)."""
+    T, c = probed.shape
+    G, S = members.shape
+    flat = probed.flatten()  # (T·c,) pair p = t*c + j
+    order = flat.argsort()
+    counts = torch.bincount(flat, minlength=G).tolist()
+    tokens = order // c
+    out = x.new_empty(T * c, S)
+    w = w_in.detach()
+    start = 0
+    for g, n in enumerate(counts):
+        if n:
+            pairs = order[start:start + n]
+            rows = members[g]
+            block = x[tokens[start:start + n]] @ w[rows].t()  # (n, S)
+            if b_in is not None:
+                block = block + b_in.detach()[rows]
+            out[pairs] = block
+            start += n
+    cand = members[probed].view(T, c * S)
+    return cand, out.view(T, c * S)
+
+
+def balanced_kmeans(rows: Tensor, members: Tensor, iterations: int = 3) -> Tensor:
+    """(N, e) rows, (G, S) current assignment -> (G, S) a new balanced assignment: a few Lloyd steps
+    from the current clusters' centroids, each assigning every row to its nearest centroid that still
+    has room (`capacity_assign`)."""
+    G, S = members.shape
+    assign = members
+    for _ in range(iterations):
+        mu = rows[assign.flatten()].view(G, S, -1).mean(1)  # (G, e)
+        # Nearest centroid = largest r·mu - |mu|^2 / 2 (the |r|^2 term is the same for every centroid).
+        affinity = rows @ mu.t() - 0.5 * (mu * mu).sum(-1)  # (N, G)
+        assign = capacity_assign(affinity, S)
+    return assign
+
+
+def capacity_assign(affinity: Tensor, capacity: int) -> Tensor:
+    """(N, G) affinities -> (G, capacity) unit ids: every unit in exactly one group, every group full.
+
+    Rounds of proposals: each unassigned unit proposes to its best group with room; a group accepts
+    its best proposers up to its remaining room and rejects the rest, who then never propose to it
+    again. Each round fills at least one group or places every proposer, so it ends in <= G rounds."""
+    N, G = affinity.shape
+    aff = affinity.clone()
+    group = torch.full((N,), -1, dtype=torch.int64, device=aff.device)
+    room = torch.full((G,), capacity, dtype=torch.int64, device=aff.device)
+    for _ in range(G + 1):
+        free = (group < 0).nonzero().squeeze(1)
+        if free.numel() == 0:
+            break
+        aff[:, room == 0] = float("-inf")
+        choice = aff[free].argmax(1)  # (F,)
+        value = aff[free, choice]
+        # Rank the proposals within each group, best first: sort by value, then stably by group.
+        by_value = value.argsort(descending=True)
+        by_group = choice[by_value].argsort(stable=True)
+        order = by_value[by_group]
+        ch = choice[order]
+        first = torch.searchsorted(ch, ch, right=False)  # index of each group's first proposal in `order`
+        rank = torch.arange(ch.numel(), device=aff.device) - first
+        accept = rank < room[ch]
+        group[free[order[accept]]] = ch[accept]
+        room -= torch.bincount(ch[accept], minlength=G)
+        rejected = order[~accept]
+        aff[free[rejected], choice[rejected]] = float("-inf")
+    members = group.argsort(stable=True).view(G, capacity)  # units grouped by their group, ascending
+    return members
+
+
 def build_router(name: str, d_model: int, n_units: int, k: int, d_key: int | None = None, heads: int = 1,
-                 select: str = "score", impl: str = "auto", balance: bool = False, pools: int = 1) -> nn.Module:
+                 select: str = "score", impl: str = "auto", balance: bool = False, pools: int = 1,
+                 candidates: int | None = None, clusters: int | None = None, probes: int = 4,
+                 recluster_every: int = 50, cluster_balance: float = 0.01, revive_where_probed: bool = False
+                 ) -> nn.Module:
     if name != "multi_pool" and pools != 1:
         raise MonorouteError(f"router_pools={pools} needs router='multi_pool'")
+    if name == "cluster":
+        if heads != 1 or select != "score" or balance or d_key is not None or candidates is not None:
+            raise MonorouteError("router_heads, router_balance, d_key, router_candidates and coupling need "
+                                 "router='product_key'; router 'cluster' scores units by their own pre-activation "
+                                 "(set router_probes for more candidates)")
+        return ClusterRouter(n_units, k, d_model, clusters, probes, recluster_every, cluster_balance, impl,
+                             revive_where_probed)
+    if name == "factored":
+        if heads != 1 or select != "score" or balance or d_key is not None:
+            raise MonorouteError("router_heads, router_balance, d_key and coupling need router='product_key'; "
+                                 "router 'factored' searches the units' own factor rows (set router_candidates)")
+        return FactoredRouter(d_model, n_units, k, candidates, impl)
     if name == "multi_pool":
         return MultiPoolRouter(d_model, n_units, k, pools, d_key, heads, select, impl, balance)
     if name == "dense":
@@ -292,5 +628,5 @@ def build_router(name: str, d_model: int, n_units: int, k: int, d_key: int | Non
                                  "already scores every unit by its own pre-activation")
         return DenseRouter(n_units, k)
     if name == "product_key":
-        return ProductKeyRouter(d_model, n_units, k, d_key, heads, select, impl, balance)
+        return ProductKeyRouter(d_model, n_units, k, d_key, heads, select, impl, balance, candidates)
     raise MonorouteError(f"unknown router {name!r}; choose one of {', '.join(ROUTERS)}")

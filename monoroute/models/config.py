@@ -54,6 +54,18 @@ class GPTConfig:
     # sweep) and "none" elsewhere.
     coupling: str = "auto"
     agree_coef: float = 0.1
+    # Candidate re-ranking (coupling="rerank", product keys): the keys propose router_candidates units,
+    # the top k by exact pre-activation run, and a listwise ranking loss (weight rank_coef) teaches the keys.
+    router_candidates: int | None = None
+    rank_coef: float = 1.0
+    # router="cluster": a balanced clustered index over the unit rows themselves (routers.ClusterRouter):
+    # router_clusters groups (None: sqrt(n_units)), router_probes of them searched per token, the
+    # assignment rebuilt every recluster_every training forwards, probing balanced at rate cluster_balance.
+    router_clusters: int | None = None
+    router_probes: int = 4
+    recluster_every: int = 50
+    cluster_balance: float = 0.01
+    revive_where_probed: bool = False  # revival only on tokens that probe the unit's cluster (fewer dead, worse loss)
 
     @property
     def layer_coupling(self) -> str:

@@ -31,6 +31,14 @@ def router_flops(cfg: GPTConfig) -> int:
     d = cfg.d_model
     if cfg.router == "dense":
         return 2 * cfg.n_units * d  # every unit's pre-activation
+    if cfg.router == "cluster":
+        clusters = cfg.router_clusters or math.isqrt(cfg.n_units)
+        # Centroid scores, then the exact pre-activations of the probed clusters' members. The
+        # centroids (a mean over the table per batch) and the periodic reclustering are not per token.
+        return 2 * clusters * d + 2 * cfg.router_probes * (cfg.n_units // clusters) * d
+    if cfg.router == "factored":
+        # Both factor tables against x, then the residual dots of the C candidates.
+        return 2 * 2 * math.isqrt(cfg.n_units) * d + 2 * (cfg.router_candidates or 4 * cfg.k) * d
     d_key, heads = cfg.d_key or d, cfg.router_heads
     pools = cfg.router_pools if cfg.router == "multi_pool" else 1
     n_sub = math.isqrt(cfg.n_units // pools)
@@ -38,4 +46,6 @@ def router_flops(cfg: GPTConfig) -> int:
     flops = pools * heads * (2 * d * d_key + 2 * n_sub * d_key)
     if cfg.layer_coupling == "preact":
         flops += 2 * min(2 * cfg.k, cfg.n_units) * d  # pre-activations of the 2k candidates
+    if cfg.layer_coupling == "rerank":
+        flops += 2 * (cfg.router_candidates or 8 * cfg.k) * d  # pre-activations of the C candidates
     return flops

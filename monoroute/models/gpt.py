@@ -81,6 +81,9 @@ def build_ffn(cfg: GPTConfig, kind: str) -> nn.Module:
         d_key=cfg.d_key, router_pools=cfg.router_pools, out_bias=cfg.out_bias, aux_coef=cfg.aux_coef, l1_coef=cfg.l1_coef, dead_window=cfg.dead_window,
         dead_grace=cfg.dead_grace, impl=cfg.impl,
         sparse_grad=cfg.sparse_grad, router_heads=cfg.router_heads, router_balance=cfg.router_balance, coupling=cfg.coupling, agree_coef=cfg.agree_coef,
+        router_candidates=cfg.router_candidates, rank_coef=cfg.rank_coef, router_clusters=cfg.router_clusters,
+        router_probes=cfg.router_probes, recluster_every=cfg.recluster_every, cluster_balance=cfg.cluster_balance,
+        revive_where_probed=cfg.revive_where_probed,
     )
 
 

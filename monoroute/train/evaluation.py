@@ -11,7 +11,7 @@ def eval_report(run: str | Path, device: str = "cpu", batches: int | None = None
     """Validation loss over the run's deterministic eval windows, sizes, FLOPs/token and, for routed
     models, dead fraction plus L0 / live-slot fraction over those windows (per layer and mean)."""
     from monoroute.data import prepare_data
-    from monoroute.train.trainer import evaluate_with_stats, load
+    from monoroute.train.trainer import evaluate_with_stats, load, recall_on_val
 
     if batches is not None and batches < 1:
         raise MonorouteError(f"--batches must be at least 1, got {batches}")
@@ -35,4 +35,9 @@ def eval_report(run: str | Path, device: str = "cpu", batches: int | None = None
     if model.routed_layers():
         report["dead_fraction"] = model.dead_fraction()
         report.update(routed)  # l0 and live_slot_fraction over the evaluated tokens, per layer and mean
+        # Selection recall against the exact top-k, on the first 2,048 validation positions.
+        recall = recall_on_val(model, store, cfg, next(model.parameters()).device, max_tokens=2048)
+        report["selection_recall"], report["selection_mass"] = recall["recall"], recall["mass"]
+        for name, layer in recall["layers"].items():
+            report["routed"].setdefault(name, {}).update(selection_recall=layer["recall"], selection_mass=layer["mass"])
     return report

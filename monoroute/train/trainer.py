@@ -33,6 +33,7 @@ from monoroute.data.tokenizers import Tokenizer
 from monoroute.devices import device_kind, resolve_device
 from monoroute.errors import MonorouteError
 from monoroute.layers import RoutedFFN
+from monoroute.layers.recall import model_selection_recall
 from monoroute.models import GPT
 from monoroute.train import distributed as D
 from monoroute.train.checkpoint import (
@@ -45,7 +46,8 @@ from monoroute.train.rundir import METRICS_FILE, RunLock, clear_run, start_mode
 from monoroute.train.fsdp import shard_model
 from monoroute.train.optim import build_optimizer, clip_grad_norm_
 
-__all__ = ["LoadedRun", "evaluate", "evaluate_with_stats", "load", "load_run", "train", "METRICS_FILE"]
+__all__ = ["LoadedRun", "evaluate", "evaluate_with_stats", "load", "load_run", "recall_on_val", "train",
+           "METRICS_FILE"]
 
 
 def autocast_for(device: torch.device, dtype: str):
@@ -127,6 +129,17 @@ def evaluate_with_stats(model: GPT, store, cfg: RunConfig, device: torch.device)
     if not losses:
         raise MonorouteError("the validation split yields no batch; lower block_size or use a larger corpus")
     return sum(losses) / len(losses), stats.summary()
+
+
+def recall_on_val(model: GPT, store, cfg: RunConfig, device: torch.device, max_tokens: int = 512) -> dict:
+    """Selection recall of every routed layer (layers/recall.py) on the first `max_tokens` positions
+    of the first validation batch: {"recall", "mass", "layers": {...}}, or {} for a dense model."""
+    if not model.routed_layers():
+        return {}
+    windows = max(1, -(-max_tokens // cfg.model.block_size))
+    x, _ = next(iter(store.eval_batches(windows, cfg.model.block_size, 1)))
+    with autocast_for(device, cfg.train.dtype):
+        return model_selection_recall(model, x.to(device), max_tokens)
 
 
 def evaluate(model: GPT, store, cfg: RunConfig, device: torch.device) -> float:
@@ -557,6 +570,9 @@ def _loop(cfg, info, model, net, optimizer, store, device, metrics, progress, st
             routed.reset()
             if step % tc.eval_every == 0 or is_last:
                 record["val_loss"] = evaluate(model, store, cfg, device)
+                recall = recall_on_val(model, store, cfg, device)  # low rate: at evaluations only
+                if recall:
+                    record["selection_recall"], record["selection_mass"] = recall["recall"], recall["mass"]
             metrics.log(record)
             summary = record
             postfix = {"loss": f"{train_loss:.3f}", "tok_s": f"{record['tokens_per_s']:.0f}"}
