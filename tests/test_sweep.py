@@ -302,3 +302,15 @@ def test_sae_numbers_reach_the_row_and_the_plot(tmp_path):
     assert ("sae", "dense + SAE", 3.4, 0.45, 0.10) in points and ("dense", "dense", 3.1, 0.30, 0.10) in points
     plot_coverage_vs_loss([r], tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep_rows_and_table_carry_selection_recall():
+    from monoroute.sweep.results import row, text_table
+
+    entry = {"name": "cluster", "status": "done",
+             "config": {"ffn": "routed", "n_units": 64, "k": 4, "router": "cluster", "steps": 10},
+             "eval": {"step": 10, "val_loss": 2.5, "selection_recall": 0.625, "selection_mass": 0.75}}
+    r = row(entry)
+    assert (r["selection_recall"], r["selection_mass"]) == (0.625, 0.75)
+    table = text_table([r]).splitlines()
+    assert "recall" in table[0].split() and "0.625" in table[1].split()

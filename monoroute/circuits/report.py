@@ -3,8 +3,13 @@ when the run has both), self-contained like the analysis report."""
 from __future__ import annotations
 
 import html
+import json
+from pathlib import Path
 
 from monoroute.circuits.search import CHANCE
+from monoroute.errors import MonorouteError
+
+OUT_DIR = "circuits"  # RUN/circuits/: circuits.json, circuits.csv, report.html
 
 CSS = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
        "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}td:first-child,th:first-child{text-align:left}"
@@ -58,3 +63,43 @@ def render_html(report: dict) -> str:
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>monoroute circuits</title><style>{CSS}</style>"
             f"</head><body><h1>monoroute circuits: {html.escape(report['run'])}</h1>{circuits_section(report)}"
             f"</body></html>")
+
+
+def load_circuits(run: str | Path) -> dict | None:
+    """RUN/circuits/circuits.json, or None when the run has none."""
+    path = Path(run) / OUT_DIR / "circuits.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise MonorouteError(f"{path} is not valid JSON ({exc}); run `monoroute circuits {run}` again") from None
+
+
+def circuits_summary_rows(reports: list[dict]) -> list[dict]:
+    """One row per run: what `compare` shows (its --json "circuits")."""
+    keys = ("run", "val_loss", "target_loss", "ablation", "tasks_done", "geomean_units", "geomean_nodes",
+            "mean_necessity_loss", "mean_control_keep_loss")
+    return [{k: rep.get(k) for k in keys}
+            | {"tasks_cannot_do": [r["task"] for r in rep["tasks"] if r["status"] != "ok"],
+               "units_per_task": {r["task"]: r["nodes"]["units"] for r in rep["tasks"] if r["status"] == "ok"}}
+            for rep in reports]
+
+
+def circuits_summary_table(reports: list[dict]) -> str:
+    header = ["run", "val loss", "target", "tasks done", "geomean units", "geomean nodes", "necessity", "control"]
+    f3 = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = [[r["run"], f3(r["val_loss"]), str(r["target_loss"]),
+              f"{r['tasks_done']} of {r['tasks_done'] + len(r['tasks_cannot_do'])}", _g(r["geomean_units"]),
+              _g(r["geomean_nodes"]), f3(r["mean_necessity_loss"]), f3(r["mean_control_keep_loss"])]
+             for r in circuits_summary_rows(reports)]
+    widths = [max(len(x) for x in col) for col in zip(header, *lines)]
+    out = ["circuits (monoroute circuits): geometric means over the tasks each run can do at its target; "
+           "necessity / control: mean task loss with only the circuit ablated / a random same-size set kept (chance 0.693)",
+           "  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+    return "\n".join(out)
+
+
+def _g(v) -> str:
+    return "–" if v is None else f"{v:.1f}"

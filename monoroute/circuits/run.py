@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 
 from monoroute.circuits.nodes import compute_means, node_groups
+from monoroute.circuits.report import OUT_DIR, _g, circuits_summary_rows, circuits_summary_table, load_circuits  # noqa: F401
 from monoroute.circuits.search import CHANCE, SearchOptions, find_circuit, geomean, make_batch, task_loss
 from monoroute.circuits.tasks import select_tasks
 from monoroute.errors import MonorouteError
 from monoroute.fileio import write_text_atomic
 
-OUT_DIR = "circuits"
 
 
 @dataclass
@@ -194,17 +194,6 @@ def write_outputs(out: Path, report: dict, update_analysis: bool = True) -> None
             pass  # an old or broken analysis: its own page stays as it was; circuits/report.html has the results
 
 
-def load_circuits(run: str | Path) -> dict | None:
-    """RUN/circuits/circuits.json, or None when the run has none."""
-    path = Path(run) / OUT_DIR / "circuits.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise MonorouteError(f"{path} is not valid JSON ({exc}); run `monoroute circuits {run}` again") from None
-
-
 def table(reports: list[dict]) -> str:
     """One line per (run, task) plus each run's geometric means: the text `circuits` and `compare` print."""
     header = ["run", "task", "full", "circuit", "units", "resid", "attn", "total", "necessity", "control"]
@@ -227,35 +216,6 @@ def table(reports: list[dict]) -> str:
                "circuit: the smallest top-ranked node set reaching the target with all other nodes ablated; "
                "necessity: only the circuit ablated; control: a random set of the same size per hook point, kept alone)")
     return "\n".join(out)
-
-
-def circuits_summary_rows(reports: list[dict]) -> list[dict]:
-    """One row per run: what `compare` shows (its --json "circuits")."""
-    keys = ("run", "val_loss", "target_loss", "ablation", "tasks_done", "geomean_units", "geomean_nodes",
-            "mean_necessity_loss", "mean_control_keep_loss")
-    return [{k: rep.get(k) for k in keys}
-            | {"tasks_cannot_do": [r["task"] for r in rep["tasks"] if r["status"] != "ok"],
-               "units_per_task": {r["task"]: r["nodes"]["units"] for r in rep["tasks"] if r["status"] == "ok"}}
-            for rep in reports]
-
-
-def circuits_summary_table(reports: list[dict]) -> str:
-    header = ["run", "val loss", "target", "tasks done", "geomean units", "geomean nodes", "necessity", "control"]
-    f3 = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
-    lines = [[r["run"], f3(r["val_loss"]), str(r["target_loss"]),
-              f"{r['tasks_done']} of {r['tasks_done'] + len(r['tasks_cannot_do'])}", _g(r["geomean_units"]),
-              _g(r["geomean_nodes"]), f3(r["mean_necessity_loss"]), f3(r["mean_control_keep_loss"])]
-             for r in circuits_summary_rows(reports)]
-    widths = [max(len(x) for x in col) for col in zip(header, *lines)]
-    out = ["circuits (monoroute circuits): geometric means over the tasks each run can do at its target; "
-           "necessity / control: mean task loss with only the circuit ablated / a random same-size set kept (chance 0.693)",
-           "  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
-    return "\n".join(out)
-
-
-def _g(v) -> str:
-    return "–" if v is None else f"{v:.1f}"
 
 
 def add_parser(sub) -> None:

@@ -139,7 +139,7 @@ def compare_table(reports: list[dict]) -> str:
 
 def cmd_compare(args) -> int:
     """Analyses side by side, then (for runs that have them) circuits: `monoroute circuits` results."""
-    from monoroute.circuits.run import OUT_DIR, circuits_summary_rows, circuits_summary_table, load_circuits
+    from monoroute.circuits.report import OUT_DIR, circuits_summary_rows, circuits_summary_table, load_circuits
 
     reports, circuits = [], []
     for run in args.runs:

@@ -287,7 +287,7 @@ def write_outputs(report: dict, folder: Path) -> None:
 
 def run_circuits(run_dir: Path) -> dict | None:
     """The run's circuits (for the report's circuits section), or None when it has none or they do not load."""
-    from monoroute.circuits.run import load_circuits
+    from monoroute.circuits.report import load_circuits
     from monoroute.errors import MonorouteError
 
     try:

@@ -144,7 +144,7 @@ def circuits_view(store) -> dict:
     layer carry `page: true` (they have a unit page in this browser); others are listed only."""
     from fastapi import HTTPException
 
-    from monoroute.circuits.run import load_circuits
+    from monoroute.circuits.report import load_circuits
 
     try:
         rep = load_circuits(store.run)

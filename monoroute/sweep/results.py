@@ -21,7 +21,7 @@ COLUMNS = (
     ["run", "status", "ffn", "d_ff", "n_units", "k", "router", "router_heads", "coupling", "activation", "l1_coef",
      "sparse_rows", "table_lr_mult", "steps", "step",
      "val_loss", "flops_per_token", "params", "active_params", "tokens_per_s", "l0", "live_slot_fraction",
-     "dead_fraction", "unit_set", "n_positions"]
+     "dead_fraction", "selection_recall", "selection_mass", "unit_set", "n_positions"]
     + [f"units_{key}" for key in ("l0", "dead_fraction")]
     + [c for key in FLOOR_KEYS for c in (key, f"{key}_random_init")] + ["mean_purity_null"]
     + [f"sae_{key}" for key in SAE_KEYS] + ["sae_coverage_sae_init"]
@@ -73,7 +73,8 @@ def row(entry: dict) -> dict:
              units_dead_fraction=units.get("dead_fraction"),
              mean_purity_null=units.get("mean_purity_null"))
     r.update({key: ev.get(key) for key in ("step", "val_loss", "flops_per_token", "params", "active_params",
-                                           "tokens_per_s", "l0", "live_slot_fraction", "dead_fraction")})
+                                           "tokens_per_s", "l0", "live_slot_fraction", "dead_fraction",
+                                           "selection_recall", "selection_mass")})
     for key in FLOOR_KEYS:
         r[key], r[f"{key}_random_init"] = units.get(key), floor.get(key)
     r.update({f"sae_{key}": sae.get(key) for key in SAE_KEYS})
@@ -114,7 +115,7 @@ def _with_floor(r: dict, key: str, floor_key: str) -> str:
 
 def text_table(rows: list[dict]) -> str:
     """Aligned table; the SAE of a dense run gets its own line, at its spliced loss."""
-    header = ["run", "ffn", "width", "val loss", "FLOPs/tok", "active", "tok/s", "L0", "live", "dead %",
+    header = ["run", "ffn", "width", "val loss", "FLOPs/tok", "active", "tok/s", "L0", "live", "dead %", "recall",
               "coverage", "coverage@5", "purity", "purity null", "probe F1", "expl. F1"]
     lines = []
     for r in rows:
@@ -125,14 +126,15 @@ def text_table(rows: list[dict]) -> str:
         dead = None if r["dead_fraction"] is None else 100 * r["dead_fraction"]
         lines.append([r["run"], r["ffn"], width, _num(r["val_loss"]), _num(r["flops_per_token"]),
                       _num(r["active_params"]), _num(r["tokens_per_s"], 0), _num(r["l0"], 2),
-                      _num(r["live_slot_fraction"]), _num(dead, 1), _with_floor(r, "coverage", "coverage_random_init"),
+                      _num(r["live_slot_fraction"]), _num(dead, 1), _num(r["selection_recall"]),
+                      _with_floor(r, "coverage", "coverage_random_init"),
                       _with_floor(r, "coverage_at_m", "coverage_at_m_random_init"),
                       _with_floor(r, "mean_purity", "mean_purity_random_init"), _num(r["mean_purity_null"]),
                       _with_floor(r, "sparse_probe_f1", "sparse_probe_f1_random_init"),
                       _with_floor(r, "explanation_f1", "explanation_f1_random_init")])
         if r["sae_coverage"] is not None:
             lines.append([f"  {r['run']} + SAE", "sae", "", _num(r["sae_spliced_val_loss"]), "", "", "",
-                          _num(r["sae_l0"], 2), "", "", _with_floor(r, "sae_coverage", "sae_coverage_sae_init"), "",
+                          _num(r["sae_l0"], 2), "", "", "", _with_floor(r, "sae_coverage", "sae_coverage_sae_init"), "",
                           _num(r["sae_mean_purity"]),
                           "", _num(r["sae_sparse_probe_f1"]), _num(r["sae_explanation_f1"])])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]

@@ -35,22 +35,6 @@ def teacher_weights_sha256(run_dir: str | Path) -> str:
     return sha256(require_checkpoint(Path(run_dir)).verified(MODEL_FILE))
 
 
-def load_teacher(path: str, expected_sha256: str | None, device) -> torch.nn.Module:
-    """The frozen teacher GPT of a distillation run, after checking it is the teacher the run started with."""
-    from monoroute.train.trainer import load_run
-
-    if not Path(path).is_dir():
-        raise MonorouteError(f"teacher run {path} is missing; restore it (the distillation needs it) or start a new "
-                             f"run without kl_coef")
-    actual = teacher_weights_sha256(path)
-    if expected_sha256 is not None and actual != expected_sha256:
-        raise MonorouteError(f"teacher run {path} has changed since this run started (weights sha256 {actual[:12]}, "
-                             f"expected {expected_sha256[:12]}); restore that teacher or start a new run")
-    _, teacher = load_run(path, str(device))
-    teacher.requires_grad_(False)
-    return teacher.eval()
-
-
 def dense_version(model_cfg):
     """The model config of a dense_fraction run's dense phase: every FFN dense, d_ff as configured."""
     from dataclasses import replace

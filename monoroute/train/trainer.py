@@ -41,7 +41,8 @@ from monoroute.train.checkpoint import (
     load_weights, read_json, save_checkpoint, write_json, write_text,
 )
 from monoroute.train.config import RunConfig, TrainConfig, k_at, switch_step
-from monoroute.train.distill import dense_version, distill_kl, load_teacher, routed_from_dense, routed_layer_fitter
+from monoroute.train.distill import (dense_version, distill_kl, routed_from_dense, routed_layer_fitter,
+                                     teacher_weights_sha256)
 from monoroute.train.rundir import METRICS_FILE, RunLock, clear_run, start_mode
 from monoroute.train.fsdp import shard_model
 from monoroute.train.optim import build_optimizer, clip_grad_norm_
@@ -251,6 +252,20 @@ def _load_model(out: str | Path, device: str) -> tuple[RunConfig, GPT, Checkpoin
     model = GPT(model_config_at(cfg, ckpt.step if ckpt is not None else cfg.train.steps))
     ckpt = load_weights(out, model)
     return cfg, model.to(target).eval(), ckpt
+
+
+def load_teacher(path: str, expected_sha256: str | None, device) -> torch.nn.Module:
+    """The frozen teacher GPT of a distillation run, after checking it is the teacher the run started with."""
+    if not Path(path).is_dir():
+        raise MonorouteError(f"teacher run {path} is missing; restore it (the distillation needs it) or start a new "
+                             f"run without kl_coef")
+    actual = teacher_weights_sha256(path)
+    if expected_sha256 is not None and actual != expected_sha256:
+        raise MonorouteError(f"teacher run {path} has changed since this run started (weights sha256 {actual[:12]}, "
+                             f"expected {expected_sha256[:12]}); restore that teacher or start a new run")
+    _, teacher = load_run(path, str(device))
+    teacher.requires_grad_(False)
+    return teacher.eval()
 
 
 class LoadedRun(NamedTuple):

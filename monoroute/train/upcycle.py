@@ -264,7 +264,8 @@ def stage1(cfg, record: dict, store, show_progress: bool) -> None:
     """Fit every routed layer to its teacher FFN; write the student as OUT's step-0 checkpoint."""
     from monoroute.devices import resolve_device
     from monoroute.train.checkpoint import (current_checkpoint, load_checkpoint, save_checkpoint, write_json)
-    from monoroute.train.distill import load_teacher, routed_from_dense, routed_layer_fitter
+    from monoroute.train.distill import routed_from_dense, routed_layer_fitter
+    from monoroute.train.trainer import load_teacher
     from monoroute.train.layerwise import fit_layers
     from monoroute.train.optim import build_optimizer
     from monoroute.train.rundir import RunLock
