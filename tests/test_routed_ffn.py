@@ -395,3 +395,22 @@ def test_balance_scores_standardise_each_half_per_token():
     torch.testing.assert_close(b.std(-1), torch.ones(2, dtype=torch.double), rtol=1e-5, atol=1e-5)
     assert torch.equal(b[0].argsort(), s[0].argsort())  # the order within a half is unchanged
     torch.testing.assert_close(b[1], torch.tensor([-0.5, -0.5, -0.5, 1.5], dtype=torch.double), rtol=1e-5, atol=1e-5)
+
+
+def test_multi_pool_revival_pulls_a_dead_unit_to_its_own_pools_threshold():
+    """Two pools of 64 units, 2 picks each. Pool 1's picks score far below pool 0's; a dead unit of
+    pool 0 must reach pool 0's lowest pick, not the lower minimum over both pools."""
+    torch.manual_seed(0)
+    layer = RoutedFFN(8, 128, 4, router="multi_pool", router_pools=2, coupling="none", impl="reference").double()
+    x = torch.randn(5, 8, dtype=torch.double)
+    routing = layer.router(x)
+    scores = routing.scores.detach().clone()
+    scores[:, 2:] -= 100.0  # pool 1's picks (the last k/P slots) now score far lower
+    units = torch.tensor([3, 70])  # one unit of each pool
+    got = layer.selection_threshold(routing._replace(scores=scores), units)
+    torch.testing.assert_close(got[:, 0], scores[:, :2].min(-1).values)  # pool 0's own picks
+    torch.testing.assert_close(got[:, 1], scores[:, 2:].min(-1).values)
+    assert bool((got[:, 0] > scores.min(-1).values + 50).all())  # the old all-pool minimum was 100 lower
+    single = make_layer("product_key")
+    r = single.router(torch.randn(5, 8, dtype=torch.double))
+    torch.testing.assert_close(single.selection_threshold(r, torch.tensor([1, 2]))[:, 0], r.scores.min(-1).values)

@@ -277,6 +277,17 @@ class RoutedFFN(nn.Module):
         margin = cosines - threshold
         return (F.relu(margin) * silent).sum() / max(1, h.numel())
 
+    def selection_threshold(self, routing: Routing, units: Tensor) -> Tensor:
+        """(T, U) the score each of `units` must reach on each token to be selected: the token's lowest
+        selected score, within the unit's own pool for the multi-pool router (each pool picks its own
+        k / P, so another pool's lower scores do not make this unit selectable)."""
+        scores = routing.scores.detach()  # (T, k)
+        pools = getattr(self.router, "pools", 1)
+        if pools == 1:
+            return scores.min(-1, keepdim=True).values.expand(-1, units.numel())
+        per_pool = scores.view(scores.shape[0], pools, -1).min(-1).values  # (T, P): pools' picks are concatenated
+        return per_pool[:, units // self.router.pool_size]
+
     def revival_loss(self, xt: Tensor, routing: Routing) -> Tensor:
         """For up to aux_units dead units: pull the score up to the selection threshold on the token
         where it is highest (and, for ReLU under a router with its own scores, the pre-activation
@@ -288,7 +299,7 @@ class RoutedFFN(nn.Module):
         scores = self.router.score_units(xt, units, self.w_in, self.b_in, self.sparse_grad, routing)  # (T, U)
         best_token = scores.detach().argmax(0)  # (U,) where each dead unit is closest to selection
         best_score = scores.gather(0, best_token.unsqueeze(0)).squeeze(0)  # (U,)
-        threshold = routing.scores.detach().min(-1).values[best_token]  # (U,)
+        threshold = self.selection_threshold(routing, units)[best_token, torch.arange(units.numel())]  # (U,)
         by_preact = self.router_name in PREACT_ROUTERS
         if self.activation == "relu" and by_preact:
             threshold = threshold.clamp(min=0)  # selected but not positive is still not firing
