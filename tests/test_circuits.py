@@ -242,6 +242,13 @@ def test_cli_writes_json_csv_and_html(tiny_run, capsys):
     (["--tasks", "quote,nope"], "unknown task 'nope'"),
     (["--target-loss", "0"], "--target-loss must be in (0, 0.693)"),
     (["--target-loss", "-1"], "--target-loss must be in (0, 0.693)"),
+    (["--lr", "-1"], "--lr must be a finite number > 0"),
+    (["--lr", "nan"], "--lr must be a finite number > 0"),
+    (["--lam", "-1"], "--lam must be a finite number >= 0"),
+    (["--pairs", "1000000000"], "--pairs must be between 4"),
+    (["--pairs", "2"], "--pairs must be between 4"),
+    (["--steps", "0"], "--steps must be between 1"),
+    (["--mean-tokens", "100000000000"], "--mean-tokens must be between 1"),
 ])
 def test_bad_input_is_one_clear_error_line(tiny_run, capsys, args, message):
     from monoroute.cli import main

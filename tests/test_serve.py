@@ -296,3 +296,13 @@ def test_circuits_show_in_the_analysis_report_and_in_compare(analysed_runs, tmp_
     assert main(["compare", str(run), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["circuits"]
     assert rows[0]["units_per_task"] == {"quote": 3} and rows[0]["tasks_cannot_do"] == ["with_as"]
+
+
+@pytest.mark.parametrize("text", ["\ud800", "ab\udfffcd"])
+def test_a_lone_surrogate_in_a_prompt_is_a_400_with_one_line(client, text):
+    for path, body in (("/api/runs/0/prompt", {"text": text}), ("/api/runs/0/intervene", {"text": text, "unit": 0})):
+        r = client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+        assert r.status_code == 400, (path, r.status_code, r.text)
+        detail = r.json()["detail"]
+        assert "not valid Unicode" in detail and "\n" not in detail
+    assert client.post("/api/runs/0/prompt", json={"text": "ab"}).status_code == 200  # still serving

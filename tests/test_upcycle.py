@@ -10,6 +10,7 @@ import torch
 from monoroute.cli import main
 from monoroute.layers import RoutedFFN
 from monoroute.models import GPT
+from monoroute.errors import MonorouteError
 from monoroute.models.config import GPTConfig
 from monoroute.train.config import TrainConfig, k_at
 from monoroute.train.distill import distill_kl
@@ -350,3 +351,14 @@ def test_multi_pool_trains_with_preact_and_revival(tmp_path):
     # per layer: 4 pools of 64 units, each a query projection (32 x 32) and 8 sub-keys per half, plus the
     # pre-activations of the 2k = 16 candidates (preact coupling); 2 layers
     assert saved["flops_per_token"]["router"] == 2 * (4 * (2 * 32 * 32 + 2 * 8 * 32) + 2 * 16 * 32)
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.75])  # below and above k_decay = 0.5
+def test_k_schedule_with_dense_fraction_is_refused_in_one_line(tmp_path, capsys, fraction):
+    with pytest.raises(MonorouteError, match="cannot be combined"):
+        TrainConfig(steps=600, k_start=256, dense_fraction=fraction).check()
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--out", str(out), "--steps", "400", "--set", "k_start=64",
+                 "--set", f"dense_fraction={fraction}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot be combined" in err[0] and not out.exists()

@@ -27,6 +27,10 @@ from monoroute.fileio import write_text_atomic
 
 
 
+# Upper bounds that keep one task's work finite (a typo such as --pairs 1e9 ran until killed).
+MAX_PAIRS, MAX_STEPS, MAX_MEAN_TOKENS = 4096, 100_000, 10_000_000
+
+
 @dataclass
 class CircuitOptions:
     tasks: list[str] = field(default_factory=list)  # empty: all
@@ -48,11 +52,15 @@ class CircuitOptions:
                                  f"got {self.target_loss}")
         if self.ablation not in ("mean", "zero"):
             raise MonorouteError(f"--ablation must be mean or zero, got {self.ablation!r}")
-        if self.pairs < 4:
-            raise MonorouteError(f"--pairs must be at least 4 (half learn the masks, half check them), got {self.pairs}")
-        for name in ("steps", "mean_tokens"):
-            if getattr(self, name) < 1:
-                raise MonorouteError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not 4 <= self.pairs <= MAX_PAIRS:
+            raise MonorouteError(f"--pairs must be between 4 (half learn the masks, half check them) and {MAX_PAIRS:,} "
+                                 f"per task, got {self.pairs}")
+        for name, top in (("steps", MAX_STEPS), ("mean_tokens", MAX_MEAN_TOKENS)):
+            if not 1 <= getattr(self, name) <= top:
+                raise MonorouteError(f"--{name.replace('_', '-')} must be between 1 and {top:,}, got {getattr(self, name)}")
+        for name, value in (("lr", self.lr), ("lam", self.lam)):
+            if not (math.isfinite(value) and (value > 0 if name == "lr" else value >= 0)):
+                raise MonorouteError(f"--{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {value}")
 
 
 def run_val_loss(run_dir: Path) -> float | None:

@@ -39,7 +39,11 @@ def encode_prompt(store, text: str, reserve: int = 0) -> tuple[list[int], bool]:
         raise PromptError("the prompt is empty; type some text")
     if len(text) > MAX_PROMPT_CHARS:
         raise PromptError(f"the prompt has {len(text)} characters; the limit is {MAX_PROMPT_CHARS}")
-    ids = store.tokenizer.encode(text)
+    try:
+        ids = store.tokenizer.encode(text)
+    except UnicodeEncodeError as exc:  # a lone surrogate such as "\ud800" has no UTF-8 form
+        raise PromptError(f"the prompt holds a character that is not valid Unicode text "
+                          f"({exc.object[exc.start:exc.end]!a} at position {exc.start}); remove it") from None
     if not ids:
         raise PromptError("the prompt encodes to no tokens")
     room = store.model.cfg.block_size - reserve

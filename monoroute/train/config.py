@@ -107,6 +107,12 @@ class TrainConfig:
             raise MonorouteError(f"k_start must be a whole number >= 1 (or unset), got {self.k_start!r}")
         if isinstance(self.k_decay, bool) or not isinstance(self.k_decay, (int, float)) or not 0 < self.k_decay <= 1:
             raise MonorouteError(f"k_decay must be in (0, 1], got {self.k_decay!r}; e.g. 0.5")
+        if self.k_start is not None and self.dense_fraction > 0:
+            # The k schedule counts from step 0 while the dense phase runs, the in-place fit uses the final
+            # k and the routed phase would then start at a larger k (or, with dense_fraction >= k_decay,
+            # the schedule would do nothing): no defined meaning, so refused.
+            raise MonorouteError("k_start (the k schedule) and dense_fraction cannot be combined: the schedule would "
+                                 "run during the dense phase; use one of them")
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
