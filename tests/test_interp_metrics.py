@@ -286,12 +286,17 @@ def test_explanation_finds_bigram_and_rejects_random_unit():
     pos1 = rng.choice(P, size=600, replace=False)  # unit 1: random
     in_a, _ = M.doc_split(doc_ids, 0.5, seed=0)
     pos2 = rng.choice(np.flatnonzero(~in_a), size=50, replace=False)  # unit 2: fires only on split B
-    rows = np.concatenate([pos0, pos1, pos2])
-    cols = np.repeat([0, 1, 2], [len(pos0), len(pos1), len(pos2)])
+    pos3 = np.flatnonzero(fires)[:3]  # unit 3: the same "7 after 3" detector, but it fires only 3 times
+    rows = np.concatenate([pos0, pos1, pos2, pos3])
+    cols = np.repeat([0, 1, 2, 3], [len(pos0), len(pos1), len(pos2), len(pos3)])
     acts = acts_from(rows, cols, rng.uniform(0.5, 1.0, size=len(rows)), (P, 4))
     res = M.explanation_scores(acts, tokens, doc_ids, seed=0)
     by = {r["unit"]: r for r in res["per_unit"]}
-    assert res["split"] == "documents" and res["n_live"] == 3
+    assert res["split"] == "documents" and res["n_live"] == 4
+    # unit 3 fires below purity's minimum of 20: not sampled, and the share of such live units is reported
+    assert 3 not in by and res["n_frequent"] == 3 and res["share_live_below_min"] == pytest.approx(0.25)
+    rare = M.explanation_scores(acts, tokens, doc_ids, seed=0, min_firings=1)
+    assert {r["unit"] for r in rare["per_unit"]} == {0, 1, 2, 3} and rare["share_live_below_min"] == 0.0
     assert by[0]["explanation"] == [[3, 7]] and by[0]["f1"] == pytest.approx(1.0)
     assert by[0]["precision"] == pytest.approx(1.0) and by[0]["recall"] == pytest.approx(1.0)
     assert by[1]["f1"] < 0.2
@@ -345,11 +350,16 @@ def test_all_metrics_keys_and_json():
     assert out["l0"] == pytest.approx(acts.matrix.nnz / P) and out["live_slot_fraction"] == pytest.approx(out["l0"] / 4)
     for key in M_HEADLINE:
         assert out[key] is not None, key
+    # Known answer from the fixture itself: the live units that fire fewer than 20 times.
+    fired_per_unit = np.bincount(cols, minlength=N)
+    rare = ((fired_per_unit > 0) & (fired_per_unit < 20)).sum() / (fired_per_unit > 0).sum()
+    assert 0 < rare < 1 and out["explanation_share_live_below_min"] == pytest.approx(rare)
 
 
 M_HEADLINE = ("l0", "live_slot_fraction", "dead_fraction", "coverage", "coverage_in_sample", "coverage_at_m",
               "mean_purity", "mean_purity_null",
-              "share_pure", "share_pure_null", "sparse_probe_f1", "sparse_probe_f1_top1", "explanation_f1")
+              "share_pure", "share_pure_null", "sparse_probe_f1", "sparse_probe_f1_top1", "explanation_f1",
+              "explanation_share_live_below_min")
 
 
 def test_positive_part_keeps_exactly_the_firings_and_no_score_that_reads_firing_changes():

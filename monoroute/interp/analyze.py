@@ -33,7 +33,8 @@ OUT_DIR = "analysis"
 STORE_FORMAT = 2  # 2: + labels.safetensors and units/<set>.parquet, what `monoroute serve` reads
 HEADLINE = ("l0", "live_slot_fraction", "dead_fraction", "cap_hit_fraction", "coverage", "coverage_in_sample",
             "coverage_at_m", "mean_purity", "mean_purity_null",
-            "share_pure", "share_pure_null", "sparse_probe_f1", "sparse_probe_f1_top1", "explanation_f1")
+            "share_pure", "share_pure_null", "sparse_probe_f1", "sparse_probe_f1_top1", "explanation_f1",
+            "explanation_share_live_below_min")
 
 
 @dataclass

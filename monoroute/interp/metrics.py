@@ -692,7 +692,7 @@ def _union(chosen: list[int], grams: list[tuple], n_occ: np.ndarray, n_tp: np.nd
 
 def explanation_scores(acts: UnitActivations, token_ids: np.ndarray, doc_ids: np.ndarray, n_units: int = 500,
                        seed: int = 0, max_ngram: int = 3, top: int = 50, fire_threshold: float = 0.2,
-                       max_terms: int = 5, min_cover: int = 2, units=None) -> dict:
+                       max_terms: int = 5, min_cover: int = 2, units=None, min_firings: int = 20) -> dict:
     """LLM-free explanations: explain each unit by a few token n-grams on documents A, score on documents B.
 
     Documents are split in halves A / B by a hash of the doc id (positions halves with one document).
@@ -712,7 +712,12 @@ def explanation_scores(acts: UnitActivations, token_ids: np.ndarray, doc_ids: np
       scores 0 (its explanation can hit nothing), so a set is not flattered by dropping its hard units;
     - `n_scored` (= `n_examined`), `n_skipped_no_firing_a`, `n_skipped_no_firing_b`: how many of the
       scored units had no firing on A / none above threshold on B (they count as 0),
-      `n_live`, `n_examined` (a seeded sample of `n_units` live units unless `units` is given), `split`.
+      `n_live`, `n_examined` (a seeded sample of `n_units` live units firing at least `min_firings`
+      times, purity's minimum, unless `units` is given), `split`;
+    - `min_firings`, `n_frequent` (live units firing at least that often) and `share_live_below_min`:
+      a unit that fires 1-3 times cannot be explained or scored, so it is not sampled (a 16k-wide set
+      would otherwise be pulled down by its rare units against 512 dense neurons); the share says how
+      much of the live set that leaves out.
     """
     A = _csr(acts)
     P, N = A.shape
@@ -727,12 +732,14 @@ def explanation_scores(acts: UnitActivations, token_ids: np.ndarray, doc_ids: np
         sorted_keys[name] = np.sort(k[k >= 0])
     colmax = _col_max(A)
     live = np.flatnonzero(colmax > 0)
+    n_on = np.bincount(A.indices[A.data > 0], minlength=N)
+    frequent = live[n_on[live] >= min_firings]
     if units is not None:
         chosen_units = np.asarray(list(units), dtype=np.int64)
-    elif len(live) > n_units:
-        chosen_units = np.sort(np.random.default_rng(seed).choice(live, size=n_units, replace=False))
+    elif len(frequent) > n_units:
+        chosen_units = np.sort(np.random.default_rng(seed).choice(frequent, size=n_units, replace=False))
     else:
-        chosen_units = live
+        chosen_units = frequent
     thr_rel = np.float32(fire_threshold)
     Acsc = A[:, chosen_units].tocsc()  # only the examined units' columns
     per_unit, skipped_a, skipped_b = [], 0, 0
@@ -813,7 +820,9 @@ def explanation_scores(acts: UnitActivations, token_ids: np.ndarray, doc_ids: np
             "mean_precision": _f(_mean([r["precision"] for r in scored])),
             "mean_recall": _f(_mean([r["recall"] for r in scored])), "n_scored": len(scored),
             "n_skipped_no_firing_a": skipped_a, "n_skipped_no_firing_b": skipped_b, "n_live": int(len(live)),
-            "n_examined": int(len(chosen_units)), "split": split, "fire_threshold": fire_threshold, "top": top,
+            "n_examined": int(len(chosen_units)), "min_firings": int(min_firings), "n_frequent": int(len(frequent)),
+            "share_live_below_min": _f(1 - len(frequent) / len(live)) if len(live) else None,
+            "split": split, "fire_threshold": fire_threshold, "top": top,
             "max_ngram": max_ngram, "max_terms": max_terms, "per_unit": per_unit}
 
 
@@ -839,5 +848,7 @@ def all_metrics(acts: UnitActivations, labels: ConceptLabels, positions: Positio
         "share_pure": pur["share_pure"], "share_pure_null": pur["share_pure_null"],
         "sparse_probe_f1": probe["sparse_probe_f1"], "sparse_probe_f1_top1": probe["sparse_probe_f1_top1"],
         "explanation_f1": expl["explanation_f1"],
+        # live units firing fewer times than explanations need (not sampled): read beside explanation_f1
+        "explanation_share_live_below_min": expl["share_live_below_min"],
         "details": {"firing": fs, "coverage": cov, "purity": pur, "sparse_probe": probe, "explanation": expl},
     }
