@@ -362,3 +362,14 @@ def test_k_schedule_with_dense_fraction_is_refused_in_one_line(tmp_path, capsys,
                  "--set", f"dense_fraction={fraction}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot be combined" in err[0] and not out.exists()
+
+
+def test_a_one_step_stage_1_completes(teacher, tmp_path, capsys):
+    """--distill-tokens below two batches (the fixture teacher: 4 windows x 64 tokens = 256 per batch) makes stage 1 a
+    single step, shorter than any save interval: it used to end in FileNotFoundError."""
+    out = tmp_path / "up"
+    assert main(["upcycle", str(teacher), "--out", str(out), "--distill-tokens", "256", "--steps", "2",
+                 "--no-progress", "--device", "cpu"]) == 0  # FAST's --ckpt-every 1 would hide the fault
+    record = json.loads((out / "upcycle" / "stage1.json").read_text())
+    assert math.isfinite(record["val_loss_spliced"]) and record["resumed_at"] is None
+    assert main(["eval", str(out), "--json"]) == 0 and json.loads(capsys.readouterr().out.splitlines()[-1])["step"] == 2

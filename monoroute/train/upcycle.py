@@ -210,8 +210,10 @@ def run_stages(cfg, record: dict, store, hf_model, overwrite: bool, show_progres
             sha = teacher_weights_sha256(tdir)
             record["teacher_sha256"] = sha
             cfg = replace(cfg, train=replace(cfg.train, teacher_sha256=sha))
-        write_json(out / CONFIG_FILE, {"run": cfg.to_dict(), **run_info_for(cfg), "upcycle": record})
+        # The tokenizer first: config.json is what marks a run, so a kill between the two leaves no run
+        # that resumes but cannot be read.
         write_text(out / TOKENIZER_FILE, store.tokenizer.to_json())
+        write_json(out / CONFIG_FILE, {"run": cfg.to_dict(), **run_info_for(cfg), "upcycle": record})
     finally:
         lock.release()
     del created
@@ -306,6 +308,7 @@ def stage1(cfg, record: dict, store, show_progress: bool) -> None:
         optimizer = build_optimizer(student, lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.beta1, tc.beta2),
                                     sparse_rows=tc.sparse_rows, table_lr_mult=tc.table_lr_mult)
         info = {"final_fvu": last.get("fvu"), "val_loss_spliced": spliced, "teacher_val_loss": clean, "seconds": round(time.perf_counter() - t0, 1), "resumed_at": start or None}
+        folder.mkdir(parents=True, exist_ok=True)  # a stage 1 shorter than one save interval never made it
         write_json(folder / STAGE1_RECORD, info)
         save_checkpoint(out, student, optimizer.state_dict(), {"step": 0, "tokens": 0})  # stage 2 starts here
         for name in ("checkpoints", "checkpoint.json"):
