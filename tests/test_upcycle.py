@@ -259,6 +259,45 @@ def test_hf_refuses_pickles_and_other_architectures(hf_folder, tmp_path, capsys)
     assert not (tmp_path / "o").exists()
 
 
+def _broken_copy(src, dst, config=None, weights=None):
+    dst.mkdir()
+    (dst / "tokenizer.json").write_text((src / "tokenizer.json").read_text())
+    (dst / "config.json").write_text(config if config is not None else (src / "config.json").read_text())
+    (dst / "model.safetensors").write_bytes(weights if weights is not None else (src / "model.safetensors").read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize("case, message", [
+    ("truncated", "does not read as safetensors"),
+    ("empty", "does not read as safetensors"),
+    ("no_n_embd", "n_embd must be a whole number"),
+    ("a_list", "holds a list"),
+    ("n_layer_null", "n_layer must be a whole number"),
+    ("sizes_differ", "do not match config.json's sizes"),
+])
+def test_hf_broken_folders_are_one_error_line(hf_folder, tmp_path, capsys, case, message):
+    folder, _ = hf_folder
+    cfg = json.loads((folder / "config.json").read_text())
+    weights = (folder / "model.safetensors").read_bytes()
+    config, data = None, None
+    if case == "truncated":
+        data = weights[: len(weights) // 2]
+    elif case == "empty":
+        data = b""
+    elif case == "no_n_embd":
+        config = json.dumps({k: v for k, v in cfg.items() if k != "n_embd"})
+    elif case == "a_list":
+        config = json.dumps([cfg])
+    elif case == "n_layer_null":
+        config = json.dumps({**cfg, "n_layer": None})
+    elif case == "sizes_differ":
+        config = json.dumps({**cfg, "n_embd": 64, "n_head": 2})
+    broken = _broken_copy(folder, tmp_path / case, config, data)
+    assert main(["upcycle", "--from-hf", str(broken), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert message in error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
 def test_upcycle_from_hf_end_to_end(hf_folder, tmp_path, capsys):
     folder, _ = hf_folder
     corpus = tmp_path / "corpus.txt"

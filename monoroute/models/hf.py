@@ -35,6 +35,9 @@ def read_hf_config(folder: str | Path) -> dict:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise MonorouteError(f"--from-hf {folder}: config.json does not parse ({exc.msg})") from None
+    if not isinstance(cfg, dict):
+        raise MonorouteError(f"--from-hf {folder}: config.json holds a {type(cfg).__name__}, not an object of "
+                             f"settings; restore the file save_pretrained wrote")
     if cfg.get("model_type") != "gpt2":
         raise MonorouteError(f"--from-hf {folder}: model_type {cfg.get('model_type')!r} is not supported; only GPT-2-"
                              f"family checkpoints (model_type 'gpt2') load into this GPT")
@@ -49,7 +52,19 @@ def read_hf_config(folder: str | Path) -> dict:
     return cfg
 
 
-def gpt_config_from_hf(cfg: dict) -> GPTConfig:
+SIZES = ("n_embd", "vocab_size", "n_positions", "n_layer", "n_head")
+
+
+def gpt_config_from_hf(cfg: dict, folder: str | Path = "") -> GPTConfig:
+    for key in SIZES:
+        value = cfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise MonorouteError(f"--from-hf {folder}: config.json's {key} must be a whole number >= 1, got "
+                                 f"{value!r}; restore the file save_pretrained wrote")
+    inner = cfg.get("n_inner")
+    if inner is not None and (isinstance(inner, bool) or not isinstance(inner, int) or inner < 1):
+        raise MonorouteError(f"--from-hf {folder}: config.json's n_inner must be a whole number >= 1 or null, got "
+                             f"{inner!r}")
     d = cfg["n_embd"]
     return GPTConfig(
         vocab_size=cfg["vocab_size"], block_size=cfg["n_positions"], n_layer=cfg["n_layer"], n_head=cfg["n_head"],
@@ -107,10 +122,20 @@ def load_hf_gpt2(folder: str | Path, dtype: torch.dtype = torch.float32):
     if not tokenizer.is_file():
         raise MonorouteError(f"--from-hf {folder}: no {TOKENIZER}; save the fast tokenizer with it "
                              f"(AutoTokenizer.from_pretrained(...).save_pretrained(DIR))")
-    cfg = gpt_config_from_hf(hf_cfg)
+    cfg = gpt_config_from_hf(hf_cfg, folder)
     model = GPT(cfg)
-    state = hf_state_dict(st.load_file(str(weights)), cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        tensors = st.load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types for a truncated or empty file
+        raise MonorouteError(f"--from-hf {folder}: {WEIGHTS} does not read as safetensors "
+                             f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); it may be truncated: "
+                             f"save it again") from None
+    state = hf_state_dict(tensors, cfg)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a tensor whose shape differs from config.json's sizes
+        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc).splitlines()[0])
+        raise MonorouteError(f"--from-hf {folder}: the weights do not match config.json's sizes ({first})") from None
     missing = [m for m in missing if m != "lm_head.weight" or not cfg.tie_weights]
     if missing or unexpected:
         raise MonorouteError(f"--from-hf {folder}: weights do not match a GPT-2 of this config (missing "
