@@ -181,12 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     except MonorouteError as exc:
         print(f"monoroute: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # a full disk anywhere the commands did not expect it: still one line
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        where = f" while writing {exc.filename}" if exc.filename else ""
-        print(f"monoroute: error: disk full{where} ({exc.strerror}); free space and run the command again",
-              file=sys.stderr)
+    except OSError as exc:  # a full disk, a read-only or missing path the commands did not expect: one line
+        where = f" {exc.filename}" if exc.filename else ""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(f"monoroute: error: disk full while writing{where} ({exc.strerror}); free space and run the "
+                  f"command again", file=sys.stderr)
+        else:
+            print(f"monoroute: error: cannot access{where} ({exc.strerror or type(exc).__name__}); check the path "
+                  f"and its permissions, then run the command again", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("monoroute: interrupted", file=sys.stderr)

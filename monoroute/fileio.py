@@ -118,3 +118,19 @@ def replace_dir(src: Path, dst: Path) -> None:
         raise
     fsync_path(dst.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Fail before any work when `folder` (made if missing) cannot take a new file: one MonorouteError
+    naming it, instead of an OSError after minutes of computation."""
+    from monoroute.errors import MonorouteError
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise MonorouteError(f"cannot write {what} to {folder} ({exc.strerror or type(exc).__name__}); make it "
+                             f"writable or choose another place") from None

@@ -267,3 +267,16 @@ def test_run_without_checkpoint_is_one_clear_error_line(tmp_path, capsys):
     assert err.count("\n") == 0 and "has no checkpoint" in err
     assert main(["circuits", str(tmp_path / "missing"), "--no-progress"]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_an_unwritable_output_fails_in_one_line_before_any_work(tiny_run, tmp_path, capsys, monkeypatch):
+    """As root a chmod does not stop writes, so the unwritable place is a path under a regular file."""
+    from monoroute.cli import main
+    import monoroute.train.trainer as trainer
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    monkeypatch.setattr(trainer, "load", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    assert main(["circuits", str(tiny_run), "--tasks", "quote", "--out", str(blocker / "sub"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("monoroute: error: cannot write the circuits to")

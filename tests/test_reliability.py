@@ -306,3 +306,32 @@ def test_a_run_that_failed_before_its_first_checkpoint_restarts_without_overwrit
     assert main(fresh(out)) == 0  # same --out, no --overwrite
     assert "stopped before its first checkpoint; starting it again" in capsys.readouterr().err
     assert losses(out) == reference
+
+
+def test_any_oserror_of_a_command_is_one_error_line(monkeypatch, capsys):
+    """Not only a full disk: a PermissionError deep in a command is one line and exit 2, not a traceback."""
+    import monoroute.train.evaluation as evaluation
+    from monoroute.cli import main
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", "/runs/x/analysis/report.json")
+
+    monkeypatch.setattr(evaluation, "eval_report", denied)
+    assert main(["eval", "/runs/x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("monoroute: error: cannot access /runs/x/analysis/report.json (Permission denied); check the "
+                   "path and its permissions, then run the command again")
+
+
+def test_analyze_on_a_run_it_cannot_write_fails_before_any_work(analysed_runs, tmp_path, capsys):
+    import shutil
+
+    from monoroute.cli import main
+
+    run = tmp_path / "copy"
+    shutil.copytree(analysed_runs[0], run, ignore=shutil.ignore_patterns("analysis", ".analysis-work"))
+    (run / ".analysis-work").write_text("a file where the work folder goes")
+    assert main(["analyze", str(run), "--tokens", "4096", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("monoroute: error: cannot write the analysis to")
+    assert not (run / "analysis").exists()

@@ -101,6 +101,9 @@ def circuits(run: str | Path, opts: CircuitOptions | None = None) -> dict:
     if not (run_dir / "checkpoint.json").is_file() and run_dir.is_dir():
         raise MonorouteError(f"{run_dir} has no checkpoint (checkpoint.json missing); train it first "
                              f"(`monoroute train --out {run_dir}`) or point at a finished run")
+    from monoroute.fileio import check_writable
+
+    check_writable(Path(opts.out) if opts.out else run_dir / OUT_DIR, "the circuits")  # before any work
     t0 = time.perf_counter()
     loaded = load(run_dir, opts.device)
     model, tok = loaded.model, loaded.tokenizer

@@ -205,7 +205,10 @@ def prepare(run_dir: str | Path, opts: AnalyzeOptions) -> Job:
                           cfg.data.text_column, cfg.data.max_bytes if opts.data is None else None, split)
     keep = dense_cap(opts, cfg, len(stream.positions))
     work = run / WORK_DIR
-    work.mkdir(exist_ok=True)
+    from monoroute.fileio import check_writable
+
+    check_writable(work, "the analysis")  # before any work: a read-only run fails here, in one line
+    check_writable(run / OUT_DIR, "the analysis")
     settings = json.dumps({"data": source, "split": split, "tokens": opts.tokens, "keep": keep, "seed": opts.seed,
                            "layer": layer, "all_layers": opts.all_layers}, sort_keys=True)
     fingerprint = hashlib.sha256((weights_fingerprint(model) + settings).encode()).hexdigest()[:16]
