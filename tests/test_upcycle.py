@@ -171,7 +171,8 @@ def test_upcycle_resumes_after_a_kill_in_stage_1_exactly(teacher, tmp_path, monk
     assert [r["train_loss"] for r in metrics(split)] == [r["train_loss"] for r in metrics(whole)]
 
 
-@pytest.mark.parametrize("case", ["routed_teacher", "no_checkpoint", "bad_width", "k_too_large", "tokenizer"])
+@pytest.mark.parametrize("case", ["routed_teacher", "no_checkpoint", "bad_width", "k_too_large", "tokenizer",
+                                  "file_teacher", "val_fraction", "max_bytes"])
 def test_bad_input_is_one_error_line_and_writes_nothing(case, teacher, tmp_path, capsys):
     out = tmp_path / "out"
     src, extra = teacher, []
@@ -182,6 +183,13 @@ def test_bad_input_is_one_error_line_and_writes_nothing(case, teacher, tmp_path,
         src = tmp_path / "empty"
         src.mkdir()
         (src / "config.json").write_text((teacher / "config.json").read_text())
+    elif case == "file_teacher":
+        src = tmp_path / "teacher.txt"
+        src.write_text("not a run")
+    elif case == "val_fraction":
+        extra = ["--set", "val_fraction=0.5"]
+    elif case == "max_bytes":
+        extra = ["--max-bytes", "1000000"]
     elif case == "bad_width":
         extra = ["--n-units", "300"]
     elif case == "k_too_large":
@@ -199,8 +207,12 @@ def test_bad_input_is_one_error_line_and_writes_nothing(case, teacher, tmp_path,
     assert upcycle(src, out, *extra) == 2
     line = error_line(capsys)
     expected = {"routed_teacher": "has routed layers", "no_checkpoint": "has no checkpoint",
-                "bad_width": "perfect square", "k_too_large": "k must be between", "tokenizer": "tokenizer differs"}
+                "bad_width": "perfect square", "k_too_large": "k must be between", "tokenizer": "tokenizer differs",
+                "file_teacher": "is a file, not a run directory", "val_fraction": "val_fraction=0.5 differs",
+                "max_bytes": "max_bytes=1000000 differs"}
     assert expected[case] in line
+    if case == "no_checkpoint":  # the advice is a command that works on such a run, not `train --resume`
+        assert "--resume" not in line and "restarts from step 0" in line
     assert not out.exists()
 
 

@@ -37,6 +37,7 @@ from monoroute.errors import MonorouteError
 STAGE1_DIR = "upcycle"
 TEACHER_DIR = "teacher"
 STAGE1_RECORD = "stage1.json"
+SPLIT_KEYS = ("val_fraction", "max_bytes")  # data settings that decide which documents are validation
 DISTILL_TOKENS = 300_000
 # Stage 2's training defaults (a fine-tune of an already trained model): chosen on cpu-small, see docs/upcycle.md.
 STAGE2_DEFAULTS = dict(steps=200, lr=1e-3, min_lr=1e-4, warmup=20, eval_every=50, ckpt_every=50)
@@ -49,13 +50,18 @@ def teacher_config(teacher: str):
     from monoroute.train.trainer import read_run_config
 
     path = Path(teacher)
+    if path.exists() and not path.is_dir():
+        raise MonorouteError(f"teacher {teacher} is a file, not a run directory; pass the dense run's folder (the one "
+                             f"holding config.json and checkpoint.json)")
     if not path.is_dir():
         raise MonorouteError(f"teacher run {teacher} is missing; pass a dense run directory written by "
                              f"`monoroute train --ffn dense`")
     cfg = read_run_config(path)
     if current_checkpoint(path) is None:
-        raise MonorouteError(f"teacher run {teacher} has no checkpoint (it stopped before its first save); train it "
-                             f"first (`monoroute train --resume {teacher}`)")
+        # `train --resume` needs a checkpoint too; the same `train` command restarts such a run from step 0.
+        raise MonorouteError(f"teacher run {teacher} has no checkpoint (it stopped before its first save); run its "
+                             f"`monoroute train ... --out {teacher}` command again (it restarts from step 0), then "
+                             f"upcycle it")
     kinds = cfg.model.ffn_kinds()
     if any(kind != "dense" for kind in kinds):
         raise MonorouteError(f"teacher run {teacher} has routed layers (ffn={cfg.model.ffn}); upcycle takes a dense "
@@ -88,6 +94,13 @@ def student_config(teacher_cfg, out: str, overrides: dict, teacher_path: str, te
             raise MonorouteError("upcycle makes every FFN routed; --ffn cannot be set")
         sections[section][name] = value
         given.add(name)
+    teacher_data = vars(teacher_cfg.data)
+    if sections["data"]["source"] == teacher_data["source"]:
+        for name in SPLIT_KEYS:  # on the teacher's corpus, its split must stay: no teacher-train document in val
+            if sections["data"][name] != teacher_data[name]:
+                raise MonorouteError(f"{name}={sections['data'][name]!r} differs from the teacher's "
+                                     f"({teacher_data[name]!r}) and would move documents the teacher trained on into "
+                                     f"the student's validation split; drop it (upcycling keeps the teacher's split)")
     sections["train"].update(teacher=str(Path(teacher_path).resolve()), teacher_sha256=teacher_sha,
                              dense_fraction=0.0, k_start=sections["train"].get("k_start"))
     sections["train"]["kl_coef"] = sections["train"]["kl_coef"] if "kl_coef" in given else KL_COEF
