@@ -1,7 +1,7 @@
 """The plots of docs/routing.md from run directories: val loss vs FLOPs/token (with the dense line)
 and selection recall vs val loss.
 
-    python docs/routing_plots.py RUN [RUN ...] [--dense NAME=FLOPS:LOSS ...] --out docs/img/routing
+    python docs/routing_plots.py RUN [RUN ...] [--dense NAME=FLOPS:LOSS ...] [--point NAME=FLOPS:LOSS ...] --out docs/img/routing
 
 Each RUN's last metrics.jsonl record with a val loss gives the point (and its recall), config.json
 its FLOPs/token; --dense adds earlier measured dense points (not in a run directory here) to the line.
@@ -27,6 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("runs", nargs="+")
     parser.add_argument("--dense", action="append", default=[], help="NAME=FLOPS:LOSS, a measured dense point")
+    parser.add_argument("--point", action="append", default=[], help="NAME=FLOPS:LOSS, another measured point")
     parser.add_argument("--out", default="docs/img/routing")
     args = parser.parse_args()
     points = []
@@ -35,6 +36,9 @@ def main() -> None:
         flops = json.loads((run / "config.json").read_text())["flops_per_token"]["total"]
         points.append((run.name, flops, record["val_loss"], record.get("selection_recall"), record["step"]))
     dense = sorted((float(v.split(":")[0]), float(v.split(":")[1]), n) for n, v in (d.split("=") for d in args.dense))
+    for name, value in (p.split("=") for p in args.point):
+        flops, loss = value.split(":")
+        points.append((name, float(flops), float(loss), None, 600))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 

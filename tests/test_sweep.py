@@ -314,3 +314,14 @@ def test_sweep_rows_and_table_carry_selection_recall():
     assert (r["selection_recall"], r["selection_mass"]) == (0.625, 0.75)
     table = text_table([r]).splitlines()
     assert "recall" in table[0].split() and "0.625" in table[1].split()
+
+
+def test_every_shipped_sweep_spec_plans(capsys):
+    """Each spec in sweeps/ parses and plans (a dry run trains nothing): a renamed key would fail here."""
+    from monoroute.cli import main
+
+    specs = sorted((Path(__file__).parent.parent / "sweeps").glob("*.yaml"))
+    assert any(p.name == "router-cpu.yaml" for p in specs)
+    for spec in specs:
+        assert main(["sweep", str(spec), "--dry-run"]) == 0, spec
+    assert "cluster-p4" in capsys.readouterr().out
