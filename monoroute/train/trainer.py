@@ -585,7 +585,10 @@ def _loop(cfg, info, model, net, optimizer, store, device, metrics, progress, st
             routed.reset()
             if step % tc.eval_every == 0 or is_last:
                 record["val_loss"] = evaluate(model, store, cfg, device)
-                recall = recall_on_val(model, store, cfg, device)  # low rate: at evaluations only
+                # Low rate: at evaluations only. Not under FSDP2: each rank holds a column shard of the
+                # unit tables, and the exact top-k needs whole rows (`monoroute eval` reads the saved,
+                # unsharded weights).
+                recall = {} if fsdp else recall_on_val(model, store, cfg, device)
                 if recall:
                     record["selection_recall"], record["selection_mass"] = recall["recall"], recall["mass"]
             metrics.log(record)
