@@ -8,6 +8,7 @@ from pathlib import Path
 
 from monoroute.circuits.search import CHANCE
 from monoroute.errors import MonorouteError
+from monoroute.tables import fmt
 
 OUT_DIR = "circuits"  # RUN/circuits/: circuits.json, circuits.csv, report.html
 
@@ -17,7 +18,7 @@ CSS = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{
 
 
 def _f(v, digits: int = 3) -> str:
-    return "–" if v is None else f"{v:.{digits}f}"
+    return fmt(v if v is None else float(v), digits)
 
 
 def circuits_section(report: dict) -> str:
@@ -102,4 +103,4 @@ def circuits_summary_table(reports: list[dict]) -> str:
 
 
 def _g(v) -> str:
-    return "–" if v is None else f"{v:.1f}"
+    return fmt(v if v is None else float(v), 1)

@@ -6,11 +6,8 @@
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,11 +16,12 @@ from pathlib import Path
 import torch
 
 from monoroute.circuits.nodes import compute_means, node_groups
-from monoroute.circuits.report import OUT_DIR, _g, circuits_summary_rows, circuits_summary_table, load_circuits  # noqa: F401
+from monoroute.circuits.report import OUT_DIR, _g
 from monoroute.circuits.search import CHANCE, SearchOptions, find_circuit, geomean, make_batch, task_loss
 from monoroute.circuits.tasks import select_tasks
 from monoroute.errors import MonorouteError
 from monoroute.fileio import write_text_atomic
+from monoroute.tables import csv_text, fmt, peak_rss_mb
 
 
 
@@ -65,17 +63,10 @@ class CircuitOptions:
 
 def run_val_loss(run_dir: Path) -> float | None:
     """The last validation loss the run recorded (metrics.jsonl), for matched-loss comparisons."""
-    from monoroute.train.rundir import METRICS_FILE
+    from monoroute.train.rundir import read_metrics
 
-    path = run_dir / METRICS_FILE
-    val = None
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                val = json.loads(line).get("val_loss", val)
-            except json.JSONDecodeError:
-                continue
-    return val
+    losses = [r["val_loss"] for r in read_metrics(run_dir) if "val_loss" in r]
+    return losses[-1] if losses else None
 
 
 def training_windows(store, n_tokens: int, block_size: int, seed: int) -> torch.Tensor:
@@ -148,7 +139,7 @@ def circuits(run: str | Path, opts: CircuitOptions | None = None) -> dict:
         "groups": [{"hook": g.hook, "kind": g.kind, "layer": g.layer, "size": g.size, "live": int(g.live.sum())}
                    for g in groups],
         "seconds_means": round(t_means, 1), "seconds": round(time.perf_counter() - t0, 1),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "tasks": rows,
     })
     write_outputs(Path(opts.out) if opts.out else run_dir / OUT_DIR, report, update_analysis=not opts.out)
@@ -171,21 +162,18 @@ CSV_COLUMNS = ["task", "status", "full_loss", "circuit_loss", "units", "residual
                "live_units", "live_total", "necessity_loss", "control_keep_loss", "control_ablate_loss", "seconds"]
 
 
-def csv_text(report: dict) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(CSV_COLUMNS)
+def circuits_csv(report: dict) -> str:
+    def f4(v) -> str:  # CSV: an empty cell for a missing number
+        return fmt(v if v is None else float(v), 4, none="")
+
+    rows = []
     for r in report["tasks"]:
         n, live = r.get("nodes", {}), r.get("live", {})
-        w.writerow([r["task"], r["status"], f"{r['full_loss']:.4f}", _f(r.get("circuit_loss")), n.get("units", ""),
-                    n.get("residual", ""), n.get("attention", ""), n.get("total", ""), live.get("units", ""),
-                    live.get("total", ""), _f(r.get("necessity_loss")), _f(r.get("control_keep_loss")),
-                    _f(r.get("control_ablate_loss")), r.get("seconds", "")])
-    return buf.getvalue()
-
-
-def _f(v) -> str:
-    return "" if v is None else f"{v:.4f}"
+        rows.append([r["task"], r["status"], f4(r["full_loss"]), f4(r.get("circuit_loss")), n.get("units", ""),
+                     n.get("residual", ""), n.get("attention", ""), n.get("total", ""), live.get("units", ""),
+                     live.get("total", ""), f4(r.get("necessity_loss")), f4(r.get("control_keep_loss")),
+                     f4(r.get("control_ablate_loss")), r.get("seconds", "")])
+    return csv_text(CSV_COLUMNS, rows)
 
 
 def write_outputs(out: Path, report: dict, update_analysis: bool = True) -> None:
@@ -193,7 +181,7 @@ def write_outputs(out: Path, report: dict, update_analysis: bool = True) -> None
 
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "circuits.json", json.dumps(report, indent=1))
-    write_text_atomic(out / "circuits.csv", csv_text(report))
+    write_text_atomic(out / "circuits.csv", circuits_csv(report))
     write_text_atomic(out / "report.html", render_html(report))
     analysis = out.parent / "analysis" / "report.json"
     if update_analysis and analysis.is_file():  # the analysis page gets the circuits section too

@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import json
 import math
-import resource
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from monoroute.errors import MonorouteError
 from monoroute.interp.capture import Capture, UnitSet, capture, model_unit_sets
 from monoroute.interp.stream import SPLITS, Stream, build_stream, doc_token_rows
 from monoroute.interp.types import floor_of, is_floor
+from monoroute.tables import peak_rss_mb
 
 WORK_DIR = ".analysis-work"
 OUT_DIR = "analysis"
@@ -65,17 +65,12 @@ def weights_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def median_tokens_per_s(run: Path) -> float | None:
-    try:
-        rates = [json.loads(line).get("tokens_per_s") for line in (run / "metrics.jsonl").read_text().splitlines()
-                 if line.strip()]
-    except (OSError, json.JSONDecodeError):
-        return None
-    rates = [r for r in rates if r]
+    """The median training tokens/s the run logged (bad or torn lines skipped, as every reader does)."""
+    from monoroute.train.rundir import read_metrics
+
+    rates = [r.get("tokens_per_s") for r in read_metrics(run)]
+    rates = [r for r in rates if isinstance(r, (int, float)) and r]
     return statistics.median(rates) if rates else None
 
 

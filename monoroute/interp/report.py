@@ -6,7 +6,6 @@ e-mail, years later. Every score is printed beside the random-init floor of the 
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import json
@@ -16,6 +15,7 @@ import numpy as np
 
 from monoroute.fileio import write_text_atomic
 from monoroute.interp.types import floor_of, is_floor
+from monoroute.tables import csv_text, fmt  # noqa: F401  (fmt: used below and by interp/cli)
 
 SET_ORDER = ("dense_neurons", "routed_units", "sae", "transcoder", "random_init", "sae_init", "transcoder_init")
 COLORS = {"dense_neurons": "#1f77b4", "routed_units": "#d62728", "sae": "#2ca02c", "transcoder": "#9467bd",
@@ -27,19 +27,7 @@ def ordered(sets: dict) -> list[str]:
 
 
 def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(header)
-    writer.writerows(rows)
-    write_text_atomic(path, buf.getvalue())
-
-
-def fmt(x, digits: int = 3) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        return f"{x:.{digits}f}"
-    return str(x)
+    write_text_atomic(path, csv_text(header, rows))
 
 
 # --- plots --------------------------------------------------------------------------------------

@@ -37,6 +37,25 @@ except ImportError:  # not POSIX: fall back to the pid check
 
 LOCK_FILE = "train.lock"
 METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(run: str | Path) -> list[dict]:
+    """OUT/metrics.jsonl as records, for every reader: a missing file is [], and a line that is not a
+    JSON object (a torn last line after a kill, a stray edit) is skipped, never fatal."""
+    path = Path(run) / METRICS_FILE
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 TENSORBOARD_DIR = "tensorboard"
 # "upcycle" and "teacher": `monoroute upcycle`'s stage-1 folder and converted Hugging Face teacher.
 RUN_FILES = {CONFIG_FILE, TOKENIZER_FILE, METRICS_FILE, TENSORBOARD_DIR, CHECKPOINTS_DIR, POINTER_FILE, LOCK_FILE,
