@@ -218,6 +218,7 @@ def test_rank_loss_is_listwise_kl_and_trains_only_the_router():
     (dict(router="cluster", router_clusters=8, router_probes=9), "exceeds"),
     (dict(router="cluster", router_clusters=32, router_probes=1, k=4), "candidates"),
     (dict(router="cluster", router_heads=2), "router 'cluster'"),
+    (dict(router="cluster", recluster_iters=0), "recluster_iters"),
     (dict(router="dense", coupling="rerank"), "product-key"),
     (dict(router="product_key", router_candidates=16), "rerank"),
     (dict(router="product_key", coupling="rerank", router_candidates=2), "between"),
@@ -254,3 +255,17 @@ def test_cluster_revival_scores_a_unit_only_where_its_cluster_is_probed():
     torch.testing.assert_close(scores[in_cand], pre[in_cand])
     torch.testing.assert_close(scores[~in_cand], pre[~in_cand] - 1e4)
     assert 0 < in_cand.float().mean() < 1  # both cases occur: 2 of 8 clusters per token
+
+
+def test_reclustering_runs_the_configured_lloyd_steps(monkeypatch):
+    import monoroute.layers.routers as R
+
+    seen = []
+    real = R.balanced_kmeans
+    monkeypatch.setattr(R, "balanced_kmeans", lambda rows, members, it: seen.append(it) or real(rows, members, it))
+    for iters in (3, 10):
+        lay = layer("cluster", n_units=64, k=4, router_clusters=8, router_probes=2, recluster_every=1,
+                    recluster_iters=iters)
+        lay.train()
+        lay(torch.randn(16, 8, dtype=torch.double))
+    assert seen == [3, 10]

@@ -100,6 +100,7 @@ class RoutedFFN(nn.Module):
         recluster_every: int = 50,
         cluster_balance: float = 0.01,
         revive_where_probed: bool = False,
+        recluster_iters: int = 3,
     ) -> None:
         super().__init__()
         if not 1 <= k <= n_units:
@@ -143,7 +144,7 @@ class RoutedFFN(nn.Module):
         select = coupling if coupling in ("preact", "rerank") else "score"
         self.router = build_router(router, d_model, n_units, k, d_key, router_heads, select, impl, router_balance,
                                    router_pools, router_candidates, router_clusters, router_probes, recluster_every,
-                                   cluster_balance, revive_where_probed)
+                                   cluster_balance, revive_where_probed, recluster_iters)
         self.router_name = router
         self.w_in = nn.Parameter(torch.empty(n_units, d_model).uniform_(-1, 1) / math.sqrt(d_model))
         self.b_in = nn.Parameter(torch.zeros(n_units)) if bias else None

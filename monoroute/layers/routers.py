@@ -433,9 +433,12 @@ class ClusterRouter(nn.Module):
 
     def __init__(self, n_units: int, k: int, d_model: int, clusters: int | None = None, probes: int = 4,
                  recluster_every: int = 50, balance_rate: float = 0.01, impl: str = "auto",
-                 revive_where_probed: bool = False) -> None:
+                 revive_where_probed: bool = False, recluster_iters: int = 3) -> None:
         super().__init__()
         clusters = clusters or math.isqrt(n_units)
+        if isinstance(recluster_iters, bool) or not isinstance(recluster_iters, int) or recluster_iters < 1:
+            raise MonorouteError(f"recluster_iters must be a whole number >= 1, got {recluster_iters!r}; e.g. 3")
+        self.recluster_iters = recluster_iters
         self.revive_where_probed = bool(revive_where_probed)
         for name, value in (("router_clusters", clusters), ("router_probes", probes),
                             ("recluster_every", recluster_every)):
@@ -521,7 +524,8 @@ class ClusterRouter(nn.Module):
             self.recluster(w_in, b_in)
 
     @torch.no_grad()
-    def recluster(self, w_in: Tensor, b_in: Tensor | None, iterations: int = 3) -> None:
+    def recluster(self, w_in: Tensor, b_in: Tensor | None, iterations: int | None = None) -> None:
+        iterations = iterations or self.recluster_iters
         rows = w_in.detach() if b_in is None else torch.cat([w_in.detach(), b_in.detach().unsqueeze(1)], 1)
         self.members.copy_(balanced_kmeans(rows.float(), self.members, iterations))
 
@@ -604,8 +608,8 @@ def capacity_assign(affinity: Tensor, capacity: int) -> Tensor:
 def build_router(name: str, d_model: int, n_units: int, k: int, d_key: int | None = None, heads: int = 1,
                  select: str = "score", impl: str = "auto", balance: bool = False, pools: int = 1,
                  candidates: int | None = None, clusters: int | None = None, probes: int = 4,
-                 recluster_every: int = 50, cluster_balance: float = 0.01, revive_where_probed: bool = False
-                 ) -> nn.Module:
+                 recluster_every: int = 50, cluster_balance: float = 0.01, revive_where_probed: bool = False,
+                 recluster_iters: int = 3) -> nn.Module:
     if name != "multi_pool" and pools != 1:
         raise MonorouteError(f"router_pools={pools} needs router='multi_pool'")
     if name == "cluster":
@@ -614,7 +618,7 @@ def build_router(name: str, d_model: int, n_units: int, k: int, d_key: int | Non
                                  "router='product_key'; router 'cluster' scores units by their own pre-activation "
                                  "(set router_probes for more candidates)")
         return ClusterRouter(n_units, k, d_model, clusters, probes, recluster_every, cluster_balance, impl,
-                             revive_where_probed)
+                             revive_where_probed, recluster_iters)
     if name == "factored":
         if heads != 1 or select != "score" or balance or d_key is not None:
             raise MonorouteError("router_heads, router_balance, d_key and coupling need router='product_key'; "

@@ -65,6 +65,7 @@ class GPTConfig:
     router_probes: int = 4
     recluster_every: int = 50
     cluster_balance: float = 0.01
+    recluster_iters: int = 3  # Lloyd steps per reclustering (from the current clusters)
     revive_where_probed: bool = False  # revival only on tokens that probe the unit's cluster (fewer dead, worse loss)
 
     @property

@@ -83,7 +83,7 @@ def build_ffn(cfg: GPTConfig, kind: str) -> nn.Module:
         sparse_grad=cfg.sparse_grad, router_heads=cfg.router_heads, router_balance=cfg.router_balance, coupling=cfg.coupling, agree_coef=cfg.agree_coef,
         router_candidates=cfg.router_candidates, rank_coef=cfg.rank_coef, router_clusters=cfg.router_clusters,
         router_probes=cfg.router_probes, recluster_every=cfg.recluster_every, cluster_balance=cfg.cluster_balance,
-        revive_where_probed=cfg.revive_where_probed,
+        revive_where_probed=cfg.revive_where_probed, recluster_iters=cfg.recluster_iters,
     )
 
 
