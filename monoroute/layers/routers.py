@@ -57,8 +57,7 @@ class DenseRouter(nn.Module):
         self.k = k
 
     def all_scores(self, x: Tensor, w_in: Tensor, b_in: Tensor | None) -> Tensor:
-        scores = x @ w_in.t()  # (T, N): the O(N·d) cost this router exists to show
-        return scores if b_in is None else scores + b_in
+        return dense_preacts(x, w_in, b_in)  # (T, N): the O(N·d) cost this router exists to show
 
     def forward(self, x: Tensor, w_in: Tensor, b_in: Tensor | None) -> Routing:
         # Selection is not differentiable; the layer recomputes the chosen pre-activations
@@ -71,8 +70,20 @@ class DenseRouter(nn.Module):
                     routing: Routing | None = None) -> Tensor:
         """(T, d), (U,) -> (T, U) scores of the given units on every token (`routing` is not needed:
         the O(T·U·d) product is all there is to compute)."""
-        scores = x @ F.embedding(units, w_in, sparse=sparse_grad).t()  # row-sparse gradient if asked
-        return scores if b_in is None else scores + b_in[units]
+        return unit_preacts(x, units, w_in, b_in, sparse_grad)
+
+
+def dense_preacts(x: Tensor, w_in: Tensor, b_in: Tensor | None) -> Tensor:
+    """(T, d) -> (T, N) every unit's pre-activation w_in·x + b (O(N·d) per token)."""
+    scores = x @ w_in.t()
+    return scores if b_in is None else scores + b_in
+
+
+def unit_preacts(x: Tensor, units: Tensor, w_in: Tensor, b_in: Tensor | None, sparse_grad: bool = False) -> Tensor:
+    """(T, d), (U,) -> (T, U) the given units' pre-activations on every token, with gradient
+    (row-sparse for w_in if asked)."""
+    scores = x @ F.embedding(units, w_in, sparse=sparse_grad).t()
+    return scores if b_in is None else scores + b_in[units]
 
 
 def all_preacts(x: Tensor, w_in: Tensor, b_in: Tensor | None, router: nn.Module | None = None) -> Tensor:
@@ -80,7 +91,7 @@ def all_preacts(x: Tensor, w_in: Tensor, b_in: Tensor | None, router: nn.Module 
     A router that computes part of the pre-activation itself (FactoredRouter) adds its part."""
     if router is not None and hasattr(router, "all_preacts"):
         return router.all_preacts(x, w_in, b_in)
-    return DenseRouter.all_scores(None, x, w_in, b_in)
+    return dense_preacts(x, w_in, b_in)
 
 
 class ProductKeyRouter(nn.Module):
@@ -398,14 +409,14 @@ class FactoredRouter(nn.Module):
     def all_preacts(self, x: Tensor, w_in: Tensor, b_in: Tensor | None) -> Tensor:
         """(T, N) every unit's full pre-activation (the reference of the selection)."""
         a, b = self.halves(x)
-        return (a.unsqueeze(-1) + b.unsqueeze(-2)).flatten(-2) + DenseRouter.all_scores(None, x, w_in, b_in)
+        return (a.unsqueeze(-1) + b.unsqueeze(-2)).flatten(-2) + dense_preacts(x, w_in, b_in)
 
     def score_units(self, x: Tensor, units: Tensor, w_in: Tensor, b_in: Tensor | None, sparse_grad: bool = False,
                     routing: Routing | None = None) -> Tensor:
         """(T, d), (U,) -> (T, U) full pre-activations of the given units (the revival loss's score)."""
         a, b = routing.halves if routing is not None and routing.halves is not None else self.halves(x)
         units_t = units.expand(x.shape[0], -1)
-        return self.factor_part(a, b, units_t) + DenseRouter.score_units(None, x, units, w_in, b_in, sparse_grad)
+        return self.factor_part(a, b, units_t) + unit_preacts(x, units, w_in, b_in, sparse_grad)
 
 
 class ClusterRouter(nn.Module):
@@ -476,7 +487,7 @@ class ClusterRouter(nn.Module):
         cluster scores 1e4 lower (a constant: the gradient is the pre-activation's), so revival pulls a
         dead unit up where it can be selected, not where its cluster is never searched. Off by default:
         it cut dead units from 61 % to 9 % but ended 0.1-0.2 nats worse (docs/routing.md)."""
-        pre = DenseRouter.score_units(None, x, units, w_in, b_in, sparse_grad)
+        pre = unit_preacts(x, units, w_in, b_in, sparse_grad)
         if not self.revive_where_probed or routing is None or routing.candidates is None:
             return pre
         cluster_of = torch.empty_like(self.members.flatten())
@@ -491,9 +502,10 @@ class ClusterRouter(nn.Module):
         return mu, None if b_in is None else b_in.detach()[self.members].mean(1)
 
     @torch.no_grad()
-    def probe(self, x: Tensor, w_in: Tensor, b_in: Tensor | None) -> Tensor:
-        """(T, d) -> (T, c) the clusters each token probes (by centroid score plus the balancing bias)."""
-        mu, mb = self.centroids(w_in, b_in)
+    def probe(self, x: Tensor, w_in: Tensor, b_in: Tensor | None, centroids=None) -> Tensor:
+        """(T, d) -> (T, c) the clusters each token probes (by centroid score plus the balancing bias);
+        `centroids` = this forward's `self.centroids(w_in, b_in)`, computed here when not given."""
+        mu, mb = centroids if centroids is not None else self.centroids(w_in, b_in)
         scores = x @ mu.t()  # (T, G)
         if mb is not None:
             scores = scores + mb
@@ -501,22 +513,22 @@ class ClusterRouter(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: Tensor, w_in: Tensor, b_in: Tensor | None) -> Routing:
-        probed = self.probe(x, w_in, b_in)  # (T, c)
+        centroids = self.centroids(w_in, b_in)  # once per forward: probing and balancing share it
+        probed = self.probe(x, w_in, b_in, centroids)  # (T, c)
         cand, pre = cluster_preacts(x, w_in, b_in, self.members, probed)  # (T, c·N/G) ids and exact pre
         top = pre.topk(self.k, dim=-1, sorted=False)
         if self.training:
-            self.maintain(probed, w_in, b_in)
+            self.maintain(probed, w_in, b_in, centroids[0])
         return Routing(cand.gather(-1, top.indices), top.values, None, cand, pre)
 
     @torch.no_grad()
-    def maintain(self, probed: Tensor, w_in: Tensor, b_in: Tensor | None) -> None:
+    def maintain(self, probed: Tensor, w_in: Tensor, b_in: Tensor | None, mu: Tensor) -> None:
         """Balance the probing (sign of each cluster's deviation from the mean load, scaled by the
         spread of the centroid scores) and rebuild the assignment every recluster_every calls."""
         load = torch.bincount(probed.flatten(), minlength=self.clusters).to(self.probe_bias.dtype)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(load)  # every rank keeps the same bias
         if self.balance_rate > 0:
-            mu, _ = self.centroids(w_in, b_in)
             spread = mu.norm(dim=-1).mean()  # a centroid score's typical size on a unit-norm-ish input
             self.probe_bias += self.balance_rate * spread * torch.sign(load.mean() - load)
         self.calls += 1
