@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_parsers(sub)
     data.add_parser(sub)
     for module in ("monoroute.train.upcycle", "monoroute.toy.cli", "monoroute.bench.cli", "monoroute.interp.cli", "monoroute.sweep.cli",
-                   "monoroute.serve.cli", "monoroute.interp.export", "monoroute.circuits.run"):
+                   "monoroute.serve.cli", "monoroute.interp.export", "monoroute.circuits.run", "monoroute.facts.cli"):
         __import__(module, fromlist=["add_parser"]).add_parser(sub)
     return parser
 

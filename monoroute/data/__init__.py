@@ -64,7 +64,7 @@ def prepare_data(cfg: DataConfig, run_dir: str | None = None) -> TokenStore:
     """Build (or reuse from the cache) the token memmaps for `cfg`. With `run_dir`, also save the
     tokenizer there as tokenizer.json, so the run can decode and be reproduced from its folder."""
     cfg.check()
-    source = open_source(cfg.source, cfg.text_column)
+    source = open_source(cfg.source, cfg.text_column, cfg.val_fraction)
     store = open_or_build(source, cfg.tokenizer_spec(), cfg.val_fraction, cfg.max_bytes,
                           default_cache_root(cfg.cache_dir))
     if run_dir is not None:

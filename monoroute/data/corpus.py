@@ -11,6 +11,8 @@ Sources (the `source` string of DataConfig):
 - a file, a directory (every non-hidden file below it, recursively) or a glob (`**` allowed):
   one file is one document, keyed by its path relative to the directory / the glob's fixed prefix
   (but see chunks below: one file, or fewer than FEW_FILES, are split into chunks).
+- "facts:people=P,exposures=E,seed=S": the synthetic-knowledge corpus of facts.py, generated (no
+  download); its source fixes each document's split (SplitKey).
 - "hf:NAME[:CONFIG]": the "train" split of a Hugging Face dataset, streamed; one row of
   `text_column` is one document, keyed by its row index. NAME may be a hub id or a local folder of
   jsonl/parquet/csv files (the same `datasets.load_dataset` call reads both).
@@ -79,6 +81,9 @@ def split_of(key: str, val_fraction: float) -> str:
     A ChunkKey is systematic instead: chunk i of a document is 'val' when the sequence
     phase + i * val_fraction crosses an integer between i and i + 1 (phase hashed from the
     document key), i.e. exactly one chunk in every 1/val_fraction."""
+    fixed = getattr(key, "fixed_split", None)  # facts.SplitKey: the source decides
+    if fixed is not None:
+        return fixed
     if isinstance(key, ChunkKey):
         if val_fraction <= 0:
             return "train"
@@ -385,13 +390,17 @@ def local_source(spec: str) -> FileSource:
     )
 
 
-Source = FileSource | HFSource
+Source = FileSource | HFSource  # and facts.FactsSource
 
 
-def open_source(spec: str, text_column: str = "text") -> Source:
+def open_source(spec: str, text_column: str = "text", val_fraction: float = 0.05):
     """Parse a DataConfig.source string. Checks that local paths exist; loads nothing yet."""
     if spec == "stdlib":
         return stdlib_source()
+    if spec.startswith("facts:"):
+        from monoroute.data.facts import FactsSource
+
+        return FactsSource(spec, val_fraction)
     if spec.startswith(HF_PREFIX):
         name, _, config = spec[len(HF_PREFIX) :].partition(":")
         if not name:

@@ -44,7 +44,7 @@ def split_documents(source: str, text_column: str, val_fraction: float, max_byte
     if split == "val" and val_fraction <= 0:
         raise MonorouteError(f"the run has val_fraction={val_fraction}, so there is no validation split to analyse; "
                              f"pass --split all, or --data SPEC with another corpus")
-    for key, text in cap_bytes(open_source(source, text_column).documents(), max_bytes, val_fraction):
+    for key, text in cap_bytes(open_source(source, text_column, val_fraction).documents(), max_bytes, val_fraction):
         if split == "all" or split_of(key, val_fraction) == split:
             yield text
 

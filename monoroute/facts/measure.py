@@ -1,0 +1,426 @@
+"""The fact measurements: recall and stored bits, erase, edit, entity selectivity.
+
+Everything reads a model through its hook points (facts.sites), so it works on any run, dense or
+routed, and on a dense model with an SAE or transcoder spliced in.
+
+- recall: multiple-choice accuracy (score.py) per attribute, on a training template and on the
+  held-out template family (extraction). Stored knowledge in bits, Allen-Zhu & Li's way of
+  counting what the model's distribution over values gives away: per attribute
+  P · max(0, log2 V − mean cross-entropy of the true value in bits), summed over attributes.
+- erase: per known fact, units are ranked by attribution (act × grad of the true value's
+  log-probability among the candidates, summed over the prompt's positions, every site); the
+  smallest K such that zeroing the top K makes the model lose the fact is found by doubling then
+  bisection. Specificity under that ablation: the share of control facts the model knew that it
+  still knows: the same person's other attributes, and other people's facts.
+- edit: the erase set's output rows (a routed unit's w_out row, a dense neuron's down column, a
+  latent's decoder row) are optimised so that a new value wins on the prompt; success means it
+  also wins on a paraphrase (another training template); specificity as for erase.
+- entity selectivity: on unseen renderings of every biography's sentences, per unit the share of
+  its firings (activation > 0) on the person it fires most on (precision) and the share of that
+  person's positions it fires on (recall); a person has a dedicated unit when some unit has
+  precision ≥ 0.9 and recall ≥ 0.5. A person's positions are those from the last byte of the
+  name on (before it, nothing in a sentence says who it is about).
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from monoroute.data.facts import ATTRIBUTES, FactsWorld, Query, render
+from monoroute.facts.score import Encoded, correct, encode_query, score_queries, score_sequences, sequences
+from monoroute.facts.sites import Attribution, Site, ablate, active_units, attached
+
+MIN_FIRINGS = 20  # a unit's selectivity is read only from this many firings on (as purity does)
+DEDICATED_PRECISION, DEDICATED_RECALL = 0.9, 0.5
+
+
+@dataclass
+class Subject:
+    """The model measured: its sites and any splice hooks (SAE / transcoder) that are always on."""
+
+    model: object
+    tokenizer: object
+    sites: list[Site]
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def splice(self) -> list:
+        return [h for s in self.sites for h in s.splice]
+
+    def forward(self, idx: Tensor) -> Tensor:
+        with self.model.hooks(self.splice()):
+            return self.model(idx)[0]
+
+    def scores(self, encoded: list[Encoded], ablation: dict[int, Tensor] | None = None) -> list[Tensor]:
+        """Candidate scores per query, with the given units (site index -> unit ids) zeroed."""
+        fns = [(self.sites[i], (lambda u: (lambda act: ablate(act, u)))(units))
+               for i, units in (ablation or {}).items() if len(units)]
+        with torch.no_grad(), attached(fns):
+            return score_queries(self.forward, encoded, self.device)
+
+
+def sample_facts(world: FactsWorld, n: int | None, seed: int) -> list[tuple[int, int]]:
+    facts = [(p, a) for p in range(world.n_people) for a in range(len(ATTRIBUTES))]
+    if n is None or n >= len(facts):
+        return facts
+    return random.Random(f"facts-sample-{seed}").sample(facts, n)
+
+
+# --- recall --------------------------------------------------------------------------------------
+
+def recall(subject: Subject, world: FactsWorld, facts: list[tuple[int, int]], family: str = "train") -> dict:
+    """Accuracy per attribute and overall, and the stored bits, on `facts` (all or a sample)."""
+    queries = [world.query(p, a, family) for p, a in facts]
+    encoded = [encode_query(subject.tokenizer, q) for q in queries]
+    right = {a.name: [] for a in ATTRIBUTES}
+    ce_bits = {a.name: [] for a in ATTRIBUTES}
+    for at in range(0, len(encoded), 64):
+        chunk = encoded[at:at + 64]
+        for enc, s in zip(chunk, subject.scores(chunk)):
+            name = ATTRIBUTES[enc.query.attribute].name
+            right[name].append(correct(s, enc.true))
+            ce_bits[name].append(-float(s.double().log_softmax(0)[enc.true]) / math.log(2))
+    per_attr, bits = {}, 0.0
+    for a in ATTRIBUTES:
+        if not right[a.name]:
+            continue
+        ce = float(np.mean(ce_bits[a.name]))
+        stored = world.n_people * max(0.0, math.log2(len(a.values)) - ce)
+        per_attr[a.name] = {"accuracy": float(np.mean(right[a.name])), "chance": 1 / len(a.values),
+                            "n": len(right[a.name]), "cross_entropy_bits": ce, "bits": stored}
+        bits += stored
+    everything = [r for v in right.values() for r in v]
+    capacity = sum(world.n_people * math.log2(len(a.values)) for a in ATTRIBUTES)
+    return {"family": family, "accuracy": float(np.mean(everything)), "n_facts": len(everything),
+            "facts_recalled": float(np.mean(everything)) * world.n_people * len(ATTRIBUTES),
+            "bits": bits, "bits_possible": capacity, "per_attribute": per_attr}
+
+
+# --- erase ---------------------------------------------------------------------------------------
+
+def attribution(subject: Subject, enc: Encoded) -> list[tuple[float, int, int]]:
+    """(score, site index, unit) for every unit with positive attribution to the true value, best first."""
+    recorders = [Attribution(s.n_units) for s in subject.sites]
+    with attached(list(zip(subject.sites, recorders))):
+        seqs = sequences(enc)
+        scores = score_sequences(subject.forward, seqs, subject.device)
+        scores.log_softmax(0)[enc.true].backward()
+    ranked = []
+    for i, rec in enumerate(recorders):
+        per = rec.per_unit()
+        units = (per > 0).nonzero().flatten()
+        ranked.extend((float(per[u]), i, int(u)) for u in units)
+    ranked.sort(key=lambda t: -t[0])
+    return ranked
+
+
+def as_ablation(ranked: list[tuple[float, int, int]], k: int) -> dict[int, Tensor]:
+    out: dict[int, list[int]] = {}
+    for _, site, unit in ranked[:k]:
+        out.setdefault(site, []).append(unit)
+    return {s: torch.tensor(u) for s, u in out.items()}
+
+
+def smallest_erasing(lost, n: int, max_units: int) -> int | None:
+    """The smallest K in 1..min(n, max_units) with lost(K) true, by doubling then bisection (assumes
+    that losing is monotone in K, as ablating more of the ranked units does); None if lost(top) is false."""
+    top = min(n, max_units)
+    if top == 0:
+        return None
+    k, prev = 1, 0
+    while not lost(k):
+        if k == top:
+            return None
+        prev, k = k, min(2 * k, top)
+    lo, hi = prev, k  # lost(hi), not lost(lo) (lo = 0: nothing ablated, the fact is known)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if lost(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def control_facts(world: FactsWorld, person: int, attribute: int, n_other: int, seed: int):
+    same = [(person, a) for a in range(len(ATTRIBUTES)) if a != attribute]
+    rng = random.Random(f"facts-controls-{seed}-{person}-{attribute}")
+    others = [p for p in range(world.n_people) if p != person]
+    other = [(p, rng.randrange(len(ATTRIBUTES))) for p in rng.sample(others, min(n_other, len(others)))]
+    return same, other
+
+
+class Controls:
+    """Control queries, and whether the unablated model knows each (computed once per query)."""
+
+    def __init__(self, subject: Subject, world: FactsWorld) -> None:
+        self.subject, self.world = subject, world
+        self.known: dict[tuple, bool] = {}
+        self.encoded: dict[tuple, Encoded] = {}
+
+    def enc(self, fact) -> Encoded:
+        if fact not in self.encoded:
+            self.encoded[fact] = encode_query(self.subject.tokenizer, self.world.query(*fact, "train"))
+        return self.encoded[fact]
+
+    def knows(self, facts) -> list[bool]:
+        todo = [f for f in facts if f not in self.known]
+        for f, s in zip(todo, self.subject.scores([self.enc(f) for f in todo]) if todo else []):
+            self.known[f] = correct(s, self.enc(f).true)
+        return [self.known[f] for f in facts]
+
+    def retained(self, facts, ablation) -> float | None:
+        """The share of the facts known unablated that are still known under the ablation (None: none known)."""
+        known = [f for f, k in zip(facts, self.knows(facts)) if k]
+        if not known:
+            return None
+        scores = self.subject.scores([self.enc(f) for f in known], ablation)
+        return float(np.mean([correct(s, self.enc(f).true) for f, s in zip(known, scores)]))
+
+
+def erase(subject: Subject, world: FactsWorld, facts: list[tuple[int, int]], max_units: int = 4096,
+          n_other: int = 20, seed: int = 0) -> dict:
+    """Per known fact: the smallest attribution-ranked unit set whose ablation loses it, and its specificity."""
+    controls = Controls(subject, world)
+    rows = []
+    for person, attribute in facts:
+        if not controls.knows([(person, attribute)])[0]:
+            continue
+        enc = controls.enc((person, attribute))
+        ranked = attribution(subject, enc)
+
+        def lost(k):
+            return not correct(subject.scores([enc], as_ablation(ranked, k))[0], enc.true)
+
+        k = smallest_erasing(lost, len(ranked), max_units)
+        row = {"person": person, "attribute": ATTRIBUTES[attribute].name, "units": k,
+               "ranked": len(ranked)}
+        if k is not None:
+            ablation = as_ablation(ranked, k)
+            same, other = control_facts(world, person, attribute, n_other, seed)
+            row["specificity_other"] = controls.retained(other, ablation)
+            row["specificity_same_person"] = controls.retained(same, ablation)
+            row["sites"] = sorted({subject.sites[s].label for s in ablation})
+            row["unit_ids"] = [[subject.sites[s].label, int(u)] for _, s, u in ranked[:k]]
+        rows.append(row)
+    return summarise_erase(rows, max_units)
+
+
+def summarise_erase(rows: list[dict], max_units: int) -> dict:
+    erased = [r for r in rows if r["units"] is not None]
+
+    def median(key):
+        vals = [r[key] for r in erased if r.get(key) is not None]
+        return float(np.median(vals)) if vals else None
+
+    # Not erased within max_units counts as more than max_units in the median over every tried fact.
+    sizes = [r["units"] if r["units"] is not None else math.inf for r in rows]
+    return {"n_facts": len(rows), "erased_share": len(erased) / len(rows) if rows else None,
+            "median_units": float(np.median(sizes)) if rows else None,
+            "median_units_erased": median("units"), "max_units": max_units,
+            "specificity_other": median("specificity_other"),
+            "specificity_same_person": median("specificity_same_person"),
+            "mean_specificity_other": float(np.mean([r["specificity_other"] for r in erased
+                                                     if r.get("specificity_other") is not None]))
+            if erased else None,
+            "facts": rows}
+
+
+# --- edit ----------------------------------------------------------------------------------------
+
+def edit(subject: Subject, world: FactsWorld, erase_rows: list[dict], n: int = 32, steps: int = 40,
+         lr: float = 0.05, n_other: int = 20, seed: int = 0) -> dict:
+    """Rewrite one fact at a time through its erase set's output rows; every edit is undone after."""
+    labels = {s.label: i for i, s in enumerate(subject.sites)}
+    controls = Controls(subject, world)
+    rows = []
+    for row in [r for r in erase_rows if r["units"] is not None][:n]:
+        person, attribute = row["person"], [a.name for a in ATTRIBUTES].index(row["attribute"])
+        values = ATTRIBUTES[attribute].values
+        rng = random.Random(f"facts-edit-{seed}-{person}-{attribute}")
+        old = world.values[person][attribute]
+        new = rng.choice([v for v in range(len(values)) if v != old])
+        t0 = world.template_drawn(person, attribute)
+        t1 = (t0 + 1) % len(ATTRIBUTES[attribute].templates)
+        prompts = [encode_query(subject.tokenizer, world.query(person, attribute, "train", template=t))
+                   for t in (t0, t1)]
+        for enc in prompts:
+            enc.true = new
+        units: dict[int, list[int]] = {}
+        for label, u in row["unit_ids"]:
+            units.setdefault(labels[label], []).append(u)
+        with rewritten(subject, units) as step:
+            for _ in range(steps):
+                scores = score_sequences(subject.forward, sequences(prompts[0]), subject.device)
+                if correct(scores.detach(), new) and float(scores.log_softmax(0)[new]) > math.log(0.9):
+                    break
+                step(-scores.log_softmax(0)[new], lr)
+            with torch.no_grad():
+                s_edit, s_para = subject.scores(prompts)
+            same, other = control_facts(world, person, attribute, n_other, seed)
+            spec_other, spec_same = (retained_after(controls, f) for f in (other, same))
+        rows.append({"person": person, "attribute": row["attribute"], "new_value": values[new],
+                     "units": row["units"], "success_prompt": correct(s_edit, new),
+                     "success_paraphrase": correct(s_para, new),
+                     "specificity_other": spec_other, "specificity_same_person": spec_same})
+    if not rows:
+        return {"n_edits": 0}
+
+    def share(key):
+        return float(np.mean([r[key] for r in rows]))
+
+    def median(key):
+        vals = [r[key] for r in rows if r[key] is not None]
+        return float(np.median(vals)) if vals else None
+
+    return {"n_edits": len(rows), "success": float(np.mean([r["success_prompt"] and r["success_paraphrase"]
+                                                           for r in rows])),
+            "success_prompt": share("success_prompt"), "success_paraphrase": share("success_paraphrase"),
+            "specificity_other": median("specificity_other"),
+            "specificity_same_person": median("specificity_same_person"), "edits": rows}
+
+
+def retained_after(controls: Controls, facts) -> float | None:
+    """Like Controls.retained, with the model as it is now (edited) against what it knew before."""
+    known = [f for f, k in zip(facts, controls.knows(facts)) if k]
+    if not known:
+        return None
+    with torch.no_grad():
+        scores = controls.subject.scores([controls.enc(f) for f in known])
+    return float(np.mean([correct(s, controls.enc(f).true) for f, s in zip(known, scores)]))
+
+
+class rewritten:
+    """Context: `step(loss, lr)` takes an Adam step on the given units' output rows only; on exit the
+    rows are restored exactly."""
+
+    def __init__(self, subject: Subject, units: dict[int, list[int]]) -> None:
+        self.subject = subject
+        self.items = [(subject.sites[i], torch.tensor(u, device=subject.sites[i].weight.device))
+                      for i, u in units.items()]
+
+    def __enter__(self):
+        self.saved = [site.weight.detach().clone() for site, _ in self.items]
+        self.grad_flags = [site.weight.requires_grad for site, _ in self.items]
+        for site, _ in self.items:
+            site.weight.requires_grad_(True)
+        self.deltas = [torch.zeros_like(site.weight.detach().index_select(site.weight_dim, u)).requires_grad_(True)
+                       for site, u in self.items]
+        self.opt = torch.optim.Adam(self.deltas, lr=1.0)
+        return self.step
+
+    def step(self, loss: Tensor, lr: float) -> None:
+        weights = [site.weight for site, _ in self.items]
+        grads = torch.autograd.grad(loss, weights, allow_unused=True)
+        for (site, u), g, d in zip(self.items, grads, self.deltas):
+            g = torch.zeros_like(site.weight) if g is None else (g.to_dense() if g.is_sparse else g)
+            d.grad = g.index_select(site.weight_dim, u)
+        for group in self.opt.param_groups:
+            # Adam's step is ~lr per coordinate: scale it to the rows' own size.
+            group["lr"] = lr * float(np.mean([s.abs().mean().item() for s in self.saved]))
+        self.opt.step()
+        with torch.no_grad():
+            for (site, u), d, orig in zip(self.items, self.deltas, self.saved):
+                site.weight.index_copy_(site.weight_dim, u, orig.index_select(site.weight_dim, u) + d)
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for (site, _), orig, flag in zip(self.items, self.saved, self.grad_flags):
+                site.weight.copy_(orig)
+                site.weight.requires_grad_(flag)
+        return False
+
+
+# --- entity selectivity --------------------------------------------------------------------------
+
+def person_sentences(world: FactsWorld, tokenizer, exposure: int = 10**6):
+    """Every person's sentences (unseen renderings, one template draw per attribute) as (ids, person,
+    first person position): separator + sentence, the person's positions from the name's last byte."""
+    out = []
+    for p in range(world.n_people):
+        rng = random.Random(f"facts-select-{world.spec.seed}-{p}-{exposure}")
+        for a, attr in enumerate(ATTRIBUTES):
+            text, spans = render(rng.choice(attr.templates), world.names[p], world.value(p, a), a, "")
+            sep = list(tokenizer.boundary_ids())
+            name_end = next(s.end for s in spans if s.kind == "name")
+            out.append((sep + tokenizer.encode(text), p, len(sep) + name_end - 1))
+    return out
+
+
+def selectivity(subject: Subject, world: FactsWorld, batch: int = 256) -> dict:
+    """Per site: units' precision on their top person, and the share of people with a dedicated unit."""
+    sents = person_sentences(world, subject.tokenizer)
+    n_people = world.n_people
+    counts = [dict() for _ in subject.sites]  # per site: {(unit, person or -1): count}
+    positions_of = np.zeros(n_people, dtype=np.int64)
+    for lo in range(0, len(sents), batch):
+        chunk = sents[lo:lo + batch]
+        width = max(len(ids) for ids, _, _ in chunk)
+        idx = torch.zeros(len(chunk), width, dtype=torch.long)
+        owner = torch.full((len(chunk), width), -2, dtype=torch.long)  # -2 padding, -1 no person yet
+        for row, (ids, p, first) in enumerate(chunk):
+            idx[row, :len(ids)] = torch.tensor(ids)
+            owner[row, :len(ids)] = -1
+            owner[row, first:len(ids)] = p
+            positions_of[p] += len(ids) - first
+        seen: list = [None] * len(subject.sites)
+        recorders = [(s, (lambda i: (lambda act: seen.__setitem__(i, active_units(act))))(i))
+                     for i, s in enumerate(subject.sites)]
+        with torch.no_grad(), attached(recorders):
+            subject.forward(idx.to(subject.device))
+        flat_owner = owner.reshape(-1).numpy()
+        for i, (rows, units) in enumerate(seen):
+            who = flat_owner[rows.cpu().numpy()]
+            keep = who != -2
+            pairs = np.stack([units.cpu().numpy()[keep], who[keep]], 1)
+            uniq, cnt = np.unique(pairs, axis=0, return_counts=True)
+            c = counts[i]
+            for (u, w), n in zip(uniq.tolist(), cnt.tolist()):
+                c[(u, w)] = c.get((u, w), 0) + n
+    return {s.label: site_selectivity(counts[i], positions_of, n_people) for i, s in enumerate(subject.sites)} | {
+        "all_sites": combined_dedicated(counts, positions_of, n_people)}
+
+
+def unit_tables(counts: dict, n_people: int):
+    """per unit: total firings and {person: firings on that person's positions}."""
+    total: dict[int, int] = {}
+    by_person: dict[int, dict[int, int]] = {}
+    for (u, w), n in counts.items():
+        total[u] = total.get(u, 0) + n
+        if w >= 0:
+            by_person.setdefault(u, {})[w] = n
+    return total, by_person
+
+
+def dedicated_people(counts: dict, positions_of: np.ndarray, n_people: int) -> set[int]:
+    total, by_person = unit_tables(counts, n_people)
+    out = set()
+    for u, people in by_person.items():
+        for p, n in people.items():
+            if n / total[u] >= DEDICATED_PRECISION and positions_of[p] and n / positions_of[p] >= DEDICATED_RECALL:
+                out.add(p)
+    return out
+
+
+def site_selectivity(counts: dict, positions_of: np.ndarray, n_people: int) -> dict:
+    total, by_person = unit_tables(counts, n_people)
+    live = [u for u, n in total.items() if n >= MIN_FIRINGS]
+    precision = [max(by_person.get(u, {0: 0}).values()) / total[u] for u in live]
+    return {"live_units": len(total), "units_min_firings": len(live),
+            "median_top_person_share": float(np.median(precision)) if precision else None,
+            "units_precision_ge_0.9": int(sum(p >= DEDICATED_PRECISION for p in precision)),
+            "dedicated_people_share": len(dedicated_people(counts, positions_of, n_people)) / n_people}
+
+
+def combined_dedicated(counts: list[dict], positions_of: np.ndarray, n_people: int) -> dict:
+    people = set()
+    for c in counts:
+        people |= dedicated_people(c, positions_of, n_people)
+    return {"dedicated_people_share": len(people) / n_people}

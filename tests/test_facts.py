@@ -1,0 +1,312 @@
+"""The synthetic-knowledge corpus and the fact measurements, on hand-checked and hand-built cases."""
+import json
+import math
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from monoroute.data.facts import ATTRIBUTES, FactsSpec, FactsWorld, Span, attribute_index, name_space, render
+from monoroute.errors import MonorouteError
+from monoroute.facts import measure
+from monoroute.facts.score import encode_query, score_queries
+from monoroute.facts.sites import Site, model_sites
+from monoroute.hooks import HookPoint
+
+FAST_TRAIN = ["--no-progress", "--device", "cpu", "--steps", "12", "--log-every", "4", "--eval-every", "6",
+              "--eval-batches", "1", "--ckpt-every", "6", "--batch-size", "8"]
+
+
+# --- the generator ---------------------------------------------------------------------------------
+
+def test_render_spans_by_hand():
+    text, spans = render("{n} works for {v}.", "Ann Bo", "X Labs", 5, "")
+    assert text == "Ann Bo works for X Labs."
+    assert spans == [Span(0, 6, "name", -1), Span(6, 17, "text", -1), Span(17, 23, "value", 5), Span(23, 24, "text", -1)]
+    text, spans = render("The employer of {n} is {v}.", "Ann Bo", "X Labs", 5, "Hi.")
+    assert text == "Hi.The employer of Ann Bo is X Labs."
+    assert spans[1] == Span(19, 25, "name", -1) and spans[3] == Span(29, 35, "value", 5)
+
+
+def test_biography_ground_truth():
+    world = FactsWorld(FactsSpec.parse("people=4,exposures=3,seed=7"))
+    assert len(set(world.names)) == 4
+    orders = set()
+    for p in range(4):
+        for e in range(3):
+            text, spans = world.biography(p, e)
+            values = [s for s in spans if s.kind == "value"]
+            assert sorted(s.attribute for s in values) == list(range(len(ATTRIBUTES)))  # every attribute once
+            for s in values:
+                assert text[s.start:s.end] == world.value(p, s.attribute)
+            names = [s for s in spans if s.kind == "name"]
+            assert len(names) == len(ATTRIBUTES) and all(text[s.start:s.end] == world.names[p] for s in names)
+            assert "".join(text[s.start:s.end] for s in spans) == text  # the spans tile the text
+            orders.add(tuple(s.attribute for s in values))
+    assert len(orders) > 6  # the sentence order is shuffled per biography
+    # the same spec gives the same world; another seed another
+    assert FactsWorld(FactsSpec.parse("people=4,exposures=3,seed=7")).values == world.values
+    assert FactsWorld(FactsSpec.parse("people=4,exposures=3,seed=8")).names != world.names
+
+
+def test_queries_training_and_heldout_templates():
+    world = FactsWorld(FactsSpec.parse("people=3"))
+    a = attribute_index("birth_city")
+    q = world.query(1, a, "heldout")
+    assert q.prefix == f"{world.names[1]} is a native of " and q.value == world.value(1, a)
+    for t, template in enumerate(ATTRIBUTES[a].templates):
+        q = world.query(1, a, "train", template=t)
+        assert template.replace("{n}", world.names[1]).replace("{v}", q.value) == q.prefix + q.value + "."
+    # the held-out family never occurs in the training corpus
+    corpus = " ".join(text for _, text in world.documents(0.1))
+    for attr in ATTRIBUTES:
+        assert attr.heldout.replace("{n}", world.names[0]).split("{v}")[0] not in corpus
+
+
+def test_documents_split_and_token_store(tmp_path):
+    from monoroute.data import DataConfig, prepare_data
+
+    world = FactsWorld(FactsSpec.parse("people=3,exposures=2"))
+    docs = list(world.documents(0.2))
+    train = [k for k, _ in docs if k.fixed_split == "train"]
+    val = [k for k, _ in docs if k.fixed_split == "val"]
+    assert sorted(train) == sorted(f"p{p}/e{e}" for p in range(3) for e in range(2))
+    assert val == ["p0/e2"]  # round(3 * 2 * 0.2) = 1 further rendering, never a training one
+    store = prepare_data(DataConfig(source="facts:people=3,exposures=2", val_fraction=0.2, cache_dir=str(tmp_path)))
+    expected = sum(len(t) + 2 for k, t in docs if k.fixed_split == "train")  # + the 2-byte separator
+    assert store.n_tokens("train") == expected
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("people=5,colour=3", "colour"), ("people=x", "integer"), ("people=0", ">= 1"),
+    (f"people={name_space(0) + 1}", "name space"), (f"people={name_space(1) + 1},middle=1", "name space"),
+    ("people", "KEY=INT"),
+])
+def test_bad_specs(spec, message):
+    with pytest.raises(MonorouteError, match=message):
+        FactsSpec.parse(spec)
+
+
+def test_unknown_attribute():
+    with pytest.raises(MonorouteError, match="unknown attribute 'shoe_size'"):
+        attribute_index("shoe_size")
+
+
+# --- scoring against a float64 reference --------------------------------------------------------------
+
+def tiny_model(ffn="routed"):
+    from monoroute.models.config import GPTConfig
+    from monoroute.models.gpt import GPT
+
+    cfg = GPTConfig(vocab_size=256, n_layer=2, n_head=2, d_model=32, block_size=96, ffn=ffn, n_units=256, k=8,
+                    d_ff=64)
+    return GPT(cfg).eval()
+
+
+def test_scores_equal_float64_reference():
+    from monoroute.data.tokenizers import ByteTokenizer
+
+    torch.manual_seed(1)
+    model = tiny_model()
+    tok = ByteTokenizer()
+    world = FactsWorld(FactsSpec.parse("people=2"))
+    encoded = [encode_query(tok, world.query(p, a)) for p in range(2) for a in (0, 5)]
+    with torch.no_grad():
+        fast = score_queries(lambda idx: model(idx)[0], encoded, "cpu")
+    ref_model = tiny_model()
+    ref_model.load_state_dict(model.state_dict())
+    ref_model.double()
+    for enc, scores in zip(encoded, fast):
+        for c, cand in enumerate(enc.candidates):
+            ids = torch.tensor([enc.prompt + cand])
+            with torch.no_grad():
+                logp = ref_model(ids)[0][0].double().log_softmax(-1)
+            ref = sum(float(logp[len(enc.prompt) - 1 + i, t]) for i, t in enumerate(cand))
+            assert abs(float(scores[c]) - ref) < 2e-4
+    # recall's accuracy and bits follow from those scores
+    subject = measure.Subject(model, tok, model_sites(model))
+    facts = [(p, a) for p in range(2) for a in (0, 5)]
+    rec = measure.recall(subject, world, facts)
+    right = [bool(s[e.true] > torch.cat([s[:e.true], s[e.true + 1:]]).max()) for e, s in zip(encoded, fast)]
+    assert rec["accuracy"] == pytest.approx(np.mean(right))
+    ce = np.mean([-float(s.double().log_softmax(0)[e.true]) / math.log(2) for e, s in zip(encoded[::2], fast[::2])])
+    month = rec["per_attribute"]["birth_month"]
+    assert month["cross_entropy_bits"] == pytest.approx(ce, rel=1e-5)
+    assert month["bits"] == pytest.approx(2 * max(0.0, math.log2(12) - ce))
+
+
+# --- erase on a hand-built model: one unit stores one fact ----------------------------------------------
+
+class OneFactModel(nn.Module):
+    """Byte logits that know every fact of a world directly, except fact `stored`, which only unit 0
+    of a 16-unit site knows: unit 0 is 1 on the positions of that fact's prompt and value, and there
+    adds +12 to the next byte of the true value. Units 1..15 fire everywhere and do nothing."""
+
+    def __init__(self, world: FactsWorld, tokenizer, stored: tuple[int, int]) -> None:
+        super().__init__()
+        self.world, self.tok, self.stored = world, tokenizer, stored
+        self.point = HookPoint()
+        self.unused = nn.Parameter(torch.zeros(16, 4))
+        self.paths = {}
+        for p in range(world.n_people):
+            for a in range(len(ATTRIBUTES)):
+                for family in ("train", "heldout"):
+                    for t in range(len(ATTRIBUTES[a].templates)):
+                        q = world.query(p, a, family, template=t)
+                        prompt = list(tokenizer.boundary_ids()) + tokenizer.encode(q.prefix)
+                        self.paths[tuple(prompt)] = (tokenizer.encode(q.value + "."), (p, a) == stored)
+
+    @contextmanager
+    def hooks(self, pairs):
+        yield self
+
+    def forward(self, idx):
+        B, T = idx.shape
+        logits = torch.zeros(B, T, 256)
+        direct = torch.zeros(B, T, 256)
+        boost = torch.zeros(B, T, 256)
+        fire = torch.zeros(B, T, 16)
+        fire[..., 1:] = 1.0
+        for b in range(B):
+            row = idx[b].tolist()
+            for prompt, (value, stored) in self.paths.items():
+                n = len(prompt)
+                if row[:n] != list(prompt):
+                    continue
+                for i, byte in enumerate(value):
+                    t = n - 1 + i
+                    if t >= T or (i and row[n + i - 1] != value[i - 1]):
+                        break
+                    if stored:
+                        fire[b, t, 0] = 1.0
+                        boost[b, t, byte] = 12.0
+                    else:
+                        direct[b, t, byte] = 12.0
+        acts = self.point(fire)
+        return logits + direct + acts[..., :1] * boost, None
+
+
+def one_fact_subject(stored=(1, 2)):
+    from monoroute.data.tokenizers import ByteTokenizer
+
+    world = FactsWorld(FactsSpec.parse("people=3"))
+    tok = ByteTokenizer()
+    model = OneFactModel(world, tok, stored)
+    site = Site("dense_neurons", 0, 16, model.point, model.unused, 0)
+    return world, measure.Subject(model, tok, [site])
+
+
+def test_erase_finds_the_one_unit_and_specificity_one():
+    world, subject = one_fact_subject()
+    facts = [(1, 2), (0, 1)]
+    out = measure.erase(subject, world, facts, max_units=16, n_other=2)
+    stored, other = out["facts"]
+    assert stored["units"] == 1 and stored["unit_ids"] == [["dense_neurons.L0", 0]]
+    assert stored["specificity_other"] == 1.0 and stored["specificity_same_person"] == 1.0
+    # a fact no unit stores cannot be erased: reported, and counted as more than max_units
+    assert other["units"] is None and other["ranked"] == 0
+    assert out["erased_share"] == 0.5 and out["median_units"] == math.inf
+
+
+def test_recall_on_the_hand_built_model():
+    world, subject = one_fact_subject()
+    facts = [(p, a) for p in range(3) for a in range(len(ATTRIBUTES))]
+    assert measure.recall(subject, world, facts)["accuracy"] == 1.0
+    ablated = measure.Subject(subject.model, subject.tokenizer, subject.sites)
+    scores = ablated.scores([encode_query(subject.tokenizer, world.query(1, 2))], {0: torch.tensor([0])})[0]
+    assert not measure.correct(scores, ATTRIBUTES[2].values.index(world.value(1, 2)))
+
+
+def test_smallest_erasing_search():
+    calls = []
+
+    def lost_from(k0):
+        def lost(k):
+            calls.append(k)
+            return k >= k0
+        return lost
+
+    for k0 in (1, 2, 5, 37, 64, 100):
+        assert measure.smallest_erasing(lost_from(k0), 100, 1000) == k0
+    assert measure.smallest_erasing(lost_from(101), 100, 1000) is None  # never lost within the ranked units
+    assert measure.smallest_erasing(lost_from(50), 100, 40) is None  # nor within max_units
+    assert measure.smallest_erasing(lost_from(1), 0, 10) is None
+
+
+# --- selectivity on hand-built counts --------------------------------------------------------------------
+
+def test_dedicated_people_by_hand():
+    positions = np.array([20, 40, 10])
+    counts = {(7, 0): 19, (7, -1): 1,  # precision 0.95, recall 0.95: person 0 has a dedicated unit
+              (8, 1): 10,  # precision 1.0 but recall 10 / 40 = 0.25: not dedicated
+              (9, 2): 9, (9, 1): 2}  # precision 9 / 11 = 0.82 < 0.9: not dedicated
+    assert measure.dedicated_people(counts, positions, 3) == {0}
+    sel = measure.site_selectivity(counts, positions, 3)
+    assert sel["dedicated_people_share"] == pytest.approx(1 / 3)
+    assert sel["live_units"] == 3 and sel["units_min_firings"] == 1  # only unit 7 fired >= 20 times
+    assert sel["median_top_person_share"] == pytest.approx(0.95)
+
+
+def test_selectivity_counts_on_the_hand_built_model():
+    world, subject = one_fact_subject()
+    out = measure.selectivity(subject, world)
+    site = out["dense_neurons.L0"]
+    # units 1..15 fire on every position of every sentence: their top person holds about 1/3 of it
+    assert site["median_top_person_share"] < 0.4 and site["dedicated_people_share"] == 0.0
+
+
+# --- edit keeps the model intact; the CLI end to end -------------------------------------------------------
+
+def test_rewritten_restores_weights_exactly():
+    model = tiny_model("dense").requires_grad_(False)  # as facts eval freezes it
+    site = model_sites(model)[1]
+    assert site.weight_dim == 1  # a dense neuron writes with a column of `down`
+    before = site.weight.detach().clone()
+    with measure.rewritten(measure.Subject(model, None, [site]), {0: [3, 5]}) as step:
+        x = torch.randint(0, 256, (2, 10))
+        for _ in range(3):
+            step(model(x)[0].logsumexp(-1).mean(), 0.5)
+        changed = (site.weight.detach() != before).any(0)
+    assert changed.nonzero().flatten().tolist() == [3, 5]  # only the named rows moved
+    assert torch.equal(site.weight.detach(), before) and not site.weight.requires_grad
+
+
+def test_facts_cli(tmp_path, capsys):
+    from monoroute.cli import main
+
+    assert main(["facts", "make", "people=3,exposures=2", "--out", str(tmp_path / "corpus")]) == 0
+    truth = json.loads((tmp_path / "corpus" / "truth.json").read_text())
+    assert [p["name"] for p in truth["people"]] == FactsWorld(FactsSpec.parse("people=3")).names
+    assert (tmp_path / "corpus" / "corpus.txt").read_text().count("\n\n") == 3 * 2 + 1 - 1  # 6 + 1 validation
+    run = tmp_path / "run"
+    short = tmp_path / "short"
+    assert main(["train", "--preset", "tiny", "--data", "facts:people=3,exposures=20", "--out", str(short),
+                 *FAST_TRAIN, "--steps", "2"]) == 0
+    capsys.readouterr()
+    assert main(["facts", "eval", str(short)]) == 2  # block_size 64: the queries do not fit
+    assert "--block-size" in capsys.readouterr().err
+    assert main(["train", "--preset", "tiny", "--data", "facts:people=3,exposures=20", "--block-size", "96",
+                 "--out", str(run), *FAST_TRAIN]) == 0
+    capsys.readouterr()
+    assert main(["facts", "eval", str(run), "--facts", "0", "--erase", "2", "--edit", "1", "--json"]) == 0
+    head = json.loads(capsys.readouterr().out)
+    report = json.loads((run / "facts" / "units.json").read_text())
+    assert report["recall"]["n_facts"] == 3 * len(ATTRIBUTES)
+    assert head["recall"] == report["recall"]["accuracy"] and head["units"] == "routed_units"
+    assert report["sites"] == ["routed_units.L0", "routed_units.L1"]
+
+
+def test_facts_eval_refuses_other_corpora(tmp_path, capsys):
+    from monoroute.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--max-bytes", "20000", "--out", str(run), *FAST_TRAIN]) == 0
+    capsys.readouterr()
+    assert main(["facts", "eval", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a facts corpus" in err[0]
+    assert not (run / "facts").exists()
+    assert main(["facts", "make", "people=99999999", "--out", str(tmp_path / "c")]) == 2
+    assert "name space" in capsys.readouterr().err and not (tmp_path / "c").exists()
