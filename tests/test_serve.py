@@ -306,3 +306,50 @@ def test_a_lone_surrogate_in_a_prompt_is_a_400_with_one_line(client, text):
         detail = r.json()["detail"]
         assert "not valid Unicode" in detail and "\n" not in detail
     assert client.post("/api/runs/0/prompt", json={"text": "ab"}).status_code == 200  # still serving
+
+
+def write_fake_facts(run_dir, layer: int) -> dict:
+    """A facts/units.json as `monoroute facts eval` writes it: one erased fact with units at the analysed
+    layer and another, one fact not erased, and a unit's people."""
+    from monoroute.fileio import write_json_atomic
+
+    rec = {"accuracy": 0.5, "facts_recalled": 3.0, "bits": 12.0}
+    erased = {"person": 1, "attribute": "employer", "units": 2, "specificity_other": 0.9,
+              "specificity_same_person": 1.0, "unit_ids": [[f"routed_units.L{layer}", 3], [f"routed_units.L{1 - layer}", 7]]}
+    report = {"run": str(run_dir), "units": "routed_units", "params": 1000, "flops_per_token": 100,
+              "recall": rec, "recall_heldout": dict(rec, accuracy=0.25), "bits_per_param": 0.012,
+              "erase": {"median_units": 2.0, "erased_share": 0.5, "specificity_other": 0.9,
+                        "specificity_same_person": 1.0, "n_facts": 2,
+                        "facts": [erased, {"person": 2, "attribute": "major", "units": None, "ranked": 0}]},
+              "edit": None,
+              "selectivity": {f"routed_units.L{layer}": {"median_top_person_share": 0.7,
+                                                         "unit_people": {"3": [["Ann Bo", 30, 32]]}},
+                              "all_sites": {"dedicated_people_share": 0.25}}}
+    (run_dir / "facts").mkdir()
+    write_json_atomic(run_dir / "facts" / "units.json", report)
+    return report
+
+
+def test_facts_view_compare_and_report_section(analysed_runs, tmp_path, capsys):
+    from fastapi.testclient import TestClient
+
+    from monoroute.facts.run import refresh_analysis_page
+
+    run = tmp_path / "routed"
+    shutil.copytree(analysed_runs[0], run)
+    store = AnalysisStore(run).warm()
+    write_fake_facts(run, store.layer)
+    client = TestClient(create_app([store, AnalysisStore(analysed_runs[1]).warm()]))
+    view = client.get("/api/runs/0/facts").json()
+    first, second = view["facts"]
+    assert [(u["layer"], u["unit"], u["page"]) for u in first["unit_list"]] == [(store.layer, 3, True),
+                                                                              (1 - store.layer, 7, False)]
+    assert second["units"] is None and second["unit_list"] == []
+    assert view["unit_people"] == {"3": [["Ann Bo", 30, 32]]} and view["rows"][0]["dedicated_people"] == 0.25
+    r = client.get("/api/runs/1/facts")
+    assert r.status_code == 404 and "monoroute facts eval" in r.json()["detail"]
+    assert main(["compare", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "erase units (median)" in out and "0.250" in out  # the facts table under the analysis table
+    refresh_analysis_page(run)
+    assert "<h2>Facts (monoroute facts eval)</h2>" in (run / "analysis" / "report.html").read_text()

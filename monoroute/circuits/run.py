@@ -185,10 +185,11 @@ def write_outputs(out: Path, report: dict, update_analysis: bool = True) -> None
     write_text_atomic(out / "report.html", render_html(report))
     analysis = out.parent / "analysis" / "report.json"
     if update_analysis and analysis.is_file():  # the analysis page gets the circuits section too
-        from monoroute.interp.report import build_html
+        from monoroute.interp.report import build_html, run_facts
 
         try:
-            write_text_atomic(analysis.parent / "report.html", build_html(json.loads(analysis.read_text("utf-8")), report))
+            write_text_atomic(analysis.parent / "report.html",
+                              build_html(json.loads(analysis.read_text("utf-8")), report, run_facts(out.parent)))
         except (json.JSONDecodeError, KeyError):
             pass  # an old or broken analysis: its own page stays as it was; circuits/report.html has the results
 

@@ -71,18 +71,9 @@ def cmd_make(args) -> int:
     return 0
 
 
-def check_facts_run(cfg, run: str):
-    from monoroute.data.facts import PREFIX, FactsSpec
-
-    source = cfg.data.source
-    if not source.startswith(PREFIX):
-        raise MonorouteError(f"{run} was trained on {source!r}, not a facts corpus; facts eval needs a run "
-                             f"trained with --data facts:people=P,exposures=E (see `monoroute facts make --help`)")
-    return FactsSpec.parse(source)
-
-
 def cmd_eval(args) -> int:
-    from monoroute.facts.run import EvalOptions, evaluate_run, headline
+    from monoroute.facts.report import headline
+    from monoroute.facts.run import EvalOptions, evaluate_run
 
     if args.sae and args.transcoder:
         raise MonorouteError("pass one of --sae and --transcoder per call (each writes its own report)")

@@ -384,8 +384,9 @@ def selectivity(subject: Subject, world: FactsWorld, batch: int = 256) -> dict:
             c = counts[i]
             for (u, w), n in zip(uniq.tolist(), cnt.tolist()):
                 c[(u, w)] = c.get((u, w), 0) + n
-    return {s.label: site_selectivity(counts[i], positions_of, n_people) for i, s in enumerate(subject.sites)} | {
-        "all_sites": combined_dedicated(counts, positions_of, n_people)}
+    out = {s.label: site_selectivity(counts[i], positions_of, n_people, world.names)
+           for i, s in enumerate(subject.sites)}
+    return out | {"all_sites": combined_dedicated(counts, positions_of, n_people)}
 
 
 def unit_tables(counts: dict, n_people: int):
@@ -409,14 +410,30 @@ def dedicated_people(counts: dict, positions_of: np.ndarray, n_people: int) -> s
     return out
 
 
-def site_selectivity(counts: dict, positions_of: np.ndarray, n_people: int) -> dict:
+def site_selectivity(counts: dict, positions_of: np.ndarray, n_people: int, names: list[str] | None = None,
+                     top: int = 3) -> dict:
+    """Selectivity of one site; with `names`, also each unit's top people (units firing >= MIN_FIRINGS
+    times: [name, firings on that person, total firings]) and each person's most selective unit."""
     total, by_person = unit_tables(counts, n_people)
     live = [u for u, n in total.items() if n >= MIN_FIRINGS]
     precision = [max(by_person.get(u, {0: 0}).values()) / total[u] for u in live]
-    return {"live_units": len(total), "units_min_firings": len(live),
-            "median_top_person_share": float(np.median(precision)) if precision else None,
-            "units_precision_ge_0.9": int(sum(p >= DEDICATED_PRECISION for p in precision)),
-            "dedicated_people_share": len(dedicated_people(counts, positions_of, n_people)) / n_people}
+    out = {"live_units": len(total), "units_min_firings": len(live),
+           "median_top_person_share": float(np.median(precision)) if precision else None,
+           "units_precision_ge_0.9": int(sum(p >= DEDICATED_PRECISION for p in precision)),
+           "dedicated_people_share": len(dedicated_people(counts, positions_of, n_people)) / n_people}
+    if names is not None:
+        out["unit_people"] = {str(u): [[names[p], n, total[u]] for p, n in
+                                       sorted(by_person.get(u, {}).items(), key=lambda t: -t[1])[:top]]
+                              for u in live}
+        best: dict[int, tuple] = {}
+        for u, people in by_person.items():
+            for p, n in people.items():
+                score = (n / total[u]) * (n / positions_of[p] if positions_of[p] else 0.0)
+                if score > best.get(p, (-1.0,))[0]:
+                    best[p] = (score, u, n / total[u], n / positions_of[p] if positions_of[p] else 0.0)
+        out["person_best_unit"] = {names[p]: {"unit": u, "precision": prec, "recall": rec}
+                                   for p, (_, u, prec, rec) in sorted(best.items())}
+    return out
 
 
 def combined_dedicated(counts: list[dict], positions_of: np.ndarray, n_people: int) -> dict:

@@ -26,13 +26,22 @@ class EvalOptions:
     device: str = "cpu"
 
 
+def check_facts_run(cfg, run: str):
+    from monoroute.data.facts import PREFIX, FactsSpec
+
+    source = cfg.data.source
+    if not source.startswith(PREFIX):
+        raise MonorouteError(f"{run} was trained on {source!r}, not a facts corpus; facts eval needs a run "
+                             f"trained with --data facts:people=P,exposures=E (see `monoroute facts make --help`)")
+    return FactsSpec.parse(source)
+
+
 def report_name(opts: EvalOptions) -> str:
     return f"{opts.baseline}.json" if opts.baseline else "units.json"
 
 
 def evaluate_run(run: str, opts: EvalOptions) -> dict:
     from monoroute.data.facts import FactsWorld
-    from monoroute.facts.cli import check_facts_run
     from monoroute.facts.measure import Subject, edit, erase, recall, sample_facts, selectivity
     from monoroute.facts.sites import baseline_site, model_sites
     from monoroute.fileio import check_writable, write_json_atomic
@@ -72,7 +81,28 @@ def evaluate_run(run: str, opts: EvalOptions) -> dict:
     report["selectivity"] = selectivity(subject, world) if opts.selectivity else None
     report["seconds"] = round(time.perf_counter() - start, 1)
     write_json_atomic(out / report_name(opts), report)
+    refresh_analysis_page(Path(run))
     return report
+
+
+def refresh_analysis_page(run: Path) -> None:
+    """An analysed run's report.html gets (or updates) its facts section."""
+    import json
+
+    from monoroute.fileio import write_text_atomic
+    from monoroute.interp.report import build_html, run_circuits, run_facts
+
+    analysis = run / "analysis" / "report.json"
+    if not analysis.is_file():
+        return
+    try:
+        page = build_html(json.loads(analysis.read_text("utf-8")), run_circuits(run), run_facts(run))
+    except (json.JSONDecodeError, KeyError):
+        return  # an old or broken analysis: its page stays as it was; facts/*.json has the results
+    write_text_atomic(analysis.parent / "report.html", page)
+
+
+
 
 
 def check_context(world, tokenizer, block_size: int, run: str) -> None:
@@ -117,26 +147,3 @@ def train_baseline(loaded, opts: EvalOptions):
     return train_transcoder(model, store, layer, opts.latents, opts.latent_k,
                             opts.baseline_tokens or TRANSCODER_TOKENS, seed=opts.seed, device=opts.device,
                             progress=False)
-
-
-def headline(report: dict) -> dict:
-    """The numbers a table shows, flat."""
-    r, h, e, ed, sel = (report.get(k) for k in ("recall", "recall_heldout", "erase", "edit", "selectivity"))
-    out = {"run": report["run"], "units": report["units"], "params": report["params"],
-           "flops_per_token": report["flops_per_token"], "recall": r["accuracy"], "recall_heldout": h["accuracy"],
-           "facts_recalled": round(r["facts_recalled"]), "bits": round(r["bits"]),
-           "bits_per_param": report["bits_per_param"]}
-    if e:
-        out.update(erase_median_units=e["median_units"], erased_share=e["erased_share"],
-                   erase_specificity_other=e["specificity_other"],
-                   erase_specificity_same_person=e["specificity_same_person"], erase_n=e["n_facts"])
-    if ed and ed.get("n_edits"):
-        out.update(edit_success=ed["success"], edit_success_prompt=ed["success_prompt"],
-                   edit_specificity_other=ed["specificity_other"],
-                   edit_specificity_same_person=ed["specificity_same_person"], edit_n=ed["n_edits"])
-    if sel:
-        out.update(dedicated_people=sel["all_sites"]["dedicated_people_share"],
-                   median_top_person_share={k: v["median_top_person_share"] for k, v in sel.items()
-                                            if k != "all_sites"})
-    out["seconds"] = report.get("seconds")
-    return out

@@ -141,18 +141,25 @@ def cmd_compare(args) -> int:
     """Analyses side by side, then (for runs that have them) circuits: `monoroute circuits` results."""
     from monoroute.circuits.report import OUT_DIR, circuits_summary_rows, circuits_summary_table, load_circuits
 
-    reports, circuits = [], []
+    from monoroute.facts.report import facts_rows, facts_table, load_facts
+
+    reports, circuits, facts = [], [], []
     for run in args.runs:
         has_circuits = (Path(run) / OUT_DIR / "circuits.json").is_file()
         if has_circuits:
             circuits.append(load_circuits(run))
-        if not has_circuits or (Path(run) / "analysis" / "report.json").is_file():
-            reports.append(load_report(run))  # a run with neither gets load_report's error
+        run_facts = load_facts(run)
+        facts.extend(run_facts)
+        if not (has_circuits or run_facts) or (Path(run) / "analysis" / "report.json").is_file():
+            reports.append(load_report(run))  # a run with none of them gets load_report's error
     if args.json:
-        print(json.dumps({"rows": compare_rows(reports), "circuits": circuits_summary_rows(circuits)}))
+        print(json.dumps({"rows": compare_rows(reports), "circuits": circuits_summary_rows(circuits),
+                          "facts": facts_rows(facts)}))
     else:
         if reports:
             print(compare_table(reports))
         if circuits:
             print(circuits_summary_table(circuits))
+        if facts:
+            print(facts_table(facts))
     return 0

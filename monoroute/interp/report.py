@@ -202,8 +202,9 @@ def interventions_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def build_html(report: dict, circuits: dict | None = None) -> str:
-    """The analysis page; with `circuits` (RUN/circuits/circuits.json) also its circuits section."""
+def build_html(report: dict, circuits: dict | None = None, facts: list[dict] | None = None) -> str:
+    """The analysis page; with `circuits` (RUN/circuits/circuits.json) also its circuits section, with
+    `facts` (RUN/facts/*.json) its facts section."""
     m = report["model"]
     floor = report["unit_sets"].get("random_init", {})
     trained = next((report["unit_sets"][s] for s in ("routed_units", "dense_neurons") if s in report["unit_sets"]), {})
@@ -240,6 +241,10 @@ def build_html(report: dict, circuits: dict | None = None) -> str:
         from monoroute.circuits.report import circuits_section
 
         body.append(circuits_section(circuits))
+    if facts:
+        from monoroute.facts.report import facts_section
+
+        body.append(facts_section(facts))
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>monoroute analysis</title>"
             f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
 
@@ -270,7 +275,18 @@ def write_outputs(report: dict, folder: Path) -> None:
     if report["interventions"]:
         keys = [k for k in report["interventions"][0] if not isinstance(report["interventions"][0][k], (list, dict))]
         write_csv(folder / "interventions.csv", keys, [[r.get(k) for k in keys] for r in report["interventions"]])
-    write_text_atomic(folder / "report.html", build_html(report, run_circuits(folder.parent)))
+    write_text_atomic(folder / "report.html", build_html(report, run_circuits(folder.parent), run_facts(folder.parent)))
+
+
+def run_facts(run_dir: Path) -> list[dict] | None:
+    """The run's facts reports (for the report's facts section), or None."""
+    from monoroute.errors import MonorouteError
+    from monoroute.facts.report import load_facts
+
+    try:
+        return load_facts(run_dir) or None
+    except MonorouteError:
+        return None
 
 
 def run_circuits(run_dir: Path) -> dict | None:

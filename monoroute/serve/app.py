@@ -167,6 +167,33 @@ def circuits_view(store) -> dict:
                   "geomean_nodes": rep["geomean_nodes"], "tasks": tasks})
 
 
+def facts_view(store) -> dict:
+    """The facts view (monoroute facts eval): headline numbers per unit set, each erased fact's units
+    (units of the analysed layer carry `page: true`), and each unit's people at that layer."""
+    from fastapi import HTTPException
+
+    from monoroute.facts.report import facts_rows, load_facts
+
+    try:
+        reports = load_facts(store.run)
+    except MonorouteError as exc:
+        raise HTTPException(500, str(exc)) from None
+    if not reports:
+        raise HTTPException(404, f"run {store.name} has no facts report; run `monoroute facts eval {store.run}` first")
+    own = reports[0]
+    facts = []
+    for row in (own.get("erase") or {}).get("facts", []):
+        units = [{"site": label, "layer": int(label.rsplit(".L", 1)[1]), "unit": u,
+                  "page": label.endswith(f".L{store.layer}") and label.startswith(own["units"])}
+                 for label, u in row.get("unit_ids", [])]
+        facts.append({k: row.get(k) for k in ("person", "attribute", "units", "specificity_other",
+                                              "specificity_same_person")} | {"unit_list": units})
+    site = f"{own['units']}.L{store.layer}"
+    people = ((own.get("selectivity") or {}).get(site) or {}).get("unit_people", {})
+    return _json({"run": store.name, "layer": store.layer, "set": store.own_set, "rows": facts_rows(reports),
+                  "facts": facts, "unit_people": people})
+
+
 def create_app(stores: list):
     """The FastAPI app over already-loaded `AnalysisStore`s (their order gives the run ids)."""
     from fastapi import Body, FastAPI, HTTPException, Query, Request
@@ -253,6 +280,10 @@ def create_app(stores: list):
     @app.get("/api/runs/{r}/circuits")
     def circuits(r: int):
         return circuits_view(get_store(r))
+
+    @app.get("/api/runs/{r}/facts")
+    def facts(r: int):
+        return facts_view(get_store(r))
 
     def prompt_args(body: dict, store) -> tuple[str, str]:
         text = body.get("text")

@@ -72,7 +72,8 @@ function setNav(here) {
   const r = parseHash().parts[1] || 0;
   const own = RUNS && RUNS[r] ? RUNS[r].sets[0].name : "";
   const links = [["overview", "#/", "Overview"], ["units", `#/units/${r}/${encodeURIComponent(own)}`, "Units"],
-                 ["prompt", `#/prompt/${r}`, "Live prompt"], ["circuits", `#/circuits/${r}`, "Circuits"]];
+                 ["prompt", `#/prompt/${r}`, "Live prompt"], ["circuits", `#/circuits/${r}`, "Circuits"],
+                 ["facts", `#/facts/${r}`, "Facts"]];
   $nav.innerHTML = links.map(([k, href, label]) => `<a href="${href}" class="${k === here ? "here" : ""}" id="nav-${k}">${label}</a>`).join("");
 }
 
@@ -358,6 +359,28 @@ async function viewCircuits(r) {
       <th>attention</th><th>all nodes</th><th>necessity</th><th>control</th></tr>${rows.join("")}</table>`;
 }
 
+// --- facts: a fact's units, a unit's people (monoroute facts eval) ---------------------------------
+async function viewFacts(r) {
+  setNav("facts");
+  const f = await api(`/api/runs/${r}/facts`);
+  const unitLink = x => x.page ? `<a class="fact-unit" href="${unitHref(r, f.set, x.unit)}">L${x.layer}:${x.unit}</a>`
+                               : `<span class="muted">${esc(x.site)}:${x.unit}</span>`;
+  const heads = f.rows.map(h => `<tr><td>${esc(h.units)}</td><td>${fmt(h.recall)}</td><td>${fmt(h.recall_heldout)}</td>
+      <td>${fmt(h.erase_median_units, 1)}</td><td>${fmt(h.erase_specificity_other)}</td><td>${fmt(h.edit_success)}</td>
+      <td>${fmt(h.dedicated_people)}</td></tr>`).join("");
+  const facts = f.facts.map(x => `<tr class="fact-row"><td>${esc(String(x.person))}</td><td>${esc(x.attribute)}</td>
+      <td>${x.units === null ? "not erased" : x.units}</td><td>${fmt(x.specificity_other)}</td>
+      <td>${x.unit_list.map(unitLink).join(" ")}</td></tr>`).join("");
+  const people = Object.entries(f.unit_people).slice(0, 200).map(([u, ps]) =>
+      `<tr><td><a href="${unitHref(r, f.set, +u)}">${u}</a></td><td>${ps.map(p => `${esc(p[0])} (${p[1]}/${p[2]})`).join(", ")}</td></tr>`).join("");
+  $main.innerHTML = `<h2>Facts: ${esc(runName(r))}</h2>
+    <table id="facts-summary"><tr><th>units</th><th>recall</th><th>held-out</th><th>erase units</th><th>erase spec.</th>
+      <th>edit ok</th><th>dedicated</th></tr>${heads}</table>
+    <h2>Erased facts and their units</h2><table id="facts-table"><tr><th>person</th><th>attribute</th><th>units</th>
+      <th>specificity</th><th>units zeroed</th></tr>${facts}</table>
+    <h2>Units of layer ${f.layer} and their people</h2><table id="unit-people"><tr><th>unit</th><th>top people (firings / all)</th></tr>${people}</table>`;
+}
+
 // --- router ----------------------------------------------------------------------------------------
 async function route() {
   try {
@@ -367,6 +390,7 @@ async function route() {
     if (parts[0] === "unit" && parts.length === 4) return await viewUnit(+parts[1], parts[2], +parts[3]);
     if (parts[0] === "prompt") return await viewPrompt(+(parts[1] || 0), params);
     if (parts[0] === "circuits") return await viewCircuits(+(parts[1] || 0));
+    if (parts[0] === "facts") return await viewFacts(+(parts[1] || 0));
     return await viewOverview();
   } catch (e) { showError(e); }
 }

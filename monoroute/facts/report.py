@@ -1,0 +1,84 @@
+"""Reading `facts eval` reports back: one row per (run, unit set) for `compare` and the browser."""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from monoroute.errors import MonorouteError
+from monoroute.tables import fmt
+
+OUT_DIR = "facts"
+REPORTS = ("units", "sae", "transcoder")
+# (column header, key of facts.run.headline)
+COLUMNS = [("units", "units"), ("recall", "recall"), ("held-out", "recall_heldout"), ("bits", "bits"),
+           ("erase units (median)", "erase_median_units"), ("erased", "erased_share"),
+           ("erase spec.", "erase_specificity_other"), ("edit ok", "edit_success"),
+           ("edit spec.", "edit_specificity_other"), ("dedicated", "dedicated_people")]
+
+
+def load_facts(run: str | Path) -> list[dict]:
+    """The run's facts reports (its own units first, then SAE / transcoder); [] when it has none."""
+    out = []
+    for name in REPORTS:
+        path = Path(run) / OUT_DIR / f"{name}.json"
+        if path.is_file():
+            try:
+                out.append(json.loads(path.read_text(encoding="utf-8")))
+            except json.JSONDecodeError as exc:
+                raise MonorouteError(f"{path} is not valid JSON ({exc}); run `monoroute facts eval {run}` "
+                                     f"again") from None
+    return out
+
+
+def facts_rows(reports: list[dict]) -> list[dict]:
+    return [headline(r) for r in reports]
+
+
+def facts_table(reports: list[dict]) -> str:
+    rows = facts_rows(reports)
+    header = ["run"] + [h for h, _ in COLUMNS]
+    lines = [[r["run"]] + [fmt(r.get(k)) for _, k in COLUMNS] for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+    out.append("(facts eval: multiple-choice recall on a training template and the held-out one; bits stored; "
+               "erase: attribution-ranked units zeroed until the fact is lost, specificity = other people's facts "
+               "kept; edit: output rows of the erase set rewritten, success on prompt and paraphrase; dedicated: "
+               "share of people with a unit of precision >= 0.9, recall >= 0.5)")
+    return "\n".join(out)
+
+
+def facts_section(reports: list[dict]) -> str:
+    """The analysis page's facts section."""
+    rows = facts_rows(reports)
+    out = ["<h2>Facts (monoroute facts eval)</h2><table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h, _ in COLUMNS)
+           + "</tr>"]
+    for r in rows:
+        out.append("<tr>" + "".join(f"<td>{html.escape(fmt(r.get(k)))}</td>" for _, k in COLUMNS) + "</tr>")
+    out.append("</table><p class='muted'>Recall: multiple choice among the attribute's values; erase: attribution-"
+               "ranked units zeroed until the fact is lost; specificity: other people's facts kept.</p>")
+    return "\n".join(out)
+
+
+def headline(report: dict) -> dict:
+    """The numbers a table shows, flat."""
+    r, h, e, ed, sel = (report.get(k) for k in ("recall", "recall_heldout", "erase", "edit", "selectivity"))
+    out = {"run": report["run"], "units": report["units"], "params": report["params"],
+           "flops_per_token": report["flops_per_token"], "recall": r["accuracy"], "recall_heldout": h["accuracy"],
+           "facts_recalled": round(r["facts_recalled"]), "bits": round(r["bits"]),
+           "bits_per_param": report["bits_per_param"]}
+    if e:
+        out.update(erase_median_units=e["median_units"], erased_share=e["erased_share"],
+                   erase_specificity_other=e["specificity_other"],
+                   erase_specificity_same_person=e["specificity_same_person"], erase_n=e["n_facts"])
+    if ed and ed.get("n_edits"):
+        out.update(edit_success=ed["success"], edit_success_prompt=ed["success_prompt"],
+                   edit_specificity_other=ed["specificity_other"],
+                   edit_specificity_same_person=ed["specificity_same_person"], edit_n=ed["n_edits"])
+    if sel:
+        out.update(dedicated_people=sel["all_sites"]["dedicated_people_share"],
+                   median_top_person_share={k: v["median_top_person_share"] for k, v in sel.items()
+                                            if k != "all_sites"})
+    out["seconds"] = report.get("seconds")
+    return out
