@@ -140,9 +140,10 @@ def test_scores_equal_float64_reference():
 # --- erase on a hand-built model: one unit stores one fact ----------------------------------------------
 
 class OneFactModel(nn.Module):
-    """Byte logits that know every fact of a world directly, except fact `stored`, which only unit 0
-    of a 16-unit site knows: unit 0 is 1 on the positions of that fact's prompt and value, and there
-    adds +12 to the next byte of the true value. Units 1..15 fire everywhere and do nothing."""
+    """Byte logits that know every fact of a world directly (+12 on the next byte of the true value),
+    except fact `stored`, which only unit 0 of a 16-unit site knows: unit 0 is 1 on the positions of
+    that fact's prompt and value, and there adds +24 to the next byte of the true value, while the
+    direct path prefers a wrong value (+12). Units 1..15 fire everywhere and do nothing."""
 
     def __init__(self, world: FactsWorld, tokenizer, stored: tuple[int, int]) -> None:
         super().__init__()
@@ -155,8 +156,14 @@ class OneFactModel(nn.Module):
                 for family in ("train", "heldout"):
                     for t in range(len(ATTRIBUTES[a].templates)):
                         q = world.query(p, a, family, template=t)
-                        prompt = list(tokenizer.boundary_ids()) + tokenizer.encode(q.prefix)
-                        self.paths[tuple(prompt)] = (tokenizer.encode(q.value + "."), (p, a) == stored)
+                        prompt = tuple(tokenizer.boundary_ids()) + tuple(tokenizer.encode(q.prefix))
+                        values = ATTRIBUTES[a].values
+                        if (p, a) == stored:
+                            wrong = values[(values.index(q.value) + 1) % len(values)]
+                            self.paths[prompt] = [(tokenizer.encode(q.value + "."), True),
+                                                  (tokenizer.encode(wrong + "."), False)]
+                        else:
+                            self.paths[prompt] = [(tokenizer.encode(q.value + "."), False)]
 
     @contextmanager
     def hooks(self, pairs):
@@ -171,19 +178,20 @@ class OneFactModel(nn.Module):
         fire[..., 1:] = 1.0
         for b in range(B):
             row = idx[b].tolist()
-            for prompt, (value, stored) in self.paths.items():
+            for prompt, paths in self.paths.items():
                 n = len(prompt)
-                if row[:n] != list(prompt):
+                if tuple(row[:n]) != prompt:
                     continue
-                for i, byte in enumerate(value):
-                    t = n - 1 + i
-                    if t >= T or (i and row[n + i - 1] != value[i - 1]):
-                        break
-                    if stored:
-                        fire[b, t, 0] = 1.0
-                        boost[b, t, byte] = 12.0
-                    else:
-                        direct[b, t, byte] = 12.0
+                for value, stored in paths:
+                    for i, byte in enumerate(value):
+                        t = n - 1 + i
+                        if t >= T or (i and row[n + i - 1] != value[i - 1]):
+                            break
+                        if stored:
+                            fire[b, t, 0] = 1.0
+                            boost[b, t, byte] = 24.0
+                        else:
+                            direct[b, t, byte] = 12.0
         acts = self.point(fire)
         return logits + direct + acts[..., :1] * boost, None
 

@@ -9,8 +9,9 @@ routed, and on a dense model with an SAE or transcoder spliced in.
   P · max(0, log2 V − mean cross-entropy of the true value in bits), summed over attributes.
 - erase: per known fact, units are ranked by attribution (act × grad of the true value's
   log-probability among the candidates, summed over the prompt's positions, every site); the
-  smallest K such that zeroing the top K makes the model lose the fact is found by doubling then
-  bisection. Specificity under that ablation: the share of control facts the model knew that it
+  smallest K such that zeroing the top K makes the model lose the fact — the true value's
+  probability among the candidates falls below chance, 1/V, so a fact known by a thin margin is
+  not "erased" by nudging it off the top — is found by doubling then bisection. Specificity under that ablation: the share of control facts the model knew that it
   still knows: the same person's other attributes, and other people's facts.
 - edit: the erase set's output rows (a routed unit's w_out row, a dense neuron's down column, a
   latent's decoder row) are optimised so that a new value wins on the prompt; success means it
@@ -196,8 +197,11 @@ def erase(subject: Subject, world: FactsWorld, facts: list[tuple[int, int]], max
         enc = controls.enc((person, attribute))
         ranked = attribution(subject, enc)
 
-        def lost(k):
-            return not correct(subject.scores([enc], as_ablation(ranked, k))[0], enc.true)
+        chance = math.log(1 / len(enc.candidates))
+
+        def lost(k):  # the true value falls below chance, not only off the top
+            scores = subject.scores([enc], as_ablation(ranked, k))[0]
+            return float(scores.double().log_softmax(0)[enc.true]) < chance
 
         k = smallest_erasing(lost, len(ranked), max_units)
         row = {"person": person, "attribute": ATTRIBUTES[attribute].name, "units": k,
@@ -235,8 +239,8 @@ def summarise_erase(rows: list[dict], max_units: int) -> dict:
 
 # --- edit ----------------------------------------------------------------------------------------
 
-def edit(subject: Subject, world: FactsWorld, erase_rows: list[dict], n: int = 32, steps: int = 40,
-         lr: float = 0.05, n_other: int = 20, seed: int = 0) -> dict:
+def edit(subject: Subject, world: FactsWorld, erase_rows: list[dict], n: int = 32, steps: int = 60,
+         lr: float = 0.2, n_other: int = 20, seed: int = 0) -> dict:
     """Rewrite one fact at a time through its erase set's output rows; every edit is undone after."""
     labels = {s.label: i for i, s in enumerate(subject.sites)}
     controls = Controls(subject, world)
