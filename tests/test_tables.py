@@ -32,3 +32,13 @@ def test_every_metrics_reader_skips_the_same_bad_lines(tmp_path):
     assert median_tokens_per_s(tmp_path) == 200.0  # used to give None for the whole file on one bad line
     assert run_val_loss(tmp_path) == 2.5
     assert read_metrics(tmp_path / "missing") == [] and median_tokens_per_s(tmp_path / "missing") is None
+
+
+def test_aligned_lines_and_html_page():
+    from monoroute.tables import CSS, aligned_lines, html_page
+
+    assert aligned_lines(["a", "bb"], [["xyz", 1], ["q", 22]]) == ["a    bb", "xyz  1 ", "q    22"]
+    assert aligned_lines(["a", "bb"], [["xyz", 1]], strip=True) == ["a    bb", "xyz  1"]
+    page = html_page("t<1>", "<p>x</p>")
+    assert page.startswith("<!doctype html>") and "<title>t&lt;1&gt;</title>" in page and CSS in page
+    assert page.endswith("<p>x</p></body></html>")

@@ -8,13 +8,10 @@ from pathlib import Path
 
 from monoroute.circuits.search import CHANCE
 from monoroute.errors import MonorouteError
-from monoroute.tables import fmt
+from monoroute.tables import aligned_lines, fmt, html_page
 
 OUT_DIR = "circuits"  # RUN/circuits/: circuits.json, circuits.csv, report.html
 
-CSS = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
-       "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}td:first-child,th:first-child{text-align:left}"
-       ".muted{color:#666}code{font-size:90%}")
 
 
 def _f(v, digits: int = 3) -> str:
@@ -61,9 +58,8 @@ def circuits_section(report: dict) -> str:
 
 
 def render_html(report: dict) -> str:
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>monoroute circuits</title><style>{CSS}</style>"
-            f"</head><body><h1>monoroute circuits: {html.escape(report['run'])}</h1>{circuits_section(report)}"
-            f"</body></html>")
+    return html_page("monoroute circuits",
+                     f"<h1>monoroute circuits: {html.escape(report['run'])}</h1>{circuits_section(report)}")
 
 
 def load_circuits(run: str | Path) -> dict | None:
@@ -94,11 +90,9 @@ def circuits_summary_table(reports: list[dict]) -> str:
               f"{r['tasks_done']} of {r['tasks_done'] + len(r['tasks_cannot_do'])}", _g(r["geomean_units"]),
               _g(r["geomean_nodes"]), f3(r["mean_necessity_loss"]), f3(r["mean_control_keep_loss"])]
              for r in circuits_summary_rows(reports)]
-    widths = [max(len(x) for x in col) for col in zip(header, *lines)]
     out = ["circuits (monoroute circuits): geometric means over the tasks each run can do at its target; "
            "necessity / control: mean task loss with only the circuit ablated / a random same-size set kept (chance 0.693)",
-           "  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+           *aligned_lines(header, lines)]
     return "\n".join(out)
 
 

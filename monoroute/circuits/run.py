@@ -17,6 +17,7 @@ import torch
 
 from monoroute.circuits.nodes import compute_means, node_groups
 from monoroute.circuits.report import OUT_DIR, _g
+from monoroute.tables import aligned_lines
 from monoroute.circuits.search import CHANCE, SearchOptions, find_circuit, geomean, make_batch, task_loss
 from monoroute.circuits.tasks import select_tasks
 from monoroute.errors import MonorouteError
@@ -209,9 +210,7 @@ def table(reports: list[dict]) -> str:
                           f"{r['control_keep_loss']:.3f}"])
         gu, gn = rep.get("geomean_units"), rep.get("geomean_nodes")
         lines.append([rep["run"], f"geomean ({rep['tasks_done']} tasks)", "", "", _g(gu), "", "", _g(gn), "", ""])
-    widths = [max(len(x) for x in col) for col in zip(header, *lines)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+    out = aligned_lines(header, lines)
     out.append(f"(task losses in nats, binary over the two candidate bytes, on the held-out pairs; chance {CHANCE:.3f}. "
                "circuit: the smallest top-ranked node set reaching the target with all other nodes ablated; "
                "necessity: only the circuit ablated; control: a random set of the same size per hook point, kept alone)")

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from monoroute.data.facts import ATTRIBUTES, FactsWorld, Query, render
+from monoroute.data.facts import ATTRIBUTES, FactsWorld, render
 from monoroute.facts.score import Encoded, correct, encode_query, score_queries, score_sequences, sequences
 from monoroute.facts.sites import Attribution, Site, ablate, active_units, attached
 

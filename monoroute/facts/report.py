@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from monoroute.errors import MonorouteError
-from monoroute.tables import fmt
+from monoroute.tables import aligned_lines, fmt
 
 OUT_DIR = "facts"
 REPORTS = ("units", "sae", "transcoder")
@@ -39,9 +39,7 @@ def facts_table(reports: list[dict]) -> str:
     rows = facts_rows(reports)
     header = ["run"] + [h for h, _ in COLUMNS]
     lines = [[r["run"]] + [fmt(r.get(k)) for _, k in COLUMNS] for r in rows]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+    out = aligned_lines(header, lines)
     out.append("(facts eval: multiple-choice recall on a training template and the held-out one; bits stored; "
                "erase: attribution-ranked units zeroed until the fact is lost, specificity = other people's facts "
                "kept; edit: output rows of the erase set rewritten, success on prompt and paraphrase; dedicated: "

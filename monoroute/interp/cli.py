@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from monoroute.errors import MonorouteError
+from monoroute.tables import aligned_lines
 
 # (column header, where in report.json: ("model", key) or (unit-set-key, metric))
 COMPARE_MODEL = [("val loss", "val_loss"), ("FLOPs/token", "flops_per_token"), ("active params", "active_params"),
@@ -126,9 +127,7 @@ def compare_table(reports: list[dict]) -> str:
             cells.append(cell)
         cells.append(_cell(row["spliced_val_loss"], "spliced_val_loss"))
         lines.append(cells)
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+    out = aligned_lines(header, lines)
     out.append("(in brackets: the same architecture at its initialisation (the model's for its own units, the untrained "
                "SAE / transcoder for theirs); coverage: unit chosen on half the documents, scored on the other; "
                "in-sample: chosen and scored on all; coverage@5: OR of up to 5 units; purity null: the same units' "

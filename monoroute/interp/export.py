@@ -682,10 +682,9 @@ INDEX_COLUMNS = ("n_firings", "density", "max_act", "mean_act", "best_concept", 
 
 
 def _page(title: str, body: str) -> str:
-    from monoroute.interp.report import CSS
+    from monoroute.tables import html_page
 
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{CSS}</style></head><body>{body}</body></html>")
+    return html_page(title, body)
 
 
 def _cell(value) -> str:

@@ -118,14 +118,7 @@ def plot_frontier(points: list[dict]) -> str:
 
 
 # --- HTML -------------------------------------------------------------------------------------------
-CSS = """
-body{font-family:system-ui,sans-serif;margin:24px;max-width:1200px;color:#222}
-table{border-collapse:collapse;margin:8px 0 18px}td,th{border:1px solid #ccc;padding:3px 7px;font-size:13px;text-align:right}
-th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.floor{color:#888;font-size:11px}
-.ctx{font-family:ui-monospace,monospace;font-size:12px;white-space:pre;margin:2px 0;line-height:1.6}
-.ctx span{border-radius:2px}.focus{outline:1px solid #000}.dash{border:1px solid #ddd;padding:8px 12px;margin:12px 0}
-.muted{color:#777;font-size:12px}img{max-width:100%}
-"""
+from monoroute.tables import html_page  # noqa: E402  (one stylesheet for every page)
 
 
 def shade(tokens: list[str], acts: list[float], peak: float, focus: int) -> str:
@@ -245,8 +238,7 @@ def build_html(report: dict, circuits: dict | None = None, facts: list[dict] | N
         from monoroute.facts.report import facts_section
 
         body.append(facts_section(facts))
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>monoroute analysis</title>"
-            f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
+    return html_page("monoroute analysis", "".join(body))
 
 
 def write_outputs(report: dict, folder: Path) -> None:

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from monoroute.fileio import write_json_atomic, write_text_atomic
+from monoroute.tables import aligned_lines
 from monoroute.train.config import RunConfig
 
 FORMAT = 1
@@ -137,9 +138,7 @@ def text_table(rows: list[dict]) -> str:
                           _num(r["sae_l0"], 2), "", "", "", _with_floor(r, "sae_coverage", "sae_coverage_sae_init"), "",
                           _num(r["sae_mean_purity"]),
                           "", _num(r["sae_sparse_probe_f1"]), _num(r["sae_explanation_f1"])])
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
-    out += ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
+    out = aligned_lines(header, lines, strip=True)
     out.append("(in brackets: the same architecture at random init; coverage: held-out (unit chosen on half the "
                "documents, scored on the other); purity null: the same firing counts at "
                "random positions; SAE rows: val loss with the SAE spliced in)")
