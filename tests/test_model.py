@@ -18,7 +18,8 @@ def model_for(**kw):
     [dict(ffn="dense"), dict(ffn="routed"), dict(ffn="routed", router="dense"), dict(ffn="dense,routed", d_key=16),
      dict(ffn="routed", router_heads=4), dict(ffn="routed", coupling="preact"),
      dict(ffn="routed", router="cluster", router_probes=3), dict(ffn="routed", coupling="rerank", router_candidates=40),
-     dict(ffn="routed", router="factored", router_candidates=24)],
+     dict(ffn="routed", router="factored", router_candidates=24),
+     dict(ffn="routed", router="multi_pool", router_pools=4, coupling="preact", k=8)],
 )
 def test_analytic_flops_match_flop_counter(kw):
     model = model_for(**kw)
