@@ -318,3 +318,13 @@ def test_facts_eval_refuses_other_corpora(tmp_path, capsys):
     assert not (run / "facts").exists()
     assert main(["facts", "make", "people=99999999", "--out", str(tmp_path / "c")]) == 2
     assert "name space" in capsys.readouterr().err and not (tmp_path / "c").exists()
+
+
+def test_capacity_points_group_and_sort():
+    from monoroute.facts.report import capacity_points
+
+    reps = [{"run": f"runs/{m}-p{p}", "spec": f"facts:people={p},exposures=1,seed=0,middle=0",
+             "recall": {"accuracy": acc, "facts_recalled": acc * p * 6}}
+            for m, p, acc in (("dense", 200, 0.2), ("dense", 50, 0.6), ("routed", 50, 0.3))]
+    curves = capacity_points(reps, lambda r: r["run"].split("/")[1].split("-")[0])
+    assert curves == {"dense": [(50, 0.6, 180.0), (200, 0.2, 240.0)], "routed": [(50, 0.3, 90.0)]}

@@ -37,6 +37,13 @@ def add_parser(sub) -> None:
     e.add_argument("--device", default="cpu")
     e.add_argument("--json", action="store_true", help="print the headline numbers as one JSON object")
     e.set_defaults(func=cmd_eval)
+    c = fsub.add_parser("plot", help="capacity curve: recall against people, from evaluated runs")
+    c.add_argument("runs", nargs="+", help="run directories with RUN/facts/units.json")
+    c.add_argument("--label", action="append", default=[], metavar="SUBSTRING=NAME",
+                   help="name the curve of runs whose path contains SUBSTRING (first match wins; default: "
+                        "the unit kind)")
+    c.add_argument("--out", required=True, help="PNG file")
+    c.set_defaults(func=cmd_plot)
 
 
 def cmd_make(args) -> int:
@@ -91,4 +98,29 @@ def cmd_eval(args) -> int:
     else:
         for key, value in headline(report).items():
             print(f"{key:>32}: {value}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from monoroute.facts.report import capacity_points, load_facts, plot_capacity
+
+    labels = []
+    for item in args.label:
+        key, eq, name = item.partition("=")
+        if not eq:
+            raise MonorouteError(f"--label takes SUBSTRING=NAME, got {item!r}")
+        labels.append((key, name))
+    reports = []
+    for run in args.runs:
+        own = [r for r in load_facts(run) if r["units"] not in ("sae", "transcoder")]
+        if not own:
+            raise MonorouteError(f"{run} has no facts report; run `monoroute facts eval {run}` first")
+        reports.append(own[0])
+
+    def label_of(rep):
+        return next((name for key, name in labels if key in rep["run"]), rep["units"])
+
+    curves = capacity_points(reports, label_of)
+    plot_capacity(curves, args.out)
+    print(json.dumps({"out": args.out, "curves": curves}))
     return 0

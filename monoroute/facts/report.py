@@ -80,3 +80,38 @@ def headline(report: dict) -> dict:
                                             if k != "all_sites"})
     out["seconds"] = report.get("seconds")
     return out
+
+
+def capacity_points(reports: list[dict], label_of) -> dict[str, list[tuple[int, float, float]]]:
+    """label -> sorted [(people, recall, facts recalled)] from facts reports (one per run)."""
+    from monoroute.data.facts import FactsSpec
+
+    curves: dict[str, list] = {}
+    for rep in reports:
+        people = FactsSpec.parse(rep["spec"]).people
+        curves.setdefault(label_of(rep), []).append((people, rep["recall"]["accuracy"], rep["recall"]["facts_recalled"]))
+    return {k: sorted(v) for k, v in curves.items()}
+
+
+def plot_capacity(curves: dict[str, list], path: str | Path) -> None:
+    """Recall and facts recalled against the number of people, one line per model family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, pts in curves.items():
+        people = [p for p, _, _ in pts]
+        a.plot(people, [r for _, r, _ in pts], "o-", label=label)
+        b.plot(people, [n for _, _, n in pts], "o-", label=label)
+    a.axhline(0.5, color="#999", lw=0.8, ls="--")
+    for ax, what in ((a, "recall (multiple choice, training template)"), (b, "facts recalled (of people x 6)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("people (equal training tokens: 8.2M)")
+        ax.set_ylabel(what)
+        ax.grid(alpha=0.3)
+    a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
