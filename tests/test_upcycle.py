@@ -451,3 +451,54 @@ def test_a_one_step_stage_1_completes(teacher, tmp_path, capsys):
     record = json.loads((out / "upcycle" / "stage1.json").read_text())
     assert math.isfinite(record["val_loss_spliced"]) and record["resumed_at"] is None
     assert main(["eval", str(out), "--json"]) == 0 and json.loads(capsys.readouterr().out.splitlines()[-1])["step"] == 2
+
+
+def test_stage_1_reads_only_the_training_split(teacher, tmp_path, monkeypatch):
+    from monoroute.data.token_store import TokenStore
+
+    calls = []
+    original = TokenStore.batch
+
+    def recording(self, *args, **kwargs):
+        calls.append(kwargs.get("split", "train"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(TokenStore, "batch", recording)
+    assert upcycle(teacher, tmp_path / "up", "--steps", "1") == 0
+    stage1_steps = 1536 // (4 * 64)
+    assert len(calls) >= stage1_steps and set(calls) == {"train"}  # stage 1 and stage 2 never draw val windows
+
+
+def test_the_kl_term_uses_the_frozen_teacher_in_eval_mode_without_grad(teacher, tmp_path, monkeypatch):
+    """Stage 2's loss is CE + aux + kl_coef · KL(teacher ‖ student), the teacher in eval mode under no_grad."""
+    import monoroute.train.trainer as trainer
+
+    seen = []
+    real_load, real_kl = trainer.load_teacher, trainer.distill_kl
+
+    def load(*args, **kwargs):
+        t = real_load(*args, **kwargs)
+        forward = t.forward
+
+        def spy(x, *a, **k):
+            seen.append(("teacher", t.training, torch.is_grad_enabled(), any(p.requires_grad for p in t.parameters())))
+            return forward(x, *a, **k)
+
+        t.forward = spy
+        return t
+
+    def kl(student, teacher_logits, temperature):
+        value = real_kl(student, teacher_logits, temperature)
+        seen.append(("kl", student.requires_grad, teacher_logits.requires_grad, temperature))
+        return value
+
+    monkeypatch.setattr(trainer, "load_teacher", load)
+    monkeypatch.setattr(trainer, "distill_kl", kl)
+    assert upcycle(teacher, tmp_path / "up", "--steps", "2") == 0
+    teacher_calls = [s for s in seen if s[0] == "teacher"]
+    kl_calls = [s for s in seen if s[0] == "kl"]
+    assert len(kl_calls) == 2 and len(teacher_calls) >= 2  # one KL per training step (grad_accum 1)
+    assert all(s[1:] == (False, False, False) for s in teacher_calls)  # eval mode, no grad, frozen weights
+    assert all(s[1] is True and s[2] is False and s[3] == 1.0 for s in kl_calls)  # gradient reaches the student only
+    logged = [m["kl"] for m in metrics(tmp_path / "up") if "kl" in m]
+    assert len(logged) >= 1 and all(v >= 0 for v in logged)
