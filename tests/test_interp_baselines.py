@@ -204,11 +204,28 @@ def test_spliced_loss_identity_is_clean_and_zeros_is_zero_ablation(model, store)
     assert isinstance(same, tuple) and len(same) == 3  # unpacks as (clean, spliced, zero)
 
 
-def test_spliced_loss_with_trained_baselines_lies_between_the_ends(model, store, sae_pair, transcoder_pair):
+def test_spliced_loss_with_trained_baselines_equals_a_hand_splice(model, store, sae_pair, transcoder_pair):
+    """Each of the three losses equals the mean CE computed here by replacing the target activation by
+    hand (reconstruction of the input the baseline reads, or zeros), and loss_recovered its formula."""
+    import torch.nn.functional as F
+
     for base in (sae_pair[1], transcoder_pair[1]):
         result = B.spliced_loss(model, base, store, batches=2, batch_size=4)
-        assert all(torch.isfinite(torch.tensor(v)) for v in result)
-        assert result.loss_recovered is not None
+        sums = {"clean": [], "spliced": [], "zero": []}
+        with torch.no_grad():
+            for x, y in store.eval_batches(4, model.cfg.block_size, 2, split="val"):
+                _, cache = model.run_with_cache(x, names_filter=[base.input_hook])
+                recon = base.reconstruct(base.input_of(cache))
+                for name, fn in (("clean", None), ("spliced", lambda a, h: recon.view_as(a)),
+                                 ("zero", lambda a, h: torch.zeros_like(a))):
+                    logits = model.run_with_hooks(x, [] if fn is None else [(base.target_hook, fn)])
+                    sums[name].append(F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()).item())
+        hand = {k: sum(v) / len(v) for k, v in sums.items()}
+        assert result.clean == pytest.approx(hand["clean"], abs=1e-5)
+        assert result.spliced == pytest.approx(hand["spliced"], abs=1e-5)
+        assert result.zero == pytest.approx(hand["zero"], abs=1e-5)
+        assert result.loss_recovered == pytest.approx((hand["zero"] - hand["spliced"]) / (hand["zero"] - hand["clean"]),
+                                                      rel=1e-4)
 
 
 # --- encode ---------------------------------------------------------------------------------------------
