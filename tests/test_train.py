@@ -162,7 +162,7 @@ def test_corrupt_checkpoint_is_detected_by_train_eval_and_sample(run, tmp_path, 
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["train", "--preset", "huge"], "unknown preset 'huge'; choose one of tiny, cpu-small, cpu-long, gpt2-small"),
+        (["train", "--preset", "huge"], "unknown preset 'huge'; choose one of tiny, cpu-small, cpu-long, facts, gpt2-small"),
         (["train", "--set", "n_unit=4"], "unknown config key 'n_unit'; valid keys:"),
         (["train", "--k", "300"], "k must be between 1 and n_units=256"),
         (["train", "--n-units", "300"], "perfect square, got 300; use 289 or 324"),
