@@ -8,8 +8,10 @@ import torch
 
 from monoroute.circuits.masks import CircuitMask
 from monoroute.circuits.nodes import compute_means, node_groups
-from monoroute.circuits.search import SearchOptions, find_circuit, loss_with, make_batch, task_loss
-from monoroute.circuits.tasks import TASKS, Task, select_tasks
+from monoroute.circuits.search import (SearchOptions, bisect_circuit, find_circuit, loss_with, make_batch, swap_units,
+                                       task_activity, task_loss, with_task_live)
+from monoroute.circuits.tasks import TASKS, Task, fact_tasks, select_tasks
+from monoroute.data.facts import FactsSpec, FactsWorld
 from monoroute.data.tokenizers import ByteTokenizer
 from monoroute.errors import MonorouteError
 from monoroute.hooks import SparseActivations
@@ -37,6 +39,42 @@ def test_at_least_twelve_tasks_whose_completed_pairs_parse():
         assert len({p.a.prompt for p in pairs}) >= 30, task.name
         # every pair of a task poses the same binary choice
         assert len({(p.a.answer, p.b.answer) for p in pairs}) == 1, task.name
+
+
+@pytest.mark.parametrize("name", sorted(TASKS) + ["fact_birth_city", "fact_employer"])
+def test_the_three_splits_share_no_prompt(name):
+    task = TASKS.get(name) or fact_tasks(FactsWorld(FactsSpec.parse("people=30")))[name]
+    splits = task.splits(48, 3, seed=0)
+    assert [len(s) for s in splits] == [16, 16, 16]
+    prompts = [ex.prompt for split in splits for p in split for ex in (p.a, p.b)]
+    assert len(prompts) == 96 and len(set(prompts)) == 96  # no prompt twice, within or across the splits
+    assert task.splits(48, 3, seed=0) == splits != task.splits(48, 3, seed=1)  # seeded
+
+
+def test_fact_tasks_differ_only_in_the_person_and_answer_with_their_own_values():
+    world = FactsWorld(FactsSpec.parse("people=30"))
+    tasks = fact_tasks(world)
+    assert sorted(tasks) == sorted(f"fact_{a}" for a in ("birth_month", "birth_year", "birth_city", "university",
+                                                         "major", "employer"))
+    by_name = {n: i for i, n in enumerate(world.names)}
+    for pair in tasks["fact_birth_city"].pairs(20, seed=0):
+        for ex in (pair.a, pair.b):
+            assert ex.prompt.startswith("\n\n")  # the document separator, as a biography starts in training
+            person = next(p for n, p in by_name.items() if n in ex.prompt)
+            assert ex.text.endswith(" " + world.value(person, 2) + ".")  # the person's own city, completed
+        assert pair.a.answer != pair.b.answer
+        name_a = next(n for n in by_name if n in pair.a.prompt)
+        name_b = next(n for n in by_name if n in pair.b.prompt)
+        assert name_a != name_b and pair.a.prompt.replace(name_a, name_b) == pair.b.prompt  # only the name differs
+    for pair in tasks["fact_birth_year"].pairs(20, seed=0):  # years share "19" (or "196"): asked is the first byte after
+        year_a, year_b = (ex.text.rsplit(" ", 1)[1].rstrip(".") for ex in (pair.a, pair.b))
+        shared = pair.a.prompt.rsplit(" ", 1)[1]
+        assert shared == pair.b.prompt.rsplit(" ", 1)[1] and shared.startswith("19") and len(shared) in (2, 3)
+        assert year_a[len(shared)] != year_b[len(shared)] and year_a.startswith(shared) and year_b.startswith(shared)
+    # the Python tasks are the default of a run on another corpus; fact tasks need a facts world
+    assert [t.name for t in select_tasks([], world)] == list(tasks)
+    with pytest.raises(MonorouteError, match="fact_\\* tasks need a run trained on a facts corpus"):
+        select_tasks(["fact_major"])
 
 
 def test_tasks_are_seeded_and_fit_a_short_context():
@@ -175,32 +213,114 @@ def hand_task() -> Task:
         pre = "".join(rng.choice("abc") for _ in range(rng.randint(2, 9)))
         return pre + "b", "x", pre + "c", "y"
 
-    return Task("b_or_c", "x after b, y after c", make, preamble=False)
+    return Task("b_or_c", "x after b, y after c", make, preamble=False, python=False)
 
 
-def test_search_keeps_the_one_unit_that_carries_the_task_and_little_else(monkeypatch):
-    import monoroute.circuits.tasks as tasks
-
-    monkeypatch.setattr(tasks, "check_pair", lambda name, pair: None)  # not Python: skip the parse check
+def hand_setup():
     model = hand_built()
     groups = node_groups(model)
     compute_means(model, groups, torch.tensor([[ord(c) for c in "abcacbbacabcabca"]] * 4))
-    pairs = hand_task().pairs(24, seed=0, max_prompt_bytes=15)
-    train, test = make_batch(pairs[:12], TOK), make_batch(pairs[12:], TOK)
-    assert task_loss(model, test).item() < 0.1  # the full model does the task
-    out = find_circuit(model, groups, train, test, SearchOptions(steps=150, target_loss=0.15))
+    learn, choose, report = (make_batch(s, TOK) for s in hand_task().splits(36, 3, seed=0, max_prompt_bytes=15))
+    return model, groups, learn, choose, report
+
+
+def test_search_keeps_the_one_unit_that_carries_the_task_and_little_else():
+    model, groups, learn, choose, report = hand_setup()
+    assert task_loss(model, report).item() < 0.1  # the full model does the task
+    active = task_activity(model, groups, [learn, choose, report])
+    units = next(i for i, g in enumerate(groups) if g.kind == "units")
+    # neuron 0 fires after 'b', 1 after 'a', 2 after 'b'; neuron 3 reads nothing (GELU(0) = 0): never active
+    assert active[units].tolist() == [True, True, True, False]
+    out = find_circuit(model, groups, learn, choose, report, SearchOptions(steps=150, target_loss=0.15), active)
     assert all(p.requires_grad for p in model.parameters())  # only the masks learned; the model is as it was
     assert out["circuit"].get("blocks.0.mlp.hook_post") == [0]
-    assert out["nodes"]["units"] == 1
+    assert out["nodes"]["units"] == 1 and out["reached"]
     assert out["nodes"]["attention"] == 0  # attention is zeroed: its channels are constant, never live
     live = out["live"]["total"]
     assert out["nodes"]["total"] <= 8 < live  # a handful of residual channels around the unit, of many live nodes
-    assert out["circuit_loss"] <= 0.15
+    assert out["circuit_loss_choose"] <= 0.15 and out["circuit_loss"] <= 0.15  # chosen on one split, holds on another
     assert out["necessity_loss"] > 0.6  # without the circuit the model is at (or below) chance
+    # unit-level checks: unit 0 alone ablated (everything else kept) loses the task; swapped for an active
+    # unit (1 or 2, which write nothing the unembedding reads) the circuit misses the target
+    assert out["units_checked"] and out["passes_unit_necessity"] and out["passes_unit_control"] and out["passes"]
+    assert out["unit_necessity_loss"] > 0.6 and out["unit_control_loss"] > 0.6 and out["unit_control_drawn"] == 1
     mask = CircuitMask(model, groups)
     only_unit0 = [torch.ones(g.size) for g in groups]
-    only_unit0[next(i for i, g in enumerate(groups) if g.kind == "units")] = torch.tensor([1.0, 0, 0, 0])
-    assert loss_with(model, mask, only_unit0, test) < 0.1  # the other units are not needed at all
+    only_unit0[units] = torch.tensor([1.0, 0, 0, 0])
+    assert loss_with(model, mask, only_unit0, report) < 0.1  # the other units are not needed at all
+
+
+def test_the_unit_control_draws_only_task_active_units_other_than_the_circuits():
+    model, groups, learn, choose, report = hand_setup()
+    active = task_activity(model, groups, [learn, choose, report])
+    units = next(i for i, g in enumerate(groups) if g.kind == "units")
+    keep = [torch.ones(g.size) for g in groups]
+    keep[units] = torch.tensor([1.0, 0, 0, 0])
+    drawn = set()
+    for seed in range(40):
+        swapped = swap_units(groups, keep, active, torch.Generator().manual_seed(seed))
+        assert all(torch.equal(a, b) for i, (a, b) in enumerate(zip(swapped, keep)) if i != units)  # only units move
+        assert swapped[units].sum() == 1  # as many as the circuit had
+        drawn |= set(torch.nonzero(swapped[units]).flatten().tolist())
+    assert drawn == {1, 2}  # never the circuit's own unit 0, never the inactive unit 3
+    # a circuit with two units where only one other is active: the control holds what exists
+    keep[units] = torch.tensor([1.0, 1.0, 0, 0])
+    assert torch.equal(swap_units(groups, keep, active, torch.Generator())[units], torch.tensor([0.0, 0, 1, 0]))
+
+
+def test_an_unreachable_target_is_reported_not_reached():
+    model, groups, learn, choose, report = hand_setup()
+    mask = CircuitMask(model, groups)
+    everything = loss_with(model, mask, [torch.ones(g.size) for g in groups], choose)
+    keep, loss, _, reached = bisect_circuit(model, mask, choose, everything / 10)  # below what every node gives
+    assert not reached and loss > everything / 10
+    assert sum(int((k * g.live).sum()) for k, g in zip(keep, groups)) == sum(int(g.live.sum()) for g in groups)
+    keep, loss, _, reached = bisect_circuit(model, mask, choose, 0.15)
+    assert reached and loss <= 0.15
+
+
+def test_a_task_the_model_cannot_do_is_left_out_of_the_means(monkeypatch):
+    import random
+
+    from monoroute.circuits import run as circuits_run
+
+    def make(rng: random.Random):  # the same prompt shape, but which answer is right is a coin flip
+        pre = "".join(rng.choice("abc") for _ in range(rng.randint(2, 9)))
+        return (pre + "b", "x", pre + "bb", "y") if rng.random() < 0.5 else (pre + "b", "y", pre + "bb", "x")
+
+    coin = Task("coin", "no model can do this", make, preamble=False, python=False)
+    model, groups, *_ = hand_setup()
+    opts = circuits_run.CircuitOptions(pairs=24, search_seeds=2, steps=20)
+    rows = [circuits_run.task_circuits(model, TOK, groups, t, SearchOptions(steps=20), opts) for t in (coin, hand_task())]
+    assert rows[0]["status"] == "cannot_do" and rows[0]["all_kept_loss_choose"] > 0.15 and "seeds" not in rows[0]
+    assert rows[1]["status"] == "ok" and rows[1]["units_median"] == 1 and len(rows[1]["seeds"]) == 2
+    summary = circuits_run.summarise(rows, opts)
+    assert summary["tasks_done"] == 1 and summary["tasks_cannot_do"] == ["coin"]
+    assert summary["geomean_units"] == 1.0  # the means hold only the task the model can do
+
+
+def test_a_routed_unit_that_fires_on_the_task_but_not_in_the_means_pass_is_maskable():
+    model = tiny("routed")
+    groups = node_groups(model)
+    compute_means(model, groups, windows(2, 8))  # a short means pass: many units never fire there
+    pairs = TASKS["quote"].splits(12, 3, seed=0, max_prompt_bytes=31)
+    batches = [make_batch(s, TOK) for s in pairs]
+    active = task_activity(model, groups, batches)
+    task_groups = with_task_live(groups, active)
+    gi = next(i for i, g in enumerate(groups) if g.routed)
+    newly = active[gi] & ~groups[gi].live
+    assert newly.any()  # units the means pass never saw fire on the task's prompts ...
+    assert torch.equal(task_groups[gi].live, groups[gi].live | active[gi]) and bool(task_groups[gi].live[newly].all())
+    assert float(task_groups[gi].mean[newly].abs().max()) == 0.0  # ... and their ablation value is what it measured: 0
+    ones = [torch.ones(g.size) for g in groups]
+    clean = task_loss(model, batches[1]).item()
+    # every node kept through the masks is the model on the task only once those units are maskable
+    assert loss_with(model, CircuitMask(model, task_groups), ones, batches[1]) == pytest.approx(clean, abs=1e-5)
+    assert loss_with(model, CircuitMask(model, groups), ones, batches[1]) != pytest.approx(clean, abs=1e-5)
+    # and such a unit is maskable: kept, it acts; ablated, the output moves
+    keep = [torch.ones(g.size) for g in groups]
+    keep[gi] = (~newly).float()
+    assert loss_with(model, CircuitMask(model, task_groups), keep, batches[1]) != pytest.approx(clean, abs=1e-6)
 
 
 # --- the command -----------------------------------------------------------------------------------
@@ -245,8 +365,9 @@ def test_cli_writes_json_csv_and_html(tiny_run, capsys):
     (["--lr", "-1"], "--lr must be a finite number > 0"),
     (["--lr", "nan"], "--lr must be a finite number > 0"),
     (["--lam", "-1"], "--lam must be a finite number >= 0"),
-    (["--pairs", "1000000000"], "--pairs must be between 4"),
-    (["--pairs", "2"], "--pairs must be between 4"),
+    (["--pairs", "1000000000"], "--pairs must be between 6"),
+    (["--pairs", "5"], "--pairs must be between 6"),
+    (["--search-seeds", "0"], "--search-seeds must be between 1 and 100"),
     (["--steps", "0"], "--steps must be between 1"),
     (["--mean-tokens", "100000000000"], "--mean-tokens must be between 1"),
 ])

@@ -145,7 +145,7 @@ class OneFactModel(nn.Module):
     that fact's prompt and value, and there adds +24 to the next byte of the true value, while the
     direct path prefers a wrong value (+12). Units 1..15 fire everywhere and do nothing."""
 
-    def __init__(self, world: FactsWorld, tokenizer, stored: tuple[int, int]) -> None:
+    def __init__(self, world: FactsWorld, tokenizer, stored: tuple[int, int], unit_everywhere: bool = True) -> None:
         super().__init__()
         self.world, self.tok, self.stored = world, tokenizer, stored
         self.point = HookPoint()
@@ -158,7 +158,10 @@ class OneFactModel(nn.Module):
                         q = world.query(p, a, family, template=t)
                         prompt = tuple(tokenizer.boundary_ids()) + tuple(tokenizer.encode(q.prefix))
                         values = ATTRIBUTES[a].values
-                        if (p, a) == stored:
+                        # unit_everywhere=False: the unit stores the fact only in the erase prompt's
+                        # template; elsewhere the direct path knows it (a sentence, not a fact, in the unit)
+                        own = family == "train" and t == world.template_drawn(p, a)
+                        if (p, a) == stored and (unit_everywhere or own):
                             wrong = values[(values.index(q.value) + 1) % len(values)]
                             self.paths[prompt] = [(tokenizer.encode(q.value + "."), True),
                                                   (tokenizer.encode(wrong + "."), False)]
@@ -196,12 +199,12 @@ class OneFactModel(nn.Module):
         return logits + direct + acts[..., :1] * boost, None
 
 
-def one_fact_subject(stored=(1, 2)):
+def one_fact_subject(stored=(1, 2), unit_everywhere=True):
     from monoroute.data.tokenizers import ByteTokenizer
 
     world = FactsWorld(FactsSpec.parse("people=3"))
     tok = ByteTokenizer()
-    model = OneFactModel(world, tok, stored)
+    model = OneFactModel(world, tok, stored, unit_everywhere)
     site = Site("dense_neurons", 0, 16, model.point, model.unused, 0)
     return world, measure.Subject(model, tok, [site])
 
@@ -213,9 +216,23 @@ def test_erase_finds_the_one_unit_and_specificity_one():
     stored, other = out["facts"]
     assert stored["units"] == 1 and stored["unit_ids"] == [["dense_neurons.L0", 0]]
     assert stored["specificity_other"] == 1.0 and stored["specificity_same_person"] == 1.0
+    # the unit holds the fact in every sentence: its ablation loses it on the paraphrase and held-out prompts too
+    assert stored["lost_paraphrase"] is True and stored["lost_heldout"] is True
+    assert out["lost_paraphrase"] == 1.0 and out["lost_heldout"] == 1.0
     # a fact no unit stores cannot be erased: reported, and counted as more than max_units
     assert other["units"] is None and other["ranked"] == 0
     assert out["erased_share"] == 0.5 and out["median_units"] == math.inf
+
+
+def test_erase_set_chosen_on_one_prompt_need_not_hold_on_others():
+    # the unit stores the fact only in the erase prompt's sentence: erased there (K = 1, by construction),
+    # but the paraphrase and held-out prompts still recall it, and the summary says so
+    world, subject = one_fact_subject(unit_everywhere=False)
+    out = measure.erase(subject, world, [(1, 2)], max_units=16, n_other=2)
+    (row,) = out["facts"]
+    assert row["units"] == 1
+    assert row["lost_paraphrase"] is False and row["lost_heldout"] is False
+    assert out["lost_paraphrase"] == 0.0 and out["lost_heldout"] == 0.0
 
 
 def test_recall_on_the_hand_built_model():

@@ -255,12 +255,16 @@ def write_fake_circuits(run_dir, layer: int) -> dict:
     ok = {"task": "quote", "description": "d", "status": "ok", "full_loss": 0.1, "circuit_loss": 0.14,
           "nodes": {"units": 3, "residual": 1, "attention": 0, "total": 4},
           "live": {"units": 50, "residual": 60, "attention": 70, "total": 180},
-          "necessity_loss": 0.9, "control_keep_loss": 0.7, "control_ablate_loss": 0.1,
+          "necessity_loss": 0.9, "control_keep_loss": 0.7, "control_ablate_loss": 0.1, "all_kept_loss_choose": 0.1,
+          "units_median": 3.0, "units_min": 2, "units_max": 5, "nodes_median": 4.0, "nodes_min": 3, "nodes_max": 9,
+          "unit_necessity_loss": 0.6, "unit_control_loss": 0.5, "seeds_passing": 2,
+          "seeds": [{"seed": s, "units": u} for s, u in ((0, 2), (1, 3), (2, 5))],
           "circuit": {f"blocks.{layer}.mlp.hook_post": [3, 5], f"blocks.{other}.mlp.hook_post": [7],
                       "blocks.0.hook_mlp_out": [1]}}
     report = {"run": str(run_dir), "val_loss": 3.0, "target_loss": 0.15, "ablation": "mean", "tasks_done": 1,
               "geomean_units": 3.0, "geomean_nodes": 4.0, "seconds": 1.0, "peak_rss_mb": 100.0,
-              "tasks": [ok, {"task": "with_as", "description": "d", "status": "cannot_do", "full_loss": 0.5}]}
+              "tasks": [ok, {"task": "with_as", "description": "d", "status": "cannot_do", "full_loss": 0.5,
+                                 "all_kept_loss_choose": 0.5}]}
     write_outputs(run_dir / "circuits", report)
     return report
 

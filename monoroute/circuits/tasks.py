@@ -58,6 +58,7 @@ class Task:
     description: str
     make: Callable[[random.Random], tuple[str, str, str, str]]  # rng -> (prompt_a, completion_a, prompt_b, completion_b)
     preamble: bool = True  # prefix 0-3 random Python statements (a shared one per pair)
+    python: bool = True  # the completed texts must parse (fact tasks are English)
 
     def pairs(self, n: int, seed: int = 0, max_prompt_bytes: int = 127) -> list[Pair]:
         """n seeded pairs whose prompts are at most `max_prompt_bytes` long (a preamble line is
@@ -74,18 +75,39 @@ class Task:
             if max(len(pair.a.prompt), len(pair.b.prompt)) > max_prompt_bytes:
                 raise MonorouteError(f"task {self.name}: a prompt is longer than {max_prompt_bytes} bytes even without "
                                      f"its preamble; use a model with a longer context")
-            check_pair(self.name, pair)
+            check_pair(self.name, pair, self.python)
             out.append(pair)
         return out
 
+    def splits(self, n: int, parts: int = 3, seed: int = 0, max_prompt_bytes: int = 127) -> list[list[Pair]]:
+        """`parts` lists of n // parts pairs each, no prompt in two pairs (within or across lists): one to
+        learn the masks on, one to choose K, one to report, so no reported number was selected on its data.
+        A generator that cannot give that many distinct prompts is one clear error."""
+        per = n // parts
+        rng_seed = seed
+        seen: set[str] = set()
+        out: list[Pair] = []
+        for attempt in range(64):
+            for pair in self.pairs(4 * n, seed=rng_seed * 1000 + attempt, max_prompt_bytes=max_prompt_bytes):
+                if pair.a.prompt in seen or pair.b.prompt in seen or pair.a.prompt == pair.b.prompt:
+                    continue
+                seen.update((pair.a.prompt, pair.b.prompt))
+                out.append(pair)
+                if len(out) == per * parts:
+                    return [out[i * per:(i + 1) * per] for i in range(parts)]
+        raise MonorouteError(f"task {self.name}: only {len(out)} pairs with distinct prompts could be drawn, "
+                             f"{per * parts} needed; use fewer --pairs")
 
-def check_pair(task: str, pair: Pair) -> None:
+
+def check_pair(task: str, pair: Pair, python: bool = True) -> None:
     """The invariants every pair keeps (a generator bug, not the user's input, breaks them)."""
     if pair.a.answer == pair.b.answer:
         raise AssertionError(f"task {task}: both members of a pair answer {pair.a.answer!r}")
     for ex in (pair.a, pair.b):
         if not ex.text.isascii():
             raise AssertionError(f"task {task}: non-ASCII text {ex.text!r}")
+        if not python:
+            continue
         try:
             ast.parse(ex.text)
         except SyntaxError as exc:
@@ -246,11 +268,58 @@ TASKS: dict[str, Task] = {t.name: t for t in [
 ]}
 
 
-def select_tasks(names: list[str] | None) -> list[Task]:
-    """The named tasks (all when None or empty); an unknown name is one clear error."""
+# --- fact recall (the synthetic-knowledge corpus, data/facts.py) ----------------------------------------
+
+def fact_tasks(world) -> dict[str, Task]:
+    """One task per attribute of a facts world: the same training-template sentence about two people with
+    different values, up to the first byte where the values differ (years share "19", universities
+    may share "Northfield "); the next byte is that byte of each one's own value. Only the name differs
+    between the two prompts, so the model must recall the fact, not read it off the sentence. Prompts
+    start with the document separator, as every biography does in training."""
+    from os.path import commonprefix
+
+    from monoroute.data.facts import ATTRIBUTES
+
+    out = {}
+    for a, attr in enumerate(ATTRIBUTES):
+        def make(rng: random.Random, a=a, attr=attr):
+            while True:
+                p, q = rng.sample(range(world.n_people), 2)
+                va, vb = world.value(p, a), world.value(q, a)
+                if va != vb:
+                    break
+            shared = commonprefix([va, vb])
+            t = rng.randrange(len(attr.templates))
+            qa, qb = world.query(p, a, "train", template=t), world.query(q, a, "train", template=t)
+            return ("\n\n" + qa.prefix + shared, va[len(shared):] + ".", "\n\n" + qb.prefix + shared,
+                    vb[len(shared):] + ".")
+
+        out[f"fact_{attr.name}"] = Task(f"fact_{attr.name}", f"recall {attr.name.replace('_', ' ')}: the first byte "
+                                        f"of the person's own value", make, preamble=False, python=False)
+    return out
+
+
+def check_fact_world(world) -> None:
+    """Fact tasks need two people with different values, for every attribute."""
+    from monoroute.data.facts import ATTRIBUTES
+
+    for a, attr in enumerate(ATTRIBUTES):
+        if len({world.value(p, a) for p in range(world.n_people)}) < 2:
+            raise MonorouteError(f"the facts world has no two people with different {attr.name}s; fact tasks need "
+                                 f"more people")
+
+
+def select_tasks(names: list[str] | None, world=None) -> list[Task]:
+    """The named tasks (by default all of the run's kind: the Python tasks, or for a run trained on a
+    facts corpus (`world`) its fact-recall tasks); an unknown name is one clear error."""
+    available = dict(TASKS)
+    if world is not None:
+        check_fact_world(world)
+        available.update(fact_tasks(world))
     if not names:
-        return list(TASKS.values())
-    unknown = [n for n in names if n not in TASKS]
+        return list(fact_tasks(world).values()) if world is not None else list(TASKS.values())
+    unknown = [n for n in names if n not in available]
     if unknown:
-        raise MonorouteError(f"unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
-    return [TASKS[n] for n in names]
+        extra = "" if world is not None else " (fact_* tasks need a run trained on a facts corpus)"
+        raise MonorouteError(f"unknown task {unknown[0]!r}; choose from {', '.join(available)}{extra}")
+    return [available[n] for n in names]

@@ -69,7 +69,8 @@ def headline(report: dict) -> dict:
     if e:
         out.update(erase_median_units=e["median_units"], erased_share=e["erased_share"],
                    erase_specificity_other=e["specificity_other"],
-                   erase_specificity_same_person=e["specificity_same_person"], erase_n=e["n_facts"])
+                   erase_specificity_same_person=e["specificity_same_person"], erase_n=e["n_facts"],
+                   erase_lost_paraphrase=e.get("lost_paraphrase"), erase_lost_heldout=e.get("lost_heldout"))
     if ed and ed.get("n_edits"):
         out.update(edit_success=ed["success"], edit_success_prompt=ed["success_prompt"],
                    edit_specificity_other=ed["specificity_other"],

@@ -160,7 +160,9 @@ def circuits_view(store) -> dict:
                 layer = int(hook.split(".")[1])
                 units += [{"layer": layer, "unit": u, "page": layer == store.layer} for u in ids]
         tasks.append({k: t.get(k) for k in ("task", "description", "status", "full_loss", "circuit_loss", "nodes",
-                                            "live", "necessity_loss", "control_keep_loss", "control_ablate_loss")}
+                                            "live", "necessity_loss", "control_keep_loss", "control_ablate_loss",
+                                            "units_median", "units_min", "units_max", "nodes_median", "nodes_min",
+                                            "nodes_max", "unit_necessity_loss", "unit_control_loss", "seeds_passing")}
                      | {"units": units})
     return _json({"run": store.name, "layer": store.layer, "set": store.own_set, "val_loss": rep.get("val_loss"),
                   "target_loss": rep["target_loss"], "ablation": rep["ablation"], "geomean_units": rep["geomean_units"],

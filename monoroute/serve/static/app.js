@@ -345,18 +345,23 @@ async function viewCircuits(r) {
   const c = await api(`/api/runs/${r}/circuits`);
   const unitLink = x => x.page ? `<a class="circuit-unit" href="${unitHref(r, c.set, x.unit)}">L${x.layer}:${x.unit}</a>`
                                : `<span class="muted">L${x.layer}:${x.unit}</span>`;
-  const rows = c.tasks.map(t => t.status !== "ok"
-    ? `<tr><td>${esc(t.task)}</td><td>${fmt(t.full_loss)}</td><td colspan="7" class="muted">above the target: the model cannot do it</td></tr>`
-    : `<tr class="circuit-task"><td title="${esc(t.description)}">${esc(t.task)}</td><td>${fmt(t.full_loss)}</td><td>${fmt(t.circuit_loss)}</td>
-         <td>${t.nodes.units}</td><td>${t.nodes.residual}</td><td>${t.nodes.attention}</td><td>${t.nodes.total}</td>
-         <td>${fmt(t.necessity_loss)}</td><td>${fmt(t.control_keep_loss)}</td></tr>
-       <tr><td></td><td colspan="8">${t.units.map(unitLink).join(" ") || "<span class='muted'>no units</span>"}</td></tr>`);
+  const rows = c.tasks.map(t => t.status === "cannot_do"
+    ? `<tr><td>${esc(t.task)}</td><td>${fmt(t.full_loss)}</td><td colspan="8" class="muted">above the target with every node kept: the model cannot do it</td></tr>`
+    : `<tr class="circuit-task"><td title="${esc(t.description)}">${esc(t.task)}${t.status === "ok" ? "" : " <span class='muted'>(fails the unit checks)</span>"}</td>
+         <td>${fmt(t.full_loss)}</td><td>${fmt(t.circuit_loss)}</td>
+         <td>${t.units_median} (${t.units_min}–${t.units_max})</td><td>${t.nodes.residual}</td><td>${t.nodes.attention}</td>
+         <td>${t.nodes_median} (${t.nodes_min}–${t.nodes_max})</td>
+         <td>${fmt(t.necessity_loss)}</td><td>${fmt(t.unit_necessity_loss)}</td><td>${fmt(t.unit_control_loss)}</td></tr>
+       <tr><td></td><td colspan="9">${t.units.map(unitLink).join(" ") || "<span class='muted'>no units</span>"}</td></tr>`);
   $main.innerHTML = `<h2>Circuits: ${esc(runName(r))}</h2>
     <p>Target task loss ${c.target_loss} nats (chance 0.693), pruned nodes ${esc(c.ablation)}-ablated; val loss ${fmt(c.val_loss)}.
-       Geometric mean over the tasks it can do: <b>${fmt(c.geomean_units, 1)}</b> units, <b>${fmt(c.geomean_nodes, 1)}</b> nodes.
+       Geometric mean over the tasks whose circuits pass the unit checks: <b>${fmt(c.geomean_units, 1)}</b> units, <b>${fmt(c.geomean_nodes, 1)}</b> nodes.
        Units of layer ${c.layer} (the analysed layer) link to their unit pages.</p>
-    <table id="circuits-table"><tr><th>task</th><th>full loss</th><th>circuit loss</th><th>units</th><th>residual</th>
-      <th>attention</th><th>all nodes</th><th>necessity</th><th>control</th></tr>${rows.join("")}</table>`;
+    <table id="circuits-table"><tr><th>task</th><th>full loss</th><th>circuit loss</th><th>units (seeds min–max)</th><th>residual</th>
+      <th>attention</th><th>all nodes (min–max)</th><th>necessity</th><th>unit necessity</th><th>unit control</th></tr>${rows.join("")}</table>
+    <p class="muted">Losses on prompts that neither learned the masks nor chose the circuit size. Unit necessity: only the
+      circuit's units ablated (must rise half-way to chance); unit control: its units swapped for as many units active on
+      the task (must miss the target).</p>`;
 }
 
 // --- facts: a fact's units, a unit's people (monoroute facts eval) ---------------------------------
