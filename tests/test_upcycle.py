@@ -502,3 +502,51 @@ def test_the_kl_term_uses_the_frozen_teacher_in_eval_mode_without_grad(teacher, 
     assert all(s[1] is True and s[2] is False and s[3] == 1.0 for s in kl_calls)  # gradient reaches the student only
     logged = [m["kl"] for m in metrics(tmp_path / "up") if "kl" in m]
     assert len(logged) >= 1 and all(v >= 0 for v in logged)
+
+
+def test_a_kill_after_any_file_write_leaves_nothing_or_a_run_that_resumes_and_reads(teacher, tmp_path, monkeypatch,
+                                                                                      capsys):
+    """kill -9 right after each rename that lands a file or a checkpoint folder (every run file is written
+    to a temporary name and renamed into place): either no run is there (no config.json) and the same
+    command starts over, or `upcycle --resume` finishes it and `eval` reads it."""
+    import os
+
+    import monoroute.fileio as fileio
+    import monoroute.train.checkpoint as C
+
+    class Killed(BaseException):
+        pass
+
+    real_replace, real_rename = os.replace, os.rename
+    state = {"n": 0, "at": None}
+
+    def counting(real):
+        def op(src, dst, *a, **k):
+            real(src, dst, *a, **k)
+            state["n"] += 1
+            if state["n"] == state["at"]:
+                raise Killed(dst)
+        return op
+
+    monkeypatch.setattr(fileio.os, "replace", counting(real_replace))
+    monkeypatch.setattr(C.os, "rename", counting(real_rename))
+    assert upcycle(teacher, tmp_path / "count") == 0
+    total = state["n"]
+    assert total >= 8  # tokenizer, config, stage-1 and stage-2 checkpoints and pointers, records, metrics
+    outcomes = set()
+    for at in range(1, total + 1):
+        out = tmp_path / f"kill-{at}"
+        state.update(n=0, at=at)
+        with pytest.raises(Killed):
+            upcycle(teacher, out)
+        state["at"] = None
+        if not (out / "config.json").exists():
+            assert upcycle(teacher, out) == 0, at  # nothing that claims to be a run: the command starts over
+            outcomes.add("restarted")
+        else:
+            assert main(["upcycle", "--resume", str(out), "--no-progress"]) == 0, at
+            outcomes.add("resumed")
+        assert (out / "tokenizer.json").exists()
+        assert main(["eval", str(out), "--json"]) == 0, at
+        capsys.readouterr()
+    assert outcomes == {"restarted", "resumed"}
