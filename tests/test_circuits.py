@@ -344,9 +344,26 @@ def test_cli_writes_json_csv_and_html(tiny_run, capsys):
     out = tiny_run / "circuits"
     report = json.loads((out / "circuits.json").read_text())
     assert [t["task"] for t in report["tasks"]] == ["quote", "bracket_type"]
-    assert summary["tasks_done"] + len(summary["tasks_cannot_do"]) == 2
+    assert summary["tasks_done"] + len(summary["tasks_cannot_do"]) + len(summary["tasks_fail_checks"]) == 2
+    # the reported full-model losses are the model's on the report split (the third of 8 pairs' splits)
+    from monoroute.train.trainer import load
+
+    loaded = load(tiny_run)
+    for row in report["tasks"]:
+        task = select_tasks([row["task"]])[0]
+        learn, choose, held = task.splits(8, 3, seed=0, max_prompt_bytes=loaded.model.cfg.block_size - 1)
+        with torch.no_grad():
+            assert row["full_loss"] == pytest.approx(task_loss(loaded.model, make_batch(held, TOK)).item(), abs=1e-5)
+            assert row["full_loss_choose"] == pytest.approx(task_loss(loaded.model, make_batch(choose, TOK)).item(),
+                                                            abs=1e-5)
+        assert row["all_kept_loss_choose"] == pytest.approx(row["full_loss_choose"], abs=1e-5)
+        if row["status"] != "cannot_do":
+            assert len(row["seeds"]) == 3 and row["units_min"] <= row["units_median"] <= row["units_max"]
     csv_lines = (out / "circuits.csv").read_text().splitlines()
     assert csv_lines[0].startswith("task,status,full_loss") and len(csv_lines) == 3
+    for line, row in zip(csv_lines[1:], report["tasks"]):  # the CSV holds the JSON's numbers
+        cells = line.split(",")
+        assert cells[:2] == [row["task"], row["status"]] and float(cells[2]) == pytest.approx(row["full_loss"], abs=1e-4)
     assert "<h2>Circuits" in (out / "report.html").read_text()
     # --out keeps another target's results apart, leaving RUN/circuits as it was
     before = (out / "circuits.json").read_text()
