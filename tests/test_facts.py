@@ -342,6 +342,8 @@ def test_capacity_points_group_and_sort():
 
     reps = [{"run": f"runs/{m}-p{p}", "spec": f"facts:people={p},exposures=1,seed=0,middle=0",
              "recall": {"accuracy": acc, "facts_recalled": acc * p * 6}}
-            for m, p, acc in (("dense", 200, 0.2), ("dense", 50, 0.6), ("routed", 50, 0.3))]
+            for m, p, acc in (("dense", 200, 0.2), ("dense", 50, 0.6), ("routed", 50, 0.3), ("routed", 50, 0.5))]
     curves = capacity_points(reps, lambda r: r["run"].split("/")[1].split("-")[0])
-    assert curves == {"dense": [(50, 0.6, 180.0), (200, 0.2, 240.0)], "routed": [(50, 0.3, 90.0)]}
+    # two routed seeds at 50 people: their mean, and the min-max for the error bar
+    assert curves == {"dense": [(50, 0.6, 180.0, 0.6, 0.6), (200, 0.2, 240.0, 0.2, 0.2)],
+                      "routed": [(50, pytest.approx(0.4), pytest.approx(120.0), 0.3, 0.5)]}

@@ -83,14 +83,19 @@ def headline(report: dict) -> dict:
     return out
 
 
-def capacity_points(reports: list[dict], label_of) -> dict[str, list[tuple[int, float, float]]]:
-    """label -> sorted [(people, recall, facts recalled)] from facts reports (one per run)."""
+def capacity_points(reports: list[dict], label_of) -> dict[str, list[tuple]]:
+    """label -> sorted [(people, mean recall, mean facts recalled, min recall, max recall)] from facts
+    reports (one per run); runs of one label at the same number of people (seeds) are averaged."""
     from monoroute.data.facts import FactsSpec
 
-    curves: dict[str, list] = {}
+    groups: dict[tuple[str, int], list[dict]] = {}
     for rep in reports:
-        people = FactsSpec.parse(rep["spec"]).people
-        curves.setdefault(label_of(rep), []).append((people, rep["recall"]["accuracy"], rep["recall"]["facts_recalled"]))
+        groups.setdefault((label_of(rep), FactsSpec.parse(rep["spec"]).people), []).append(rep["recall"])
+    curves: dict[str, list] = {}
+    for (label, people), recs in groups.items():
+        acc = [r["accuracy"] for r in recs]
+        curves.setdefault(label, []).append((people, sum(acc) / len(acc),
+                                             sum(r["facts_recalled"] for r in recs) / len(recs), min(acc), max(acc)))
     return {k: sorted(v) for k, v in curves.items()}
 
 
@@ -103,11 +108,13 @@ def plot_capacity(curves: dict[str, list], path: str | Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for label, pts in curves.items():
-        people = [p for p, _, _ in pts]
-        a.plot(people, [r for _, r, _ in pts], "o-", label=label)
-        b.plot(people, [n for _, _, n in pts], "o-", label=label)
+        people = [p[0] for p in pts]
+        spread = [[p[1] - p[3] for p in pts], [p[4] - p[1] for p in pts]]  # min-max over seeds
+        a.errorbar(people, [p[1] for p in pts], yerr=spread, fmt="o-", capsize=3, label=label)
+        b.plot(people, [p[2] for p in pts], "o-", label=label)
     a.axhline(0.5, color="#999", lw=0.8, ls="--")
-    for ax, what in ((a, "recall (multiple choice, training template)"), (b, "facts recalled (of people x 6)")):
+    for ax, what in ((a, "recall (multiple choice, training template; mean, min-max over seeds)"),
+                     (b, "facts recalled (of people x 6)")):
         ax.set_xscale("log")
         ax.set_xlabel("people (equal training tokens: 8.2M)")
         ax.set_ylabel(what)
