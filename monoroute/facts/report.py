@@ -80,6 +80,7 @@ def headline(report: dict) -> dict:
                    median_top_person_share={k: v["median_top_person_share"] for k, v in sel.items()
                                             if k != "all_sites"})
     out["seconds"] = report.get("seconds")
+    out["peak_rss_mb"] = report.get("peak_rss_mb")
     return out
 
 

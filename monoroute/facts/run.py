@@ -45,6 +45,7 @@ def evaluate_run(run: str, opts: EvalOptions) -> dict:
     from monoroute.facts.measure import Subject, edit, erase, recall, sample_facts, selectivity
     from monoroute.facts.sites import baseline_site, model_sites
     from monoroute.fileio import check_writable, write_json_atomic
+    from monoroute.tables import peak_rss_mb
     from monoroute.train.trainer import load, read_run_config
 
     start = time.perf_counter()
@@ -80,6 +81,7 @@ def evaluate_run(run: str, opts: EvalOptions) -> dict:
     report["edit"] = edit(subject, world, erased["facts"], opts.edit, seed=opts.seed) if erased and opts.edit else None
     report["selectivity"] = selectivity(subject, world) if opts.selectivity else None
     report["seconds"] = round(time.perf_counter() - start, 1)
+    report["peak_rss_mb"] = peak_rss_mb()
     write_json_atomic(out / report_name(opts), report)
     refresh_analysis_page(Path(run))
     return report
