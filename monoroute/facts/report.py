@@ -114,9 +114,11 @@ def plot_capacity(curves: dict[str, list], path: str | Path) -> None:
         a.errorbar(people, [p[1] for p in pts], yerr=spread, fmt="o-", capsize=3, label=label)
         b.plot(people, [p[2] for p in pts], "o-", label=label)
     a.axhline(0.5, color="#999", lw=0.8, ls="--")
-    for ax, what in ((a, "recall (multiple choice, training template; mean, min-max over seeds)"),
-                     (b, "facts recalled (of people x 6)")):
+    ticks = sorted({p[0] for pts in curves.values() for p in pts})
+    for ax, what in ((a, "recall (mean; bars: min-max over seeds)"), (b, "facts recalled (of people x 6)")):
         ax.set_xscale("log")
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("people (equal training tokens: 8.2M)")
         ax.set_ylabel(what)
         ax.grid(alpha=0.3)
