@@ -165,7 +165,7 @@ def task_circuits(model, tok, groups, task, search: SearchOptions, opts: Circuit
     if all_kept > opts.target_loss:
         row["status"] = "cannot_do"
         return row
-    seeds = [find_circuit(model, task_groups, learn, choose, report, replace(search, seed=opts.seed + s), active)
+    seeds = [find_circuit(model, task_groups, learn, choose, report, replace(search, seed=opts.seed + s), active, full)
              for s in range(opts.search_seeds)]
     passing = [r for r in seeds if r["passes"]]
     pool = passing or seeds

@@ -246,8 +246,7 @@ def unit_checks(model, mask: CircuitMask, keep: list[Tensor], active: list[Tenso
     many task-active units; pass = necessity rises UNIT_NECESSITY_SHARE of the way to chance and the
     swapped circuit misses the target. A circuit with no units has nothing to check (units_checked False)."""
     groups = mask.groups
-    n_units = sum(int((k * g.live).sum()) for g, k in zip(groups, keep) if g.kind == "units")
-    if n_units == 0:
+    if counts_by_kind(groups, keep)["units"] == 0:
         return {"units_checked": False, "passes": True, "unit_necessity_loss": None, "unit_control_loss": None,
                 "unit_control_drawn": 0}
     without = [torch.ones(g.size) if g.kind != "units" else 1 - k * g.live.float() for g, k in zip(groups, keep)]
@@ -263,10 +262,11 @@ def unit_checks(model, mask: CircuitMask, keep: list[Tensor], active: list[Tenso
 
 
 def find_circuit(model, groups: list[NodeGroup], learn: TaskBatch, choose: TaskBatch, report: TaskBatch,
-                 opts: SearchOptions, active: list[Tensor] | None = None) -> dict:
+                 opts: SearchOptions, active: list[Tensor] | None = None, full_loss: float | None = None) -> dict:
     """One search seed's circuit for one task: masks learned on `learn`, K chosen on `choose`, every
     loss reported on `report` (those named _choose excepted). `active`: task-active units per group
-    (task_activity) for the unit control; by default every live unit."""
+    (task_activity) for the unit control; by default every live unit. `full_loss`: the model's loss on
+    `report`, when the caller has it (one search per seed shares it)."""
     t0 = time.perf_counter()
     grads = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():  # only the masks learn; the caller's model is left as it was
@@ -282,8 +282,9 @@ def find_circuit(model, groups: list[NodeGroup], learn: TaskBatch, choose: TaskB
     gen = torch.Generator().manual_seed(opts.seed)
     control = random_like(groups, keep, gen)
     learned = [(t.detach() > 0).float() for t in mask.tau]
-    with torch.no_grad():
-        full = task_loss(model, report).item()
+    if full_loss is None:
+        with torch.no_grad():
+            full_loss = task_loss(model, report).item()
     active = active if active is not None else [g.live.clone() for g in groups]
     return {
         "seed": opts.seed,
@@ -298,7 +299,7 @@ def find_circuit(model, groups: list[NodeGroup], learn: TaskBatch, choose: TaskB
         "control_keep_loss": loss_with(model, mask, control, report),
         "control_ablate_loss": loss_with(model, mask, [1 - c for c in control], report),
         "all_ablated_loss": loss_with(model, mask, [torch.zeros(g.size) for g in groups], report),
-        **unit_checks(model, mask, keep, active, report, full, opts.target_loss, gen),
+        **unit_checks(model, mask, keep, active, report, full_loss, opts.target_loss, gen),
         "bisection_evals": evals,
         "trace": trace,
         "circuit": circuit_nodes(groups, keep),
