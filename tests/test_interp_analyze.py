@@ -45,15 +45,7 @@ def test_analyze_routed_run_writes_a_complete_analysis(runs, capsys):
             assert key in s, (name, key)
         assert s["live_slot_fraction"] == pytest.approx(s["l0"] / 8)  # tiny preset: k = 8
         cov = s["details"]["coverage"]
-        # the headline is the held-out mean of the per-concept rows, the in-sample one likewise
-        held = [r["f1"] for r in cov["per_concept"] if r["f1"] is not None]
-        assert len(held) == cov["n_concepts"] and s["coverage"] == pytest.approx(sum(held) / len(held))
-        assert s["coverage_in_sample"] == pytest.approx(
-            sum(r["f1_in_sample"] for r in cov["per_concept"]) / cov["n_concepts_in_sample"])
-        assert cov["n_selection"] + cov["n_heldout"] == 4096
-        # a concept's OR of up to 5 units, chosen starting from its best single unit, is never worse
-        # on the selection half than that one unit alone; held out it usually helps on average
-        assert all(len(r["units_at_m"]) <= 5 for r in cov["per_concept"])
+        assert cov["n_selection"] + cov["n_heldout"] == 4096  # the headline is checked against a reference below
     assert set(report["per_layer"]) == {"L0", "L1"}
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 4 and "http" not in html.split("<body>")[1].replace(
@@ -64,6 +56,69 @@ def test_analyze_routed_run_writes_a_complete_analysis(runs, capsys):
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert rows[0]["unit_set"] == "routed_units"
     assert rows[0]["coverage_random_init"] == report["unit_sets"]["random_init"]["coverage"]
+
+
+def test_coverage_in_the_report_equals_a_float64_reference_on_independently_reloaded_activations(runs, tmp_path):
+    """Recompute held-out coverage from the captured activations with a brute-force reference (every unit,
+    every threshold, dense arrays) and check the report's per-concept rows against it: the chosen
+    detector is a best one on the selection half (ties allowed), its held-out F1 is the reported one,
+    the headline is their mean, and each concept's OR starts from a unit as good as the best single one."""
+    import numpy as np
+
+    from monoroute.interp import analyze as AZ
+    from monoroute.interp.capture import Capture
+    from monoroute.interp.metrics import THRESHOLDS, doc_split
+
+    routed, _ = runs
+    report = json.loads((routed / "analysis" / "report.json").read_text())
+    copy = tmp_path / "run"  # a copy: the fixture's run keeps its analysis untouched
+    shutil.copytree(routed, copy, ignore=shutil.ignore_patterns("analysis", "tensorboard"))
+    job = AZ.prepare(copy, AZ.AnalyzeOptions(tokens=4096, progress=False))
+    AZ.capture_model(job)
+    labels = AZ.job_labels(job)
+    acts = Capture(job.work / "capture").load("routed_units.L1")
+    A = np.maximum(acts.matrix.toarray(), 0).astype(np.float32)  # (P, N): firing values only
+    L = labels.matrix
+    sel, _ = doc_split(job.stream.positions.doc_ids, 0.5, 0)
+    colmax = A[sel].max(0)  # (N,) each unit's maximum on the selection half
+
+    def f1(on, y):  # on (P', N, ...) bool, y (P',) bool -> F1 per unit
+        tp = (on & y[:, None]).sum(0).astype(np.float64)
+        denom = on.sum(0) + y.sum()
+        return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+
+    ons = [(A > 0) & (A > np.float32(t) * colmax) for t in THRESHOLDS]  # (P, N) per threshold
+    rows = {r["concept"]: r for r in report["unit_sets"]["routed_units"]["details"]["coverage"]["per_concept"]}
+    held = []
+    for c, name in enumerate(labels.names):
+        r = rows.get(name)
+        y = L[:, c]
+        if r is None or r["f1"] is None:
+            assert r is None or not y[sel].any() or not y[~sel].any()
+            continue
+        sel_f1 = np.stack([f1(on[sel], y[sel]) for on in ons])  # (T, N)
+        assert r["f1_selection"] == pytest.approx(sel_f1.max(), abs=1e-9), name
+        if r["best_unit"] is None:
+            assert sel_f1.max() == 0 and r["f1"] == 0
+            held.append(0.0)
+            continue
+        t, u = THRESHOLDS.index(r["threshold"]), r["best_unit"]
+        assert sel_f1[t, u] == pytest.approx(sel_f1.max(), abs=1e-9), name  # a best detector, ties allowed
+        ref = float(f1(ons[t][~sel][:, [u]], y[~sel])[0])
+        assert r["f1"] == pytest.approx(ref, abs=1e-9), name
+        held.append(ref)
+        first = r["units_at_m"][0]
+        assert sel_f1[:, first].max() == pytest.approx(sel_f1.max(), abs=1e-9), name
+        assert len(set(r["units_at_m"])) == len(r["units_at_m"])
+    units = report["unit_sets"]["routed_units"]
+    assert len(held) == units["details"]["coverage"]["n_concepts"] > 10
+    assert units["coverage"] == pytest.approx(np.mean(held), abs=1e-9)
+    # in-sample: chosen and scored on every position
+    colmax_all = A.max(0)
+    present = [c for c in range(len(labels.names)) if L[:, c].any()]
+    in_sample = [max(f1((A > 0) & (A > np.float32(t) * colmax_all), L[:, c]).max() for t in THRESHOLDS)
+                 for c in present]
+    assert units["coverage_in_sample"] == pytest.approx(np.mean(in_sample), abs=1e-9)
 
 
 def test_analyze_dense_run_with_post_hoc_baselines(runs, capsys):
@@ -93,7 +148,11 @@ def test_analyze_dense_run_with_post_hoc_baselines(runs, capsys):
         assert s["ev_positions"] == 4096 and s["l0"] == pytest.approx(s["ev_l0"], rel=1e-6)
         # the floor is that architecture untrained, not the dense model's neurons at init
         floor = report["unit_sets"][f"{kind}_init"]
-        assert floor["n_units"] == s["n_units"] and floor["coverage"] != report["unit_sets"]["random_init"]["coverage"]
+        # untrained TopK latents fire exactly k per position (their top k pre-activations are positive at
+        # init), unlike the dense model's GELU neurons at init (about half of 64 fire)
+        init = report["unit_sets"]["random_init"]
+        assert (floor["n_units"], floor["k"]) == (s["n_units"], s["k"]) and init["n_units"] == 64
+        assert floor["l0"] == pytest.approx(s["k"]) and init["l0"] > 2 * s["k"]
     assert main(["compare", str(runs[0]), str(dense), "--json"]) == 0
     rows = {(r["run"], r["unit_set"]): r for r in json.loads(capsys.readouterr().out)["rows"]}
     assert ("%s" % dense, "sae_init") not in rows  # floors are columns, not rows

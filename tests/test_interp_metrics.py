@@ -340,9 +340,25 @@ def test_all_metrics_keys_and_json():
     doc_ids = np.repeat(np.arange(P // 100), 100)
     positions = Positions(tokens, doc_ids, np.tile(np.arange(100), P // 100))
     L = np.stack([tokens == 5, tokens < 10, rng.random(P) < 0.01], axis=1)
-    rows, cols, vals = random_units(rng, P, N, rng.integers(10, 400, size=N))
+    counts = rng.integers(10, 400, size=N)
+    counts[-4:] = 0  # four units never fire: dead
+    rows, cols, vals = random_units(rng, P, N, counts)
+    # unit 0 is planted: it fires exactly where token 5 is, with value 1
+    keep = cols != 0
+    five = np.flatnonzero(tokens == 5)
+    rows, cols, vals = (np.concatenate([rows[keep], five]), np.concatenate([cols[keep], np.zeros(len(five), int)]),
+                        np.concatenate([vals[keep], np.ones(len(five))]))
     acts = acts_from(rows, cols, vals, (P, N), k=4)
     out = M.all_metrics(acts, ConceptLabels(["tok5", "small", "rare"], L), positions, seed=0)
+    # known answers from the planted unit and the dead ones, read through all_metrics' wiring
+    assert out["dead_fraction"] == pytest.approx(4 / N)
+    tok5 = out["details"]["coverage"]["per_concept"][0]
+    assert (tok5["concept"], tok5["best_unit"], tok5["f1"], tok5["f1_in_sample"]) == ("tok5", 0, 1.0, 1.0)
+    pur = out["details"]["purity"]
+    j = pur["per_unit_unit"].index(0)
+    assert pur["per_unit_purity"][j] == 1.0 and pur["per_unit_best_concept"][j] == "tok5"
+    expl = {r["unit"]: r for r in M.explanation_scores(M.positive_part(acts), tokens, doc_ids, units=[0])["per_unit"]}
+    assert expl[0]["explanation"] == [[5]] and expl[0]["f1"] == 1.0
     assert set(out) == set(M_HEADLINE) | {"details", "cap_hit_fraction"}
     assert out["cap_hit_fraction"] is None  # an exact capture has no cap
     assert set(out["details"]) == {"firing", "coverage", "purity", "sparse_probe", "explanation"}
