@@ -56,6 +56,9 @@ def test_analyze_routed_run_writes_a_complete_analysis(runs, capsys):
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert rows[0]["unit_set"] == "routed_units"
     assert rows[0]["coverage_random_init"] == report["unit_sets"]["random_init"]["coverage"]
+    # beside explanation F1: the share of live units too rare (< 20 firings) to be sampled for it
+    expl = report["unit_sets"]["routed_units"]["details"]["explanation"]
+    assert rows[0]["explanation_share_live_below_min"] == pytest.approx(1 - expl["n_frequent"] / expl["n_live"])
 
 
 def test_coverage_in_the_report_equals_a_float64_reference_on_independently_reloaded_activations(runs, tmp_path):
@@ -163,6 +166,7 @@ def test_analyze_dense_run_with_post_hoc_baselines(runs, capsys):
     assert main(["compare", str(runs[0]), str(dense)]) == 0
     table = capsys.readouterr().out
     assert "routed_units" in table and "dense_neurons" in table and "coverage@5" in table and "purity null" in table
+    assert "expl. <20 fires" in table
 
 
 def test_bad_inputs_give_one_line_and_leave_no_analysis(runs, tmp_path, capsys):

@@ -13,7 +13,8 @@ COMPARE_MODEL = [("val loss", "val_loss"), ("FLOPs/token", "flops_per_token"), (
 COMPARE_UNITS = [("L0", "l0"), ("cap hit", "cap_hit_fraction"), ("live-slot", "live_slot_fraction"),
                  ("dead %", "dead_fraction"), ("coverage", "coverage"), ("in-sample", "coverage_in_sample"),
                  ("coverage@5", "coverage_at_m"), ("purity", "mean_purity"), ("purity null", "mean_purity_null"),
-                 ("probe F1", "sparse_probe_f1"), ("expl. F1", "explanation_f1")]
+                 ("probe F1", "sparse_probe_f1"), ("expl. F1", "explanation_f1"),
+                 ("expl. <20 fires", "explanation_share_live_below_min")]  # live units too rare to explain
 FLOOR_KEYS = ("coverage", "coverage_in_sample", "coverage_at_m", "mean_purity", "sparse_probe_f1", "explanation_f1")
 
 

@@ -168,6 +168,7 @@ def summary_table(report: dict) -> str:
             ("coverage_at_m", "coverage@5"), ("mean_purity", "mean purity"), ("mean_purity_null", "purity null"),
             ("share_pure", "share ≥ 0.9"), ("sparse_probe_f1", "probe F1 (top-5)"),
             ("sparse_probe_f1_top1", "probe F1 (top-1)"), ("explanation_f1", "explanation F1"),
+            ("explanation_share_live_below_min", "live units < 20 firings (not explained)"),
             ("explained_variance", "EV"), ("spliced_val_loss", "spliced val loss")]
     rows = ["<table><tr><th>unit set</th>" + "".join(f"<th>{c[1]}</th>" for c in cols) + "</tr>"]
     for name in ordered(sets):
@@ -249,11 +250,12 @@ def write_outputs(report: dict, folder: Path) -> None:
     write_csv(folder / "unit_sets.csv", ["unit_set", "n_units", "k", "l0", "live_slot_fraction", "dead_fraction",
                                          "coverage", "mean_purity", "mean_purity_null", "share_pure", "share_pure_null",
                                          "sparse_probe_f1", "sparse_probe_f1_top1", "explanation_f1",
-                                         "explained_variance", "spliced_val_loss"],
+                                         "explanation_share_live_below_min", "explained_variance", "spliced_val_loss"],
               [[n] + [sets[n].get(k) for k in ("n_units", "k", "l0", "live_slot_fraction", "dead_fraction", "coverage",
                                                "mean_purity", "mean_purity_null", "share_pure", "share_pure_null",
                                                "sparse_probe_f1", "sparse_probe_f1_top1", "explanation_f1",
-                                               "explained_variance", "spliced_val_loss")] for n in names])
+                                               "explanation_share_live_below_min", "explained_variance",
+                                               "spliced_val_loss")] for n in names])
     freq = dict(zip(report["concepts"]["names"], report["concepts"]["frequency"]))
     cov = {n: {r["concept"]: r for r in sets[n]["details"]["coverage"]["per_concept"]} for n in names}
     write_csv(folder / "coverage_per_concept.csv",
