@@ -19,7 +19,8 @@ COLUMNS = [("FLOPs/token", "flops_per_token"), ("recall", "recall"), ("held-out 
            ("spec. other people", "erase_specificity_other"), ("spec. same person", "erase_specificity_same_person"),
            ("lost on paraphrase", "erase_lost_paraphrase"), ("lost held-out", "erase_lost_heldout"),
            ("edit ok", "edit_success"), ("edit spec.", "edit_specificity_other"),
-           ("dedicated people", "dedicated_people"), ("eval s", "seconds")]
+           ("top-person share", "top_person_share"), ("(floor)", "top_person_share_floor"),
+           ("dedicated people", "dedicated_people"), ("(floor)", "dedicated_people_floor"), ("eval s", "seconds")]
 
 
 def val_loss(run: Path) -> float | None:

@@ -347,3 +347,50 @@ def test_capacity_points_group_and_sort():
     # two routed seeds at 50 people: their mean, and the min-max for the error bar
     assert curves == {"dense": [(50, 0.6, 180.0, 0.6, 0.6), (200, 0.2, 240.0, 0.2, 0.2)],
                       "routed": [(50, pytest.approx(0.4), pytest.approx(120.0), 0.3, 0.5)]}
+
+
+def test_selectivity_floor_is_the_untrained_unit_set(tmp_path, capsys):
+    """Known answers for the floor: a run that has not moved from its initialisation (lr 1e-30) reads
+    exactly as its floor; an SAE's floor is the untrained SAE of the same width, k, seed and layer."""
+    from monoroute.cli import main
+    from monoroute.facts.measure import Subject, selectivity
+    from monoroute.facts.report import headline
+    from monoroute.facts.sites import baseline_site
+    from monoroute.interp import baselines as B
+    from monoroute.train.trainer import load
+
+    data = ["--data", "facts:people=4,exposures=20", "--block-size", "96"]
+    still = tmp_path / "still"
+    assert main(["train", "--preset", "tiny", *data, "--out", str(still), *FAST_TRAIN, "--steps", "2",
+                 "--lr", "1e-30", "--min-lr", "1e-30"]) == 0
+    assert main(["facts", "eval", str(still), "--facts", "0", "--erase", "0", "--edit", "0"]) == 0
+    report = json.loads((still / "facts" / "units.json").read_text())
+    floor, sel = report["selectivity_floor"], report["selectivity"]
+    assert floor["of"] == "random_init" and set(floor) == set(sel) | {"of"}
+    for site in ("routed_units.L0", "routed_units.L1"):
+        assert sel[site]["live_units"] > 20  # a reading with something in it
+        for key in ("live_units", "units_min_firings", "median_top_person_share", "units_precision_ge_0.9",
+                    "dedicated_people_share"):
+            assert floor[site][key] == sel[site][key], (site, key)
+        assert "unit_people" in sel[site] and "unit_people" not in floor[site]
+    row = headline(report)
+    assert row["top_person_share"] == row["top_person_share_floor"] == pytest.approx(
+        (sel["routed_units.L0"]["median_top_person_share"] + sel["routed_units.L1"]["median_top_person_share"]) / 2)
+
+    dense = tmp_path / "dense"
+    assert main(["train", "--preset", "tiny", "--ffn", "dense", *data, "--out", str(dense), *FAST_TRAIN]) == 0
+    capsys.readouterr()
+    assert main(["facts", "eval", str(dense), "--facts", "0", "--erase", "0", "--edit", "0", "--sae", "--latents", "64",
+                 "--latent-k", "4", "--baseline-tokens", "4096", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dedicated_people_floor"] is not None
+    floor = json.loads((dense / "facts" / "sae.json").read_text())["selectivity_floor"]
+    assert floor["of"] == "sae_init" and set(floor) == {"of", "sae.L1", "all_sites"}
+    loaded = load(dense)
+    loaded.model.eval().requires_grad_(False)
+    from monoroute.data import prepare_data
+
+    init = B.init_sae(loaded.model, prepare_data(loaded.config.data), 1, 64, 4, seed=0, device="cpu")
+    world = FactsWorld(FactsSpec.parse("people=4,exposures=20"))
+    ref = selectivity(Subject(loaded.model, loaded.tokenizer, [baseline_site(loaded.model, init)]), world)["sae.L1"]
+    for key in ("live_units", "units_min_firings", "median_top_person_share", "dedicated_people_share"):
+        assert floor["sae.L1"][key] == ref[key], key

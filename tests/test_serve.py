@@ -328,7 +328,9 @@ def write_fake_facts(run_dir, layer: int) -> dict:
               "edit": None,
               "selectivity": {f"routed_units.L{layer}": {"median_top_person_share": 0.7,
                                                          "unit_people": {"3": [["Ann Bo", 30, 32]]}},
-                              "all_sites": {"dedicated_people_share": 0.25}}}
+                              "all_sites": {"dedicated_people_share": 0.25}},
+              "selectivity_floor": {"of": "random_init", f"routed_units.L{layer}": {"median_top_person_share": 0.2},
+                                    "all_sites": {"dedicated_people_share": 0.0}}}
     (run_dir / "facts").mkdir()
     write_json_atomic(run_dir / "facts" / "units.json", report)
     return report
@@ -350,10 +352,13 @@ def test_facts_view_compare_and_report_section(analysed_runs, tmp_path, capsys):
                                                                               (1 - store.layer, 7, False)]
     assert second["units"] is None and second["unit_list"] == []
     assert view["unit_people"] == {"3": [["Ann Bo", 30, 32]]} and view["rows"][0]["dedicated_people"] == 0.25
+    row = view["rows"][0]  # each selectivity reading beside its untrained floor
+    assert (row["top_person_share"], row["top_person_share_floor"], row["dedicated_people_floor"]) == (0.7, 0.2, 0.0)
     r = client.get("/api/runs/1/facts")
     assert r.status_code == 404 and "monoroute facts eval" in r.json()["detail"]
     assert main(["compare", str(run)]) == 0
     out = capsys.readouterr().out
     assert "erase units (median)" in out and "0.250" in out  # the facts table under the analysis table
+    assert "top-person share" in out and "0.700" in out and "0.200" in out
     refresh_analysis_page(run)
     assert "<h2>Facts (monoroute facts eval)</h2>" in (run / "analysis" / "report.html").read_text()

@@ -14,7 +14,8 @@ REPORTS = ("units", "sae", "transcoder")
 COLUMNS = [("units", "units"), ("recall", "recall"), ("held-out", "recall_heldout"), ("bits", "bits"),
            ("erase units (median)", "erase_median_units"), ("erased", "erased_share"),
            ("erase spec.", "erase_specificity_other"), ("edit ok", "edit_success"),
-           ("edit spec.", "edit_specificity_other"), ("dedicated", "dedicated_people")]
+           ("edit spec.", "edit_specificity_other"), ("top-person share", "top_person_share"),
+           ("(floor)", "top_person_share_floor"), ("dedicated", "dedicated_people"), ("(floor)", "dedicated_people_floor")]
 
 
 def load_facts(run: str | Path) -> list[dict]:
@@ -42,8 +43,10 @@ def facts_table(reports: list[dict]) -> str:
     out = aligned_lines(header, lines)
     out.append("(facts eval: multiple-choice recall on a training template and the held-out one; bits stored; "
                "erase: attribution-ranked units zeroed until the fact is lost, specificity = other people's facts "
-               "kept; edit: output rows of the erase set rewritten, success on prompt and paraphrase; dedicated: "
-               "share of people with a unit of precision >= 0.9, recall >= 0.5)")
+               "kept; edit: output rows of the erase set rewritten, success on prompt and paraphrase; top-person share: "
+               "median over units firing >= 20 times of the share of their firings on their top person (mean over "
+               "layers); dedicated: share of people with a unit of precision >= 0.9, recall >= 0.5; (floor): the same "
+               "units untrained)")
     return "\n".join(out)
 
 
@@ -75,10 +78,13 @@ def headline(report: dict) -> dict:
         out.update(edit_success=ed["success"], edit_success_prompt=ed["success_prompt"],
                    edit_specificity_other=ed["specificity_other"],
                    edit_specificity_same_person=ed["specificity_same_person"], edit_n=ed["n_edits"])
-    if sel:
-        out.update(dedicated_people=sel["all_sites"]["dedicated_people_share"],
-                   median_top_person_share={k: v["median_top_person_share"] for k, v in sel.items()
-                                            if k != "all_sites"})
+    for suffix, s in (("", sel), ("_floor", report.get("selectivity_floor"))):
+        if s:  # top_person_share: the mean over sites of each site's median top-person share
+            shares = {k: v["median_top_person_share"] for k, v in s.items() if k not in ("all_sites", "of")}
+            known = [v for v in shares.values() if v is not None]
+            out.update({f"dedicated_people{suffix}": s["all_sites"]["dedicated_people_share"],
+                        f"median_top_person_share{suffix}": shares,
+                        f"top_person_share{suffix}": sum(known) / len(known) if known else None})
     out["seconds"] = report.get("seconds")
     out["peak_rss_mb"] = report.get("peak_rss_mb")
     return out

@@ -80,6 +80,7 @@ def evaluate_run(run: str, opts: EvalOptions) -> dict:
     report["erase"] = erased
     report["edit"] = edit(subject, world, erased["facts"], opts.edit, seed=opts.seed) if erased and opts.edit else None
     report["selectivity"] = selectivity(subject, world) if opts.selectivity else None
+    report["selectivity_floor"] = floor_selectivity(loaded, opts, world) if opts.selectivity else None
     report["seconds"] = round(time.perf_counter() - start, 1)
     report["peak_rss_mb"] = peak_rss_mb()
     write_json_atomic(out / report_name(opts), report)
@@ -105,6 +106,51 @@ def refresh_analysis_page(run: Path) -> None:
 
 
 
+
+
+def floor_selectivity(loaded, opts: EvalOptions, world) -> dict:
+    """Selectivity of the same unit set *untrained*, on the same sentences: the model's own units at the
+    run's initialisation (its config and seed), or an untrained SAE / transcoder of the same width, k and
+    seed reading the trained model. Sparse sets are person-selective by chance more often than dense ones
+    (a unit that fires 20 times can have most of them on one person), so only the excess is evidence.
+    {"of": the floor's name, then selectivity()'s per-site numbers without the unit and person lists}."""
+    import torch
+
+    from monoroute.facts.measure import Subject, selectivity
+    from monoroute.facts.sites import baseline_site, model_sites
+
+    model, cfg = loaded.model, loaded.config
+    if opts.baseline:
+        from monoroute.interp import baselines as B
+
+        layer = baseline_layer(cfg, opts)
+        if opts.baseline == "sae":
+            from monoroute.data import prepare_data
+
+            init = B.init_sae(model, prepare_data(cfg.data), layer, opts.latents, opts.latent_k, seed=opts.seed,
+                              device=opts.device)
+        else:
+            init = B.init_transcoder(model, layer, opts.latents, opts.latent_k, opts.seed, opts.device)
+        subject, of = Subject(model, loaded.tokenizer, [baseline_site(model, init)]), f"{opts.baseline}_init"
+    else:
+        from monoroute.models import GPT
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.train.seed)  # the trainer builds the model right after this seed
+            untrained = GPT(cfg.model).to(next(model.parameters()).device).eval()
+        untrained.requires_grad_(False)
+        subject, of = Subject(untrained, loaded.tokenizer, model_sites(untrained)), "random_init"
+    lists = ("unit_people", "person_best_unit")
+    per_site = {name: {k: v for k, v in site.items() if k not in lists}
+                for name, site in selectivity(subject, world).items()}
+    return {"of": of, **per_site}
+
+
+def baseline_layer(cfg, opts: EvalOptions) -> int:
+    layer = cfg.model.n_layer // 2 if opts.layer is None else opts.layer
+    if not 0 <= layer < cfg.model.n_layer:
+        raise MonorouteError(f"--layer {layer} is not a layer of this run (0..{cfg.model.n_layer - 1})")
+    return layer
 
 
 def check_context(world, tokenizer, block_size: int, run: str) -> None:
@@ -138,9 +184,7 @@ def train_baseline(loaded, opts: EvalOptions):
     model, cfg = loaded.model, loaded.config
     if model.routed_layers():
         raise MonorouteError(f"--{opts.baseline} reads a dense run's layer; {loaded.run_dir} is routed")
-    layer = cfg.model.n_layer // 2 if opts.layer is None else opts.layer
-    if not 0 <= layer < cfg.model.n_layer:
-        raise MonorouteError(f"--layer {layer} is not a layer of this run (0..{cfg.model.n_layer - 1})")
+    layer = baseline_layer(cfg, opts)
     store = prepare_data(cfg.data)
     model.requires_grad_(False)
     if opts.baseline == "sae":

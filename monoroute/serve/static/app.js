@@ -372,7 +372,8 @@ async function viewFacts(r) {
                                : `<span class="muted">${esc(x.site)}:${x.unit}</span>`;
   const heads = f.rows.map(h => `<tr><td>${esc(h.units)}</td><td>${fmt(h.recall)}</td><td>${fmt(h.recall_heldout)}</td>
       <td>${fmt(h.erase_median_units, 1)}</td><td>${fmt(h.erase_specificity_other)}</td><td>${fmt(h.edit_success)}</td>
-      <td>${fmt(h.dedicated_people)}</td></tr>`).join("");
+      <td>${fmt(h.top_person_share)} <span class="floor">(${fmt(h.top_person_share_floor)})</span></td>
+      <td>${fmt(h.dedicated_people)} <span class="floor">(${fmt(h.dedicated_people_floor)})</span></td></tr>`).join("");
   const facts = f.facts.map(x => `<tr class="fact-row"><td>${esc(String(x.person))}</td><td>${esc(x.attribute)}</td>
       <td>${x.units === null ? "not erased" : x.units}</td><td>${fmt(x.specificity_other)}</td>
       <td>${x.unit_list.map(unitLink).join(" ")}</td></tr>`).join("");
@@ -380,7 +381,7 @@ async function viewFacts(r) {
       `<tr><td><a href="${unitHref(r, f.set, +u)}">${u}</a></td><td>${ps.map(p => `${esc(p[0])} (${p[1]}/${p[2]})`).join(", ")}</td></tr>`).join("");
   $main.innerHTML = `<h2>Facts: ${esc(runName(r))}</h2>
     <table id="facts-summary"><tr><th>units</th><th>recall</th><th>held-out</th><th>erase units</th><th>erase spec.</th>
-      <th>edit ok</th><th>dedicated</th></tr>${heads}</table>
+      <th>edit ok</th><th>top-person share (floor)</th><th>dedicated (floor)</th></tr>${heads}</table>
     <h2>Erased facts and their units</h2><table id="facts-table"><tr><th>person</th><th>attribute</th><th>units</th>
       <th>specificity</th><th>units zeroed</th></tr>${facts}</table>
     <h2>Units of layer ${f.layer} and their people</h2><table id="unit-people"><tr><th>unit</th><th>top people (firings / all)</th></tr>${people}</table>`;
