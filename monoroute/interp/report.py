@@ -242,20 +242,19 @@ def build_html(report: dict, circuits: dict | None = None, facts: list[dict] | N
     return html_page("monoroute analysis", "".join(body))
 
 
+# unit_sets.csv: one row per unit set, these report keys as columns (header = key)
+UNIT_SET_COLUMNS = ("n_units", "k", "l0", "live_slot_fraction", "dead_fraction", "coverage", "mean_purity",
+                    "mean_purity_null", "share_pure", "share_pure_null", "sparse_probe_f1", "sparse_probe_f1_top1",
+                    "explanation_f1", "explanation_share_live_below_min", "explained_variance", "spliced_val_loss")
+
+
 def write_outputs(report: dict, folder: Path) -> None:
     folder = Path(folder)
     write_text_atomic(folder / "report.json", json.dumps(report, indent=1, default=float))
     sets = report["unit_sets"]
     names = ordered(sets)
-    write_csv(folder / "unit_sets.csv", ["unit_set", "n_units", "k", "l0", "live_slot_fraction", "dead_fraction",
-                                         "coverage", "mean_purity", "mean_purity_null", "share_pure", "share_pure_null",
-                                         "sparse_probe_f1", "sparse_probe_f1_top1", "explanation_f1",
-                                         "explanation_share_live_below_min", "explained_variance", "spliced_val_loss"],
-              [[n] + [sets[n].get(k) for k in ("n_units", "k", "l0", "live_slot_fraction", "dead_fraction", "coverage",
-                                               "mean_purity", "mean_purity_null", "share_pure", "share_pure_null",
-                                               "sparse_probe_f1", "sparse_probe_f1_top1", "explanation_f1",
-                                               "explanation_share_live_below_min", "explained_variance",
-                                               "spliced_val_loss")] for n in names])
+    write_csv(folder / "unit_sets.csv", ["unit_set", *UNIT_SET_COLUMNS],
+              [[n] + [sets[n].get(k) for k in UNIT_SET_COLUMNS] for n in names])
     freq = dict(zip(report["concepts"]["names"], report["concepts"]["frequency"]))
     cov = {n: {r["concept"]: r for r in sets[n]["details"]["coverage"]["per_concept"]} for n in names}
     write_csv(folder / "coverage_per_concept.csv",
