@@ -24,7 +24,8 @@ OVERRIDE_FLAGS = [
     ("--lr", "lr", float), ("--min-lr", "min_lr", float), ("--warmup", "warmup", int),
     ("--weight-decay", "weight_decay", float), ("--grad-clip", "grad_clip", float),
     ("--eval-every", "eval_every", int), ("--eval-batches", "eval_batches", int), ("--log-every", "log_every", int),
-    ("--ckpt-every", "ckpt_every", int), ("--seed", "seed", int), ("--device", "device", str), ("--dtype", "dtype", str),
+    ("--ckpt-every", "ckpt_every", int), ("--seed", "seed", int), ("--data-seed", "data_seed", int),
+    ("--device", "device", str), ("--dtype", "dtype", str),
     ("--parallel", "parallel", str),
 ]
 
@@ -41,14 +42,22 @@ def parse_set(item: str) -> tuple[str, object]:
 
 
 def collect_overrides(args) -> dict:
-    """Config file, then --set, then the named flags (later wins)."""
+    """Config file, then --set and the named flags on top. A key given twice on the command line (two
+    --set, or --set and its flag) is refused: one of the values would be dropped without a check."""
     from monoroute.train.config import load_config_file
 
     overrides = load_config_file(args.config) if args.config else {}
-    overrides.update(parse_set(item) for item in args.set)
+    given: dict[str, str] = {}
+    for item in args.set:
+        key, value = parse_set(item)
+        if key in given:
+            raise MonorouteError(f"{key} is given twice (--set {given[key]} and --set {item}); give it once")
+        given[key], overrides[key] = item, value
     for flag, key, _ in OVERRIDE_FLAGS:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
+            if key in given:
+                raise MonorouteError(f"{key} is given twice (--set {given[key]} and {flag} {value}); give it once")
             overrides[key] = value
     if args.sparse_rows:  # row-sparse gradients and the optimizer that consumes them go together
         overrides.update(sparse_rows=True, sparse_grad=True)
@@ -89,8 +98,14 @@ def cmd_eval(args) -> int:
                 for name, layer in value.items():
                     recall, mass = (f"{v:.3f}" if v is not None else "-" for v in
                                     (layer.get("selection_recall"), layer.get("selection_mass")))
+                    search = ""
+                    if "proposed_share" in layer:
+                        search = f", proposed {layer['proposed_share']:.3f} of units"
+                        if "distinct_rows" in layer:
+                            search += (f", {layer['distinct_rows']:.1f} distinct sub-key rows/token, query shared/spread "
+                                       f"{layer.get('query_shared_ratio', float('nan')):.2f}")
                     print(f"{name:>20}: l0 {layer['l0']:.2f}, live slots {layer['live_slot_fraction']:.3f}, "
-                          f"selection recall {recall} (mass {mass})")
+                          f"selection recall {recall} (mass {mass}){search}")
             else:
                 print(f"{key:>20}: {value:,.4f}" if isinstance(value, float) else f"{key:>20}: {value}")
     return 0
@@ -112,7 +127,12 @@ def cmd_sample(args) -> int:
     model, tokenizer = run.model, run.tokenizer
     device = next(model.parameters()).device
     # An empty prompt starts at a document boundary, which is not printed.
-    ids = tokenizer.encode(args.prompt) if args.prompt else tokenizer.boundary_ids()
+    try:
+        ids = tokenizer.encode(args.prompt) if args.prompt else tokenizer.boundary_ids()
+    except UnicodeEncodeError as exc:  # bytes that are not UTF-8 on the command line arrive as lone surrogates
+        bad = exc.object[exc.start:exc.end].encode("utf-8", "surrogateescape")
+        raise MonorouteError(f"--prompt is not valid UTF-8 text (byte {bad[:1].hex()} at character {exc.start}); "
+                             f"pass the prompt as UTF-8") from None
     if max(ids) >= model.cfg.vocab_size:
         raise MonorouteError(f"the prompt has token ids beyond the model's vocabulary ({model.cfg.vocab_size}); "
                              f"the run's tokenizer.json does not match its model")
@@ -160,10 +180,19 @@ def add_run_parsers(sub) -> None:
     p.set_defaults(func=cmd_sample)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors (`--steps abc`, a missing argument) are one `monoroute: error:` line
+    with exit code 2, like every other refusal, instead of the usage block and argparse's own prefix."""
+
+    def error(self, message: str):
+        print(f"monoroute: error: {message}; see `{self.prog} --help`", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from monoroute import data
 
-    parser = argparse.ArgumentParser(prog="monoroute", description=__doc__)
+    parser = OneLineParser(prog="monoroute", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
     add_run_parsers(sub)
@@ -182,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"monoroute: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a full disk, a read-only or missing path the commands did not expect: one line
-        where = f" {exc.filename}" if exc.filename else ""
+        # An error raised by a library writer (pyarrow, a stream) may carry no file name: name the output.
+        path = exc.filename or getattr(args, "out", None)
+        where = f" {path}" if path else ""
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             print(f"monoroute: error: disk full while writing{where} ({exc.strerror}); free space and run the "
                   f"command again", file=sys.stderr)

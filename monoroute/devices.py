@@ -21,3 +21,19 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise MonorouteError(f"unknown device {name!r}; use --device cpu, --device cuda[:N] or --device auto") from None
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation may use on `device`: the GPU's free memory, or the CPU's MemAvailable
+    (/proc/meminfo); None where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+

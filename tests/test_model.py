@@ -19,7 +19,9 @@ def model_for(**kw):
      dict(ffn="routed", router_heads=4), dict(ffn="routed", coupling="preact"),
      dict(ffn="routed", router="cluster", router_probes=3), dict(ffn="routed", coupling="rerank", router_candidates=40),
      dict(ffn="routed", router="factored", router_candidates=24),
-     dict(ffn="routed", router="multi_pool", router_pools=4, coupling="preact", k=8)],
+     dict(ffn="routed", router="multi_pool", router_pools=4, coupling="preact", k=8),
+     dict(ffn="routed", dense_beside=24), dict(ffn="dense,routed", dense_beside=8),
+     dict(ffn="routed", coupling="rerank", router_candidates=40, router_heads=2, query_norm="batch", d_key=16)],
 )
 def test_analytic_flops_match_flop_counter(kw):
     model = model_for(**kw)
@@ -140,3 +142,20 @@ def test_aux_loss_only_in_training():
     model.eval()
     model(tokens)
     assert model.aux_loss().item() == 0.0
+
+
+def test_hybrid_block_adds_a_slim_dense_ffn_beside_the_routed_layer():
+    model = model_for(ffn="dense,routed", dense_beside=8)
+    assert model.blocks[0].mlp_dense is None and model.blocks[1].mlp_dense.up.out_features == 8
+    assert {"blocks.1.mlp_dense.hook_pre", "blocks.1.mlp_dense.hook_post"} <= set(model.hook_points)
+    tokens = torch.randint(0, 64, (2, 16))
+    _, cache = model.run_with_cache(tokens)
+    block = model.blocks[1]
+    h = cache["blocks.1.ln_2.hook_normalized"]
+    torch.testing.assert_close(cache["blocks.1.hook_mlp_out"], block.mlp(h) + block.mlp_dense(h))
+    # Zeroing the slim FFN's output leaves exactly the routed layer's.
+    with model.hooks([("blocks.1.mlp_dense.hook_post", lambda a, hook: torch.zeros_like(a))]):
+        _, cache2 = model.run_with_cache(tokens, names_filter="blocks.1.hook_mlp_out")
+    torch.testing.assert_close(cache2["blocks.1.hook_mlp_out"], block.mlp(h) + block.mlp_dense.down.bias)
+    with pytest.raises(MonorouteError, match="dense_beside"):
+        model_for(ffn="routed", dense_beside=-1)

@@ -244,10 +244,10 @@ def test_overwrite_starts_the_run_fresh(tmp_path):
 
 
 def test_non_finite_weights_are_never_saved(reference, tmp_path, monkeypatch, capsys):
-    build = trainer_module.build_optimizer
+    build = trainer_module.build_optimizer_for
 
-    def poisoned_build(model, **kwargs):  # the 4th update turns one weight into inf
-        optimizer = build(model, **kwargs)
+    def poisoned_build(model, tc):  # the 4th update turns one weight into inf
+        optimizer = build(model, tc)
         step, calls = optimizer.step, {"n": 0}
 
         def poisoned_step(*args, **kw):
@@ -261,7 +261,7 @@ def test_non_finite_weights_are_never_saved(reference, tmp_path, monkeypatch, ca
         optimizer.step = poisoned_step
         return optimizer
 
-    monkeypatch.setattr(trainer_module, "build_optimizer", poisoned_build)
+    monkeypatch.setattr(trainer_module, "build_optimizer_for", poisoned_build)
     out = tmp_path / "inf"
     assert main(fresh(out)) == 2
     line = error_line(capsys)

@@ -387,7 +387,7 @@ def test_routing_agreement_measures_live_slots_and_score_pre_correlation():
 
 
 def test_balance_scores_standardise_each_half_per_token():
-    from monoroute.layers.routers import balance_scores
+    from monoroute.layers.routing import balance_scores
 
     s = torch.tensor([[0.0, 1.0, 2.0, 3.0], [10.0, 10.0, 10.0, 14.0]], dtype=torch.double)
     b = balance_scores(s)

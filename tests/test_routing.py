@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from monoroute import GPT, GPTConfig, MonorouteError, RoutedFFN
 from monoroute.layers.recall import model_selection_recall, recall_of, selection_recall
-from monoroute.layers.routers import balanced_kmeans, capacity_assign, cluster_preacts, preacts
+from monoroute.layers.routing import balanced_kmeans, capacity_assign, cluster_preacts, preacts
 
 
 def layer(router="cluster", n_units=64, k=4, d=8, **kw):
@@ -258,7 +258,7 @@ def test_cluster_revival_scores_a_unit_only_where_its_cluster_is_probed():
 
 
 def test_reclustering_runs_the_configured_lloyd_steps(monkeypatch):
-    import monoroute.layers.routers as R
+    import monoroute.layers.routing.cluster as R
 
     seen = []
     real = R.balanced_kmeans

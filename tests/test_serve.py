@@ -362,3 +362,33 @@ def test_facts_view_compare_and_report_section(analysed_runs, tmp_path, capsys):
     assert "top-person share" in out and "0.700" in out and "0.200" in out
     refresh_analysis_page(run)
     assert "<h2>Facts (monoroute facts eval)</h2>" in (run / "analysis" / "report.html").read_text()
+
+
+def test_intervene_with_a_long_prompt_and_max_new_tokens_equal_to_block_size_is_answered(stores, client):
+    """Issue 32: a 100-character prompt with max_new_tokens = block_size (64) was a 500 ("sequence length
+    100 exceeds block_size 64": the crop kept the whole prompt); now the prompt keeps its last token(s)."""
+    block = stores[0].model.cfg.block_size
+    assert block == 64
+    unit = int(stores[0].table("routed_units").sort_values("n_firings").unit.iloc[-1])
+    body = {"text": "x = 1\n" * 17, "set": "routed_units", "unit": unit, "kind": "ablate", "max_new_tokens": block}
+    r = client.post("/api/runs/0/intervene", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["truncated"] is True and len(r.json()["continuation_before"]) > 0
+
+
+def test_only_the_bound_host_is_answered(stores):
+    """Issue 32: any Host header got 200, so a page could read the API by DNS rebinding."""
+    from fastapi.testclient import TestClient
+
+    from monoroute.serve.app import allowed_hosts
+
+    hosts = allowed_hosts("127.0.0.1", 8000)
+    assert hosts == {"127.0.0.1:8000", "localhost:8000", "[::1]:8000"}
+    assert allowed_hosts("::1", 80) == {"127.0.0.1:80", "localhost:80", "[::1]:80", "127.0.0.1", "localhost", "[::1]"}
+    assert allowed_hosts("10.0.0.5", 8000, ["box.lan"]) == {"10.0.0.5:8000", "box.lan:8000"}
+    client = TestClient(create_app(stores, hosts))
+    for host in ("127.0.0.1:8000", "localhost:8000", "LOCALHOST:8000"):
+        assert client.get("/api/runs", headers={"host": host}).status_code == 200
+    for host in ("evil.example.com", "", "a" * 10_000, "127.0.0.1:8001", "127.0.0.1"):
+        r = client.get("/api/runs", headers={"host": host})
+        assert r.status_code == 400 and "Host" in r.json()["detail"], host

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from monoroute.layers import RoutedFFN
-from monoroute.layers.routers import ProductKeyRouter
+from monoroute.layers.routing import ProductKeyRouter
 from monoroute.layers.compute import sampled_dot, unit_activation
 
 

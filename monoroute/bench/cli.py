@@ -43,8 +43,11 @@ def run_layer(args) -> int:
     threads = args.threads or (1 if args.quick and args.device == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
+    from monoroute.cli import parse_set
+
     cfg = LayerBenchConfig(device=args.device, router=args.router, impl=args.impl, sparse_grad=args.sparse_grad,
-                           dtype=args.dtype, quick=args.quick, **sizes)
+                           dtype=args.dtype, quick=args.quick, layer_settings=dict(parse_set(i) for i in args.layer_set),
+                           **sizes)
     result = run_layer_bench(cfg, log=_stderr)
     json_path, png_path = write_outputs(result, Path(args.out))
     _stderr(f"wrote {json_path} and {png_path}")
@@ -118,6 +121,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--warmup", type=int)
     p.add_argument("--repeats", type=int)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, but 1 with --quick on CPU)")
+    p.add_argument("--layer-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a RoutedFFN setting for every routed layer (e.g. coupling=rerank, router_heads=4)")
     p.set_defaults(func=run_layer)
 
     p = sub.add_parser("train", help="end-to-end training tokens/s, routed vs dense, through the trainer")

@@ -64,6 +64,8 @@ class LayerBenchConfig:
     #                      smaller d and T unless given, fewer repeats
     warmup: int | None = None  # None: 2 (quick: 1)
     repeats: int | None = None  # None: 5 (quick: 3)
+    # More RoutedFFN settings for every routed layer of the grid (e.g. coupling="rerank", router_heads=4).
+    layer_settings: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def resolve(self) -> "LayerBenchConfig":
@@ -82,6 +84,11 @@ class LayerBenchConfig:
             raise MonorouteError(f"k_ref={self.k_ref} is not in the k grid {self.ks}; add it to --k")
         if self.n_ref not in self.n_units:
             raise MonorouteError(f"n_ref={self.n_ref} is not in the N grid {self.n_units}; add it to --n-units")
+        known = set(inspect.signature(RoutedFFN).parameters) - {"d_model", "n_units", "k", "router", "impl"}
+        unknown = sorted(set(self.layer_settings) - known)
+        if unknown:
+            raise MonorouteError(f"--layer-set: unknown RoutedFFN setting(s) {', '.join(unknown)}; valid: "
+                                 f"{', '.join(sorted(known))}")
         has_flag = "sparse_grad" in inspect.signature(RoutedFFN).parameters
         if self.sparse_grad == "auto":
             self.sparse_grad = "on" if has_flag else "off"
@@ -147,7 +154,8 @@ def time_routed(cfg: LayerBenchConfig, n: int, k: int, x: Tensor, grad_y: Tensor
     device, dtype = x.device, x.dtype
     torch.manual_seed(1)
     sparse_kwargs = {"sparse_grad": cfg.sparse_grad == "on"} if cfg.sparse_grad != "off" else {}
-    layer = RoutedFFN(cfg.d, n, k, router=cfg.router, impl=cfg.impl, aux_coef=0.0, **sparse_kwargs)
+    layer = RoutedFFN(cfg.d, n, k, router=cfg.router, impl=cfg.impl, **{**cfg.layer_settings, "aux_coef": 0.0},
+                      **sparse_kwargs)
     layer = layer.to(device, dtype).train()
     x = x.detach().requires_grad_()
     time = lambda phases: time_phases(phases, device, cfg.warmup, cfg.repeats)  # noqa: E731

@@ -101,7 +101,9 @@ def circuits(run: str | Path, opts: CircuitOptions | None = None) -> dict:
         raise MonorouteError(f"{run_dir} has no checkpoint (checkpoint.json missing); train it first "
                              f"(`monoroute train --out {run_dir}`) or point at a finished run")
     from monoroute.fileio import check_writable
+    from monoroute.train.trainer import read_run_config
 
+    tasks = select_tasks(opts.tasks, facts_world(read_run_config(run_dir)))  # a bad --tasks writes nothing
     check_writable(Path(opts.out) if opts.out else run_dir / OUT_DIR, "the circuits")  # before any work
     t0 = time.perf_counter()
     loaded = load(run_dir, opts.device)
@@ -109,7 +111,6 @@ def circuits(run: str | Path, opts: CircuitOptions | None = None) -> dict:
     if getattr(tok, "kind", None) != "byte":
         raise MonorouteError(f"{run_dir} uses a {getattr(tok, 'kind', '?')} tokenizer; the circuit tasks are "
                              f"next-byte tasks and need a byte-level run (--tokenizer byte)")
-    tasks = select_tasks(opts.tasks, facts_world(loaded.config))
     torch.manual_seed(opts.seed)
     groups = node_groups(model)
     store = prepare_data(loaded.config.data)

@@ -118,6 +118,8 @@ class FactsSpec:
             if not eq or key not in known:
                 raise MonorouteError(f"facts spec {text!r}: {part!r} is not KEY=INT with KEY one of "
                                      f"{', '.join(sorted(known))}; e.g. facts:people=500,exposures=100,seed=0")
+            if key in values:
+                raise MonorouteError(f"facts spec {text!r}: {key} is given twice; give each key once")
             try:
                 values[key] = int(raw)
             except ValueError:

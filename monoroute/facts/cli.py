@@ -54,6 +54,10 @@ def cmd_make(args) -> int:
     if not 0 <= args.val_fraction < 1:
         raise MonorouteError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        what = "is not a folder" if not out.is_dir() else "is not empty"
+        raise MonorouteError(f"--out {out} {what}; `facts make` writes corpus.txt, truth.json, queries.jsonl and "
+                             f"spans.jsonl into a new or empty folder: choose another --out")
     check_writable(out, "the facts corpus")
     world = FactsWorld(spec)
     texts, spans = [], []

@@ -6,7 +6,7 @@ when triton imports (it runs on CUDA tensors, or on CPU tensors under TRITON_INT
 from monoroute.layers import cpu_kernels  # noqa: F401  (registers impl "cpu")
 from monoroute.layers.compute import available_impls, sampled_dot, weighted_gather_sum
 from monoroute.layers.routed_ffn import RoutedFFN
-from monoroute.layers.routers import DenseRouter, ProductKeyRouter, Routing
+from monoroute.layers.routing import DenseRouter, ProductKeyRouter, Routing
 
 try:
     from monoroute.layers import triton_kernels  # noqa: F401  (registers impl "triton")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from monoroute.layers.routed_ffn import RoutedFFN
-from monoroute.layers.routers import all_preacts
+from monoroute.layers.routing import all_preacts
 
 
 @torch.no_grad()

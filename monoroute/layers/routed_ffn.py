@@ -46,12 +46,15 @@ from monoroute.errors import MonorouteError
 from monoroute.hooks import HookPoint, SparseActivations
 from monoroute.layers.compute import (ACTIVATIONS, available_impls, compose_unit_ffn, impl_primitives, resolve_impl,
                                      unit_ffn)
-from monoroute.layers.routers import Routing, build_router
+from monoroute.layers.routing import Routing, build_router
 
 GATES = ("sigmoid", "none")
 # How the router's choice is made to agree with the unit's firing (see `agreement_loss` and
 # ProductKeyRouter(select="preact")); "none" is the plain layer.
 COUPLINGS = ("auto", "none", "agreement", "preact", "rerank")
+# What the revival loss pulls a dead unit's score (and pre-activation) up to: "score", the lowest
+# selected score (and pre > 0); "selection", under re-ranking, what selection applies (RoutedFFN.revival_loss).
+REVIVAL_TARGETS = ("score", "selection")
 # Routers that score units by their own pre-activation: no gate, and the revival threshold is >= 0.
 PREACT_ROUTERS = ("dense", "cluster", "factored")
 
@@ -101,6 +104,9 @@ class RoutedFFN(nn.Module):
         cluster_balance: float = 0.01,
         revive_where_probed: bool = False,
         recluster_iters: int = 3,
+        router_detach: bool = False,
+        query_norm: str = "none",
+        revival_target: str = "score",
     ) -> None:
         super().__init__()
         if not 1 <= k <= n_units:
@@ -132,6 +138,12 @@ class RoutedFFN(nn.Module):
                 f"router='product_key' and activation='relu' (got {router!r}, {activation!r}). The dense router's "
                 f"score is the pre-activation already, and GELU/SiLU units fire whenever selected: use coupling='none'"
             )
+        check_choice("revival_target", revival_target, REVIVAL_TARGETS)
+        if router_detach and router == "factored":
+            raise MonorouteError("router_detach needs a router with its own query (product_key, multi_pool); the "
+                                 "factored router's search key is part of the pre-activation, which the LM loss trains")
+        if isinstance(aux_units, bool) or not isinstance(aux_units, int) or aux_units < 1:
+            raise MonorouteError(f"aux_units must be a whole number >= 1, got {aux_units!r}; e.g. 256")
         for name, value in (("agree_coef", agree_coef), ("rank_coef", rank_coef)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                 raise MonorouteError(f"{name} must be a finite number >= 0, got {value!r}; e.g. 0.1")
@@ -141,10 +153,11 @@ class RoutedFFN(nn.Module):
         self.sparse_grad = sparse_grad
         self.aux_coef, self.aux_units, self.l1_coef, self.dead_window = aux_coef, aux_units, l1_coef, dead_window
         self.coupling, self.agree_coef, self.rank_coef = coupling, agree_coef, rank_coef
+        self.router_detach, self.revival_target = bool(router_detach), revival_target
         select = coupling if coupling in ("preact", "rerank") else "score"
         self.router = build_router(router, d_model, n_units, k, d_key, router_heads, select, impl, router_balance,
                                    router_pools, router_candidates, router_clusters, router_probes, recluster_every,
-                                   cluster_balance, revive_where_probed, recluster_iters)
+                                   cluster_balance, revive_where_probed, recluster_iters, query_norm)
         self.router_name = router
         self.w_in = nn.Parameter(torch.empty(n_units, d_model).uniform_(-1, 1) / math.sqrt(d_model))
         self.b_in = nn.Parameter(torch.zeros(n_units)) if bias else None
@@ -168,7 +181,10 @@ class RoutedFFN(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         xt = x.reshape(-1, self.d_model)  # (T, d)
-        routing = self.router(xt, self.w_in, self.b_in)  # (T, k) ids and scores
+        # router_detach: the router and the router-only losses read a copy of the input without
+        # gradient, so they train the router (and the revived units' rows), never the trunk below.
+        xr = xt.detach() if self.router_detach else xt
+        routing = self.router(xr, self.w_in, self.b_in)  # (T, k) ids and scores
         idx = routing.indices
         gate_logits = routing.scores if self.gate == "sigmoid" else None
         offset = routing.pre_offset  # (T, k) a factored router's share of the pre-activation, or None
@@ -195,7 +211,7 @@ class RoutedFFN(nn.Module):
         self.last_activations = acts.detach()
         if self.training:
             self.record_firing(idx, h)
-            self.aux_loss = self.auxiliary_loss(xt, routing, h)
+            self.aux_loss = self.auxiliary_loss(xt, routing, h, xr)
         else:
             self.aux_loss = None
         if self.b_out is not None:
@@ -233,12 +249,14 @@ class RoutedFFN(nn.Module):
     def dead_fraction(self) -> float:
         return self.dead_mask().float().mean().item()
 
-    def auxiliary_loss(self, xt: Tensor, routing: Routing, h: Tensor) -> Tensor:
+    def auxiliary_loss(self, xt: Tensor, routing: Routing, h: Tensor, xr: Tensor | None = None) -> Tensor:
         """Dead-unit revival (weighted by aux_coef), an L1 pressure on unit activations, and with
-        coupling="agreement" the agreement loss (weighted by agree_coef)."""
+        coupling="agreement" the agreement loss (weighted by agree_coef). `xr` is the input the router
+        read (detached under router_detach): the router-only losses read it, the L1 term reads h."""
+        xr = xt if xr is None else xr
         loss = self.l1_coef * h.abs().sum(-1).mean()
         if self.aux_coef > 0:
-            loss = loss + self.aux_coef * self.revival_loss(xt, routing)
+            loss = loss + self.aux_coef * self.revival_loss(xr, routing)
         if self.coupling == "agreement" and self.agree_coef > 0:
             loss = loss + self.agree_coef * self.agreement_loss(routing, h)
         if self.coupling == "rerank" and self.rank_coef > 0:
@@ -255,10 +273,20 @@ class RoutedFFN(nn.Module):
         pre = routing.candidate_pre.detach()  # (T, C)
         if pre.numel() == 0:
             return pre.new_zeros(())
-        target = F.softmax((pre - pre.mean(-1, keepdim=True)) / (pre.std(-1, keepdim=True) + 1e-6), dim=-1)
         s1, s2 = routing.halves
         scores = self.router.unit_scores(s1, s2, routing.candidates)  # (T, C), with gradient to keys and query
-        return F.kl_div(F.log_softmax(scores, dim=-1), target, reduction="batchmean")
+        repeat = routing.candidate_repeat
+        if repeat is None:
+            target = F.softmax((pre - pre.mean(-1, keepdim=True)) / (pre.std(-1, keepdim=True) + 1e-6), dim=-1)
+            return F.kl_div(F.log_softmax(scores, dim=-1), target, reduction="batchmean")
+        # A unit proposed by two heads counts once: its repeats get no target mass and no score mass.
+        keep = (~repeat).to(pre.dtype)
+        n = keep.sum(-1, keepdim=True)
+        mean = (pre * keep).sum(-1, keepdim=True) / n
+        std = (((pre - mean) * keep).square().sum(-1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+        target = F.softmax(((pre - mean) / (std + 1e-6)).masked_fill(repeat, float("-inf")), dim=-1)
+        log_p = F.log_softmax(scores.masked_fill(repeat, float("-inf")), dim=-1).masked_fill(repeat, 0.0)
+        return (target * (target.clamp(min=1e-30).log() - log_p)).sum() / pre.shape[0]
 
     def agreement_loss(self, routing: Routing, h: Tensor) -> Tensor:
         """Mean over the T·k slots of relu(score - threshold) / scale on the selected units ReLU silences.
@@ -292,7 +320,12 @@ class RoutedFFN(nn.Module):
     def revival_loss(self, xt: Tensor, routing: Routing) -> Tensor:
         """For up to aux_units dead units: pull the score up to the selection threshold on the token
         where it is highest (and, for ReLU under a router with its own scores, the pre-activation
-        above 0). `routing` is this forward's, whose half scores the product-key router reuses."""
+        above 0). `routing` is this forward's, whose half scores the product-key router reuses.
+
+        Under re-ranking with revival_target="selection", the two thresholds are the ones selection
+        actually applies: the score must reach the token's lowest *proposed* score (to be among its C
+        candidates) and the pre-activation the token's k-th largest candidate pre-activation (and 0,
+        for ReLU), instead of the lowest selected score, which the pre-activation picked."""
         dead = self.dead_mask().nonzero().squeeze(1)
         if dead.numel() == 0 or xt.shape[0] == 0:
             return xt.new_zeros(())
@@ -300,14 +333,30 @@ class RoutedFFN(nn.Module):
         scores = self.router.score_units(xt, units, self.w_in, self.b_in, self.sparse_grad, routing)  # (T, U)
         best_token = scores.detach().argmax(0)  # (U,) where each dead unit is closest to selection
         best_score = scores.gather(0, best_token.unsqueeze(0)).squeeze(0)  # (U,)
-        threshold = self.selection_threshold(routing, units)[best_token, torch.arange(units.numel())]  # (U,)
+        rerank_exact = self.revival_target == "selection" and routing.candidate_pre is not None and \
+            self.coupling == "rerank"
+        if rerank_exact:
+            threshold = self.proposal_threshold(routing)[best_token]  # (U,)
+        else:
+            threshold = self.selection_threshold(routing, units)[best_token, torch.arange(units.numel())]  # (U,)
         by_preact = self.router_name in PREACT_ROUTERS
         if self.activation == "relu" and by_preact:
             threshold = threshold.clamp(min=0)  # selected but not positive is still not firing
         loss = F.relu(threshold - best_score).mean()
-        if self.activation == "relu" and not by_preact:
+        if not by_preact and (self.activation == "relu" or rerank_exact):
             pre = (xt[best_token] * F.embedding(units, self.w_in, sparse=self.sparse_grad)).sum(-1)
             if self.b_in is not None:
                 pre = pre + self.b_in[units]
-            loss = loss + F.relu(-pre).mean()
+            floor = routing.candidate_pre.detach().topk(self.k, dim=-1).values[:, -1][best_token] if rerank_exact \
+                else torch.zeros_like(pre)
+            if self.activation == "relu":
+                floor = floor.clamp(min=0)
+            loss = loss + F.relu(floor - pre).mean()
         return loss
+
+    def proposal_threshold(self, routing: Routing) -> Tensor:
+        """(T,) the lowest score among each token's proposed candidates: what a unit's score must reach
+        to be proposed (re-ranking), read from the same half scores as the units' own."""
+        s1, s2 = routing.halves
+        with torch.no_grad():
+            return self.router.unit_scores(s1, s2, routing.candidates).min(-1).values

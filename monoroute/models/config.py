@@ -7,6 +7,7 @@ from monoroute.errors import MonorouteError
 
 FFN_KINDS = ("dense", "routed")
 DENSE_ACTIVATIONS = ("gelu", "gelu_tanh")
+UNIT_INITS = ("gpt", "fan_in")
 
 
 @dataclass
@@ -47,7 +48,7 @@ class GPTConfig:
     impl: str = "auto"
     sparse_grad: bool = False  # row-sparse COO gradients for the unit tables (needs train.sparse_rows)
     router_heads: int = 1  # product-key query heads sharing the sub-keys (PEER); 1 = one query
-    router_balance: bool = False  # standardise each half's sub-key scores per token (routers.balance_scores)
+    router_balance: bool = False  # standardise each half's sub-key scores per token (routing.balance_scores)
     # Making the router's choice agree with ReLU firing: "none", "agreement" (loss, weight agree_coef)
     # or "preact" (keep the best-scoring firing units of the top 2k). See RoutedFFN. "auto" (the
     # default) is "preact" where it applies (product keys, ReLU; the best design of the frontier
@@ -58,7 +59,7 @@ class GPTConfig:
     # the top k by exact pre-activation run, and a listwise ranking loss (weight rank_coef) teaches the keys.
     router_candidates: int | None = None
     rank_coef: float = 1.0
-    # router="cluster": a balanced clustered index over the unit rows themselves (routers.ClusterRouter):
+    # router="cluster": a balanced clustered index over the unit rows themselves (routing.ClusterRouter):
     # router_clusters groups (None: sqrt(n_units)), router_probes of them searched per token, the
     # assignment rebuilt every recluster_every training forwards, probing balanced at rate cluster_balance.
     router_clusters: int | None = None
@@ -67,6 +68,23 @@ class GPTConfig:
     cluster_balance: float = 0.01
     recluster_iters: int = 3  # Lloyd steps per reclustering (from the current clusters)
     revive_where_probed: bool = False  # revival only on tokens that probe the unit's cluster (fewer dead, worse loss)
+    # The router recipe of the reference designs (issue 29, docs/routing.md):
+    # router_detach: the router's query and the router-only losses (revival, ranking, agreement) read a
+    # detached copy of the layer input, so they train the router and the revived rows, not the trunk
+    # (XLM's mem_query_detach_input).
+    router_detach: bool = False
+    # query_norm "batch": BatchNorm without affine on the product-key query before the cosine (PEER).
+    query_norm: str = "none"
+    # What the revival loss pulls a dead unit to: "score" (the lowest selected score) or "selection"
+    # (under re-ranking: the lowest proposed score and the k-th candidate pre-activation).
+    revival_target: str = "score"
+    aux_units: int = 256  # dead units the revival loss samples per forward
+    # Initial w_in of routed units: "gpt" (normal, std 0.02, as every matrix) or "fan_in" (std d^-0.5,
+    # the memory-layer references' scale).
+    unit_init: str = "gpt"
+    # A slim dense FFN of this width beside every routed layer (their outputs add; 0: none): the
+    # hybrid of UltraMemV2 / memory layers. Its hooks are blocks.{i}.mlp_dense.hook_pre / hook_post.
+    dense_beside: int = 0
 
     @property
     def layer_coupling(self) -> str:
@@ -97,6 +115,11 @@ class GPTConfig:
         if self.dense_activation not in DENSE_ACTIVATIONS:
             raise MonorouteError(f"unknown dense_activation {self.dense_activation!r}; choose one of "
                                  f"{', '.join(DENSE_ACTIVATIONS)}")
+        if self.unit_init not in UNIT_INITS:
+            raise MonorouteError(f"unknown unit_init {self.unit_init!r}; choose one of {', '.join(UNIT_INITS)}")
+        if isinstance(self.dense_beside, bool) or not isinstance(self.dense_beside, int) or self.dense_beside < 0:
+            raise MonorouteError(f"dense_beside must be a whole number >= 0 (the width of a dense FFN beside each "
+                                 f"routed layer; 0 for none), got {self.dense_beside!r}")
         if self.d_model % self.n_head:
             raise MonorouteError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):

@@ -61,10 +61,11 @@ class CausalSelfAttention(nn.Module):
 class DenseMLP(nn.Module):
     """The standard transformer FFN: d -> d_ff -> GELU -> d."""
 
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: GPTConfig, width: int | None = None) -> None:
         super().__init__()
-        self.up = nn.Linear(cfg.d_model, cfg.ffn_width, bias=cfg.bias)
-        self.down = nn.Linear(cfg.ffn_width, cfg.d_model, bias=cfg.bias)
+        width = width or cfg.ffn_width
+        self.up = nn.Linear(cfg.d_model, width, bias=cfg.bias)
+        self.down = nn.Linear(width, cfg.d_model, bias=cfg.bias)
         self.approximate = "tanh" if cfg.dense_activation == "gelu_tanh" else "none"
         self.hook_pre, self.hook_post = HookPoint(), HookPoint()
 
@@ -84,6 +85,8 @@ def build_ffn(cfg: GPTConfig, kind: str) -> nn.Module:
         router_candidates=cfg.router_candidates, rank_coef=cfg.rank_coef, router_clusters=cfg.router_clusters,
         router_probes=cfg.router_probes, recluster_every=cfg.recluster_every, cluster_balance=cfg.cluster_balance,
         revive_where_probed=cfg.revive_where_probed, recluster_iters=cfg.recluster_iters,
+        router_detach=cfg.router_detach, query_norm=cfg.query_norm, revival_target=cfg.revival_target,
+        aux_units=cfg.aux_units,
     )
 
 
@@ -94,6 +97,8 @@ class Block(nn.Module):
         self.ln_2 = HookedLayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
         self.attn = CausalSelfAttention(cfg)
         self.mlp = build_ffn(cfg, ffn_kind)
+        # Hybrid: a slim dense FFN beside the routed layer, reading the same input; their outputs add.
+        self.mlp_dense = DenseMLP(cfg, cfg.dense_beside) if ffn_kind == "routed" and cfg.dense_beside else None
         self.drop = nn.Dropout(cfg.dropout)
         self.hook_resid_pre, self.hook_attn_out, self.hook_resid_mid = HookPoint(), HookPoint(), HookPoint()
         self.hook_mlp_out, self.hook_resid_post = HookPoint(), HookPoint()
@@ -101,7 +106,9 @@ class Block(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.hook_resid_pre(x)
         x = self.hook_resid_mid(x + self.hook_attn_out(self.drop(self.attn(self.ln_1(x)))))
-        return self.hook_resid_post(x + self.hook_mlp_out(self.drop(self.mlp(self.ln_2(x)))))
+        h = self.ln_2(x)
+        out = self.mlp(h) if self.mlp_dense is None else self.mlp(h) + self.mlp_dense(h)
+        return self.hook_resid_post(x + self.hook_mlp_out(self.drop(out)))
 
 
 class GPT(nn.Module):
@@ -134,10 +141,13 @@ class GPT(nn.Module):
         for block in self.blocks:
             nn.init.normal_(block.attn.proj.weight, std=std)
             if isinstance(block.mlp, RoutedFFN):
-                nn.init.normal_(block.mlp.w_in, std=0.02)
+                w_in_std = 0.02 if self.cfg.unit_init == "gpt" else self.cfg.d_model ** -0.5
+                nn.init.normal_(block.mlp.w_in, std=w_in_std)
                 nn.init.normal_(block.mlp.w_out, std=std)
             else:
                 nn.init.normal_(block.mlp.down.weight, std=std)
+            if block.mlp_dense is not None:
+                nn.init.normal_(block.mlp_dense.down.weight, std=std)
 
     # --- forward ---------------------------------------------------------------------------
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:

@@ -196,8 +196,25 @@ def facts_view(store) -> dict:
                   "facts": facts, "unit_people": people})
 
 
-def create_app(stores: list):
-    """The FastAPI app over already-loaded `AnalysisStore`s (their order gives the run ids)."""
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+
+def allowed_hosts(host: str, port: int, extra=()) -> set[str]:
+    """The Host header values a server bound to host:port answers (lower case): the loopback names when
+    it listens on loopback or on every interface, the bound name itself and any `extra` names, each
+    with the port (and bare too when the port is 80, which browsers leave out). Anything else, a DNS
+    rebinding page among it, is refused (`create_app`)."""
+    names = {host.lower(), *(n.lower() for n in extra)}
+    if host in ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::"):
+        names |= set(LOOPBACK_NAMES)
+    names = {f"[{n}]" if ":" in n and not n.startswith("[") else n for n in names}
+    return {f"{n}:{port}" for n in names} | (names if port == 80 else set())
+
+
+def create_app(stores: list, hosts: set[str] | None = None):
+    """The FastAPI app over already-loaded `AnalysisStore`s (their order gives the run ids). `hosts`:
+    the Host header values to answer (`allowed_hosts`); any other gets 400, so a web page on another
+    origin cannot reach the API by DNS rebinding. None answers any Host (in-process test clients)."""
     from fastapi import Body, FastAPI, HTTPException, Query, Request
     from fastapi.responses import FileResponse, JSONResponse
     from fastapi.staticfiles import StaticFiles
@@ -230,6 +247,10 @@ def create_app(stores: list):
 
     @app.middleware("http")
     async def timing(request: Request, call_next):
+        if hosts is not None and request.headers.get("host", "").lower() not in hosts:
+            return JSONResponse({"detail": "this server answers only requests addressed to the address it is bound "
+                                 "to (Host header not allowed); open it at the URL `monoroute serve` printed"},
+                                status_code=400)
         t0 = time.perf_counter()
         response = await call_next(request)
         response.headers["Server-Timing"] = f"app;dur={1000 * (time.perf_counter() - t0):.1f}"

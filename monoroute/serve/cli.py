@@ -14,6 +14,8 @@ def add_parser(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it to the network)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="another host name the browser may use to reach the server (the Host header is checked)")
     p.add_argument("--analyze", action="store_true", help="run `monoroute analyze` first on runs that lack it")
     p.add_argument("--analyze-tokens", type=int, default=200_000, help="positions --analyze scores (default 200000)")
     p.add_argument("--device", default="cpu")
@@ -67,7 +69,7 @@ def open_stores(runs: list[str], analyze_missing: bool, device: str, analyze_tok
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from monoroute.serve.app import create_app
+    from monoroute.serve.app import allowed_hosts, create_app
 
     sock = bind(args.host, args.port)  # before the slow loading: a busy port fails at once
     try:
@@ -77,7 +79,7 @@ def cmd_serve(args) -> int:
                   file=sys.stderr)
             store.warm()
             _ = store.model
-        app = create_app(stores)
+        app = create_app(stores, allowed_hosts(args.host, args.port, args.allow_host))
         host = f"[{args.host}]" if ":" in args.host else args.host
         print(f"monoroute serve: http://{host}:{args.port}/  ({len(stores)} run(s); Ctrl-C stops)", file=sys.stderr)
         if args.host not in ("127.0.0.1", "localhost", "::1"):

@@ -46,7 +46,10 @@ def encode_prompt(store, text: str, reserve: int = 0) -> tuple[list[int], bool]:
                           f"({exc.object[exc.start:exc.end]!a} at position {exc.start}); remove it") from None
     if not ids:
         raise PromptError("the prompt encodes to no tokens")
-    room = store.model.cfg.block_size - reserve
+    # At least one prompt token is kept: with reserve >= block_size, `ids[-0:]` would keep them all
+    # (a 500 from the model). Generation crops its own context to block_size, so the reserve only
+    # decides how much of the prompt the first positions see.
+    room = max(1, store.model.cfg.block_size - reserve)
     return ids[-room:], len(ids) > room
 
 

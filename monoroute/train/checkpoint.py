@@ -179,10 +179,16 @@ def current_checkpoint(out: Path) -> Checkpoint | None:
     if pointer.is_file():
         p = read_json(pointer, "checkpoint pointer")
         try:
-            return Checkpoint(out / p["path"], int(p["step"]), int(p["tokens"]), dict(p["sha256"]))
+            ckpt = Checkpoint(out / p["path"], int(p["step"]), int(p["tokens"]), dict(p["sha256"]))
         except (KeyError, TypeError, ValueError):
             raise MonorouteError(f"checkpoint pointer {pointer} is corrupt (missing fields); restore it or start a "
                                  f"new run") from None
+        # A pointer is written by this code as checkpoints/step-N; a hand-edited one must not lead out of the run.
+        named = os.path.normpath(str(p["path"]))
+        if os.path.isabs(named) or named == ".." or named.startswith(".." + os.sep):
+            raise MonorouteError(f"checkpoint pointer {pointer} names {p['path']!r}, outside the run directory; "
+                                 f"restore the pointer (it must name a folder inside {out}) or start a new run")
+        return ckpt
     legacy = out / STATE_FILE
     if legacy.is_file():  # written before checkpoints had their own folders
         state = read_json(legacy, "checkpoint state")

@@ -35,12 +35,24 @@ class TrainConfig:
     # Learning rate of the routed unit tables (w_in, b_in, w_out) relative to `lr`: each row is
     # selected for only a few tokens per step, so memory-layer work trains such tables faster.
     table_lr_mult: float = 1.0
+    # The unit tables' own gradient clipping (their joint L2 norm; 0: clipped together with the rest by
+    # grad_clip, as before). Memory layers clip their values apart from the trunk (Meta, 2024).
+    table_grad_clip: float = 0.0
+    # The product-key router's query, sub-keys and scale: learning rate relative to `lr`, and a linear
+    # warmup of their own (steps, on top of `warmup`): cosine scores make the query's scale irrelevant,
+    # so its effective step is lr / |W_q| and the references train it slowly (Meta's memory layers).
+    router_lr_mult: float = 1.0
+    router_warmup: int = 0
     parallel: str = "ddp"  # under torchrun: "ddp" (replicate) or "fsdp" (FSDP2, unit tables column-sharded)
     eval_every: int = 100
     eval_batches: int = 20
     log_every: int = 10
+    # Early dynamics: up to this step, also log every 5 steps, with the routers' search diagnostics
+    # (units proposed per batch, distinct sub-key rows per token, the query's shared component; 0: off).
+    dense_log_until: int = 200
     ckpt_every: int = 200
-    seed: int = 1337
+    seed: int = 1337  # initialisation (and every other random choice but the data order)
+    data_seed: int | None = None  # the order of training windows; None: `seed`
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 autocast where supported) | float32 | bfloat16
     # Distillation (stage 2 of `monoroute upcycle`): loss = cross-entropy + kl_coef · T² · KL(teacher ‖ model)
@@ -75,10 +87,21 @@ class TrainConfig:
                 raise MonorouteError(f"{name} (--{name.replace('_', '-')}) must be a whole number >= 1, got {value!r}")
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise MonorouteError(f"warmup (--warmup) must be a whole number >= 0, got {self.warmup!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise MonorouteError(f"seed (--seed) must be a whole number, got {self.seed!r}")
+        for name in ("seed", "data_seed"):
+            value = getattr(self, name)
+            if name == "data_seed" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 63:
+                raise MonorouteError(f"{name} (--{name.replace('_', '-')}) must be a whole number from 0 to 2**63 - 1, "
+                                     f"got {value!r}")
+        if isinstance(self.dense_log_until, bool) or not isinstance(self.dense_log_until, int) or \
+                self.dense_log_until < 0:
+            raise MonorouteError(f"dense_log_until must be a whole number of steps >= 0, got {self.dense_log_until!r}")
+        if isinstance(self.router_warmup, bool) or not isinstance(self.router_warmup, int) or self.router_warmup < 0:
+            raise MonorouteError(f"router_warmup must be a whole number of steps >= 0, got {self.router_warmup!r}")
         for name, low, strict in (("lr", 0.0, True), ("min_lr", 0.0, False), ("weight_decay", 0.0, False),
-                                  ("grad_clip", 0.0, False), ("table_lr_mult", 0.0, True)):
+                                  ("grad_clip", 0.0, False), ("table_lr_mult", 0.0, True),
+                                  ("table_grad_clip", 0.0, False), ("router_lr_mult", 0.0, True)):
             value = getattr(self, name)
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
                 value > low if strict else value >= low)
@@ -90,6 +113,12 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
                 raise MonorouteError(f"{name} (--{name.replace('_', '-')}) must be a finite number >= {low:g}, "
                                      f"got {value!r}")
+        if self.min_lr > self.lr:
+            raise MonorouteError(f"min_lr (--min-lr {self.min_lr:g}) is above lr (--lr {self.lr:g}); the schedule decays "
+                                 f"from lr to min_lr: lower --min-lr")
+        if self.warmup > self.steps:
+            raise MonorouteError(f"warmup (--warmup {self.warmup}) is longer than the run (--steps {self.steps}): the "
+                                 f"learning rate would never reach lr; lower --warmup or raise --steps")
         if self.kl_coef > 0 and not self.teacher:
             raise MonorouteError("kl_coef > 0 needs a teacher run (teacher=DIR); `monoroute upcycle` sets both")
         if isinstance(self.dense_fraction, bool) or not isinstance(self.dense_fraction, (int, float)) or \
@@ -118,6 +147,11 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise MonorouteError(f"{name} must be in [0, 1), got {value!r}")
         return self
+
+
+def data_seed(tc: TrainConfig) -> int:
+    """The seed of the training windows' order: `data_seed`, or `seed` when unset."""
+    return tc.seed if tc.data_seed is None else tc.data_seed
 
 
 def switch_step(tc: TrainConfig) -> int | None:
@@ -234,11 +268,23 @@ def build_run_config(preset: str = "tiny", overrides: dict | None = None) -> Run
         data=DataConfig(**sections["data"]),
         train=TrainConfig(**sections["train"]),
     )
+    preset_train = base.get("train", {})
+    fit_schedule(cfg.train, given, preset_train.get("lr", TrainConfig.lr), preset_train.get("min_lr", TrainConfig.min_lr))
     if not given & {"sparse_rows", "sparse_grad"} and row_sparse_by_default(cfg):
         cfg.model.sparse_grad = cfg.train.sparse_rows = True
     if cfg.train.dense_fraction > 0 and "out_bias" not in given:
         cfg.model.out_bias = True  # the in-place upcycle fits the dense FFN's output mean into this bias
     return cfg
+
+
+def fit_schedule(tc: TrainConfig, given: set, default_lr: float, default_min_lr: float) -> None:
+    """A default schedule fitted to what was asked: its warmup never longer than a shorter run, its
+    min_lr kept at the default ratio below a lower lr. Values given explicitly are left for
+    TrainConfig.check, which refuses a contradiction (min_lr above lr, warmup longer than the run)."""
+    if "warmup" not in given and tc.warmup > tc.steps:
+        tc.warmup = tc.steps
+    if "min_lr" not in given and tc.min_lr > tc.lr:
+        tc.min_lr = tc.lr * default_min_lr / default_lr
 
 
 def row_sparse_by_default(cfg: RunConfig) -> bool:
@@ -302,7 +348,11 @@ def load_config_file(path: str, what: str = "config file") -> dict:
     file = Path(path)
     if not file.is_file():
         raise MonorouteError(f"{what} {path} not found; pass an existing .yaml, .toml or .json file")
-    text = file.read_text()
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise MonorouteError(f"{what} {path} is not a UTF-8 text file (byte {exc.object[exc.start:exc.start + 1].hex()} "
+                             f"at offset {exc.start}); pass a .yaml, .toml or .json file") from None
     try:
         if file.suffix in (".yaml", ".yml"):
             values = yaml.load(text, Loader=UniqueKeyLoader) or {}

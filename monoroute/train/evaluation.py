@@ -40,4 +40,23 @@ def eval_report(run: str | Path, device: str = "cpu", batches: int | None = None
         report["selection_recall"], report["selection_mass"] = recall["recall"], recall["mass"]
         for name, layer in recall["layers"].items():
             report["routed"].setdefault(name, {}).update(selection_recall=layer["recall"], selection_mass=layer["mass"])
+        diagnostics = search_diagnostics_on_val(model, store, cfg)
+        for name, values in diagnostics.pop("diagnostics", {}).items():
+            report["routed"].setdefault(name, {}).update(values)
+        report.update(diagnostics)  # means over layers
     return report
+
+
+def search_diagnostics_on_val(model, store, cfg) -> dict:
+    """The routers' search diagnostics (routers.search_diagnostics, the query's shared-component ratio)
+    on the first validation batch, in eval mode: {"diagnostics": {layer: {...}}, means}, or {}."""
+    import torch
+
+    from monoroute.train.trainer import autocast_for, collect_diagnostics, request_diagnostics
+
+    device = next(model.parameters()).device
+    x, _ = next(iter(store.eval_batches(cfg.train.batch_size, cfg.model.block_size, 1)))
+    request_diagnostics(model)
+    with torch.no_grad(), autocast_for(device, cfg.train.dtype):
+        model(x.to(device))
+    return collect_diagnostics(model)

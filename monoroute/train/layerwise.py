@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from monoroute.errors import MonorouteError
 from monoroute.layers import RoutedFFN
-from monoroute.layers.routers import ProductKeyRouter
+from monoroute.layers.routing import ProductKeyRouter
 
 NORM_BATCHES = 4  # batches used to estimate each target's mean and scale before training
 DECAY_FRACTION = 0.2  # the learning rate decays linearly to zero over the last 20 % of steps

@@ -203,18 +203,23 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.95),
     sparse_rows: bool = False,
     table_lr_mult: float = 1.0,
+    router_lr_mult: float = 1.0,
+    router_warmup: int = 0,
 ) -> torch.optim.Optimizer:
     """AdamW over `model` with no-decay groups; with sparse_rows, RowSparseAdamW for unit tables.
 
     Returns one optimizer: torch AdamW, or (sparse_rows=True) a CombinedOptimizer of torch AdamW
     and RowSparseAdamW. Every group has an "lr" the trainer may set and an "lr_mult" it multiplies
-    that lr by (`table_lr_mult` for the routed unit tables, else 1); group names are in "name".
-    The tables get groups of their own only when they need them (sparse rows or a multiplier),
-    so the optimizer state of a plain run keeps the two-group layout older checkpoints have.
+    that lr by (`table_lr_mult` for the routed unit tables, `router_lr_mult` for the product-key
+    routers' query, sub-keys and scale, else 1), and a "warmup" (steps of an extra linear warmup:
+    `router_warmup` for the router groups, else 0); group names are in "name".
+    The tables and routers get groups of their own only when they need them (sparse rows, a
+    multiplier or a warmup), so the optimizer state of a plain run keeps the two-group layout older
+    checkpoints have.
     """
-    decay, no_decay, tables_decay, tables_no_decay = [], [], [], []
-    table_ids = {id(p) for m in model.modules() if isinstance(m, RoutedFFN) for n in UNIT_TABLES
-                 if (p := getattr(m, n)) is not None}
+    decay, no_decay, tables_decay, tables_no_decay, router_decay, router_no_decay = [], [], [], [], [], []
+    table_ids = {id(p) for p in table_parameters(model)}
+    router_ids = {id(p) for p in router_parameters(model)} if router_lr_mult != 1.0 or router_warmup else set()
     no_decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     no_decay_ids |= {id(m.keys) for m in model.modules() if isinstance(m, ProductKeyRouter)}
     for m in model.modules():
@@ -226,11 +231,16 @@ def build_optimizer(
         decays = p.dim() >= 2 and id(p) not in no_decay_ids
         if (sparse_rows or table_lr_mult != 1.0) and id(p) in table_ids:
             (tables_decay if decays else tables_no_decay).append(p)
+        elif id(p) in router_ids:
+            (router_decay if decays else router_no_decay).append(p)
         else:
             (decay if decays else no_decay).append(p)
     table_groups = groups(("tables_decay", tables_decay, weight_decay, table_lr_mult),
                           ("tables_no_decay", tables_no_decay, 0.0, table_lr_mult))
     dense_groups = groups(("decay", decay, weight_decay), ("no_decay", no_decay, 0.0))
+    if router_decay or router_no_decay:
+        dense_groups += groups(("router_decay", router_decay, weight_decay, router_lr_mult, router_warmup),
+                               ("router_no_decay", router_no_decay, 0.0, router_lr_mult, router_warmup))
     if not sparse_rows and (tables_decay or tables_no_decay):
         dense_groups += table_groups
     for g in dense_groups + table_groups:
@@ -246,11 +256,54 @@ def build_optimizer(
 
 
 def groups(*specs: tuple) -> list[dict]:
-    """Param groups from (name, params, weight_decay[, lr_mult]), dropping empty ones (an empty
-    optimizer is an error in torch, so at least one group is always kept)."""
-    out = [{"name": s[0], "params": s[1], "weight_decay": s[2], "lr_mult": s[3] if len(s) > 3 else 1.0}
+    """Param groups from (name, params, weight_decay[, lr_mult[, warmup]]), dropping empty ones (an
+    empty optimizer is an error in torch, so at least one group is always kept)."""
+    out = [{"name": s[0], "params": s[1], "weight_decay": s[2], "lr_mult": s[3] if len(s) > 3 else 1.0,
+            "warmup": s[4] if len(s) > 4 else 0}
            for s in specs if s[1]]
-    return out or [{"name": specs[0][0], "params": [], "weight_decay": specs[0][2], "lr_mult": 1.0}]
+    return out or [{"name": specs[0][0], "params": [], "weight_decay": specs[0][2], "lr_mult": 1.0, "warmup": 0}]
+
+
+def group_lr(lr: float, group: dict, step: int) -> float:
+    """A group's learning rate at `step` (0-based) given the schedule's `lr`: times its lr_mult, and
+    ramped linearly over its own warmup steps (a group without one keeps lr · lr_mult)."""
+    warmup = group.get("warmup", 0)
+    ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    return lr * group.get("lr_mult", 1.0) * ramp
+
+
+def table_parameters(model: nn.Module) -> list[Tensor]:
+    """The routed layers' unit tables (w_in, b_in, w_out), each once."""
+    return [p for m in model.modules() if isinstance(m, RoutedFFN) for n in UNIT_TABLES
+            if (p := getattr(m, n)) is not None]
+
+
+def router_parameters(model: nn.Module) -> list[Tensor]:
+    """The product-key routers' own parameters (query, sub-keys, scale), each once."""
+    return [p for m in model.modules() if isinstance(m, ProductKeyRouter) for p in m.parameters()]
+
+
+def build_optimizer_for(model: nn.Module, tc) -> torch.optim.Optimizer:
+    """`build_optimizer` with a TrainConfig's settings (what the trainer and upcycle stage 2 use)."""
+    return build_optimizer(model, lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.beta1, tc.beta2),
+                           sparse_rows=tc.sparse_rows, table_lr_mult=tc.table_lr_mult,
+                           router_lr_mult=tc.router_lr_mult, router_warmup=tc.router_warmup)
+
+
+@torch.no_grad()
+def clip_grads(model: nn.Module, grad_clip: float, table_grad_clip: float = 0.0) -> tuple[float, float | None]:
+    """Clip gradients before the step: all together by grad_clip (0: no clipping), or, with
+    table_grad_clip > 0, the unit tables by their own joint norm and the rest by grad_clip.
+    Returns the norm before clipping of what grad_clip clips (NaN when it is 0) and of the tables
+    (None unless they are clipped apart)."""
+    if table_grad_clip <= 0:
+        return (clip_grad_norm_(model.parameters(), grad_clip).item() if grad_clip > 0 else float("nan")), None
+    tables = table_parameters(model)
+    ids = {id(p) for p in tables}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    table_norm = clip_grad_norm_(tables, table_grad_clip).item()
+    norm = clip_grad_norm_(rest, grad_clip).item() if grad_clip > 0 else float("nan")
+    return norm, table_norm
 
 
 @torch.no_grad()

@@ -40,12 +40,12 @@ from monoroute.train.checkpoint import (
     CONFIG_FILE, TOKENIZER_FILE, Checkpoint, NonFiniteWeights, current_checkpoint, is_disk_full, load_checkpoint,
     load_weights, read_json, save_checkpoint, write_json, write_text,
 )
-from monoroute.train.config import RunConfig, TrainConfig, k_at, switch_step
+from monoroute.train.config import RunConfig, TrainConfig, data_seed, k_at, switch_step
 from monoroute.train.distill import (dense_version, distill_kl, routed_from_dense, routed_layer_fitter,
                                      teacher_weights_sha256)
 from monoroute.train.rundir import METRICS_FILE, RunLock, clear_run, start_mode
 from monoroute.train.fsdp import shard_model
-from monoroute.train.optim import build_optimizer, clip_grad_norm_
+from monoroute.train.optim import build_optimizer_for, clip_grads, group_lr
 
 __all__ = ["LoadedRun", "evaluate", "evaluate_with_stats", "load", "load_run", "recall_on_val", "train",
            "METRICS_FILE"]
@@ -299,14 +299,43 @@ def train(cfg: RunConfig, resume: bool = False, until: int | None = None, overwr
 
 def check_splits(store, cfg: RunConfig) -> None:
     """Both splits hold at least one window, so step 1 and the first evaluation cannot fail on data."""
-    store.batch(0, 1, cfg.model.block_size, cfg.train.seed)
+    store.batch(0, 1, cfg.model.block_size, data_seed(cfg.train))
     store.eval_batches(1, cfg.model.block_size, 1)
+
+
+def memory_estimate(cfg: RunConfig) -> dict:
+    """A lower-bound estimate of one training process's memory, before anything is allocated: the
+    model's float32 weights, gradients and AdamW moments (16 bytes a parameter, the model sized on the
+    meta device), and one micro-batch's activations with their gradients (the residual stream, attention
+    scores, FFN activations and logits of every position, float32)."""
+    m, tc = cfg.model, cfg.train
+    with torch.device("meta"):
+        params = GPT(m).n_params()
+    tokens = tc.batch_size * m.block_size
+    per_layer = 12 * m.d_model + m.n_head * m.block_size + max(
+        (m.ffn_width if kind == "dense" else 4 * m.k + (m.router_candidates or 0)) for kind in m.ffn_kinds())
+    activations = 2 * 4 * tokens * (m.n_layer * per_layer + 2 * m.vocab_size)
+    return {"state": 16 * params, "activations": activations, "total": 16 * params + activations}
+
+
+def check_memory(cfg: RunConfig, device: torch.device) -> None:
+    """Refuse, with the estimate, a run that cannot fit in the device's available memory."""
+    from monoroute.devices import available_memory
+
+    need, have = memory_estimate(cfg), available_memory(device)
+    if have is not None and need["total"] > have:
+        gb = lambda b: f"{b / 2 ** 30:,.1f} GB"  # noqa: E731
+        raise MonorouteError(f"this run needs at least {gb(need['total'])} of memory (weights, gradients and optimizer "
+                             f"state {gb(need['state'])}, one batch's activations {gb(need['activations'])}), more "
+                             f"than the {gb(have)} available on {device}; lower --batch-size, --block-size, --d-model, "
+                             f"--n-units or --n-layer")
 
 
 def check_settings(cfg: RunConfig, device: torch.device, until: int | None, world: int = 1) -> None:
     tc = cfg.train
     tc.check()
     autocast_for(device, tc.dtype)
+    check_memory(cfg, device)
     if until is not None and (isinstance(until, bool) or not isinstance(until, int) or until < 1):
         raise MonorouteError(f"--until must be a step >= 1, got {until!r}")
     if cfg.model.sparse_grad and not tc.sparse_rows:
@@ -405,8 +434,7 @@ def _train_locked(cfg, info, resume, until, show_progress, device, store, model)
               f"active={model.n_active_params():,} flops/token={model.flops_per_token()['total']:,} device={device}")
     net = parallelize(model, info, fsdp)
     # Built after sharding: under FSDP2 the optimizer must hold the sharded (DTensor) parameters.
-    optimizer = build_optimizer(model, lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.beta1, tc.beta2),
-                                sparse_rows=tc.sparse_rows, table_lr_mult=tc.table_lr_mult)
+    optimizer = build_optimizer_for(model, tc)
     if optimizer_state is not None:
         load_optimizer_state(model, optimizer, optimizer_state, fsdp)
     metrics = MetricsLog(out, info.is_main, progress["step"] if resume else None)
@@ -424,8 +452,7 @@ def _train_locked(cfg, info, resume, until, show_progress, device, store, model)
                                                         {"step": switch, "tokens": summary["tokens"]})
                 metrics.log({**progress, "upcycle_fvu": fit.get("fvu")})
                 net = parallelize(model, info, fsdp)
-                optimizer = build_optimizer(model, lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.beta1, tc.beta2),
-                                            sparse_rows=tc.sparse_rows, table_lr_mult=tc.table_lr_mult)
+                optimizer = build_optimizer_for(model, tc)
                 save_checkpoint(out, model, optimizer.state_dict(), progress)
         if summary is None or progress["step"] < stop:
             summary = _loop(cfg, info, model, net, optimizer, store, device, metrics, progress, stop, show_progress,
@@ -497,7 +524,7 @@ def upcycle_in_place(cfg: RunConfig, dense: GPT, store, device, show_progress: b
     fitter = routed_layer_fitter(dense, routed)
     windows = tc.batch_size * tc.grad_accum
     start = progress["step"]
-    batch_at = lambda s: store.batch(start + s, windows, cfg.model.block_size, tc.seed, split="train")[0]  # noqa: E731
+    batch_at = lambda s: store.batch(start + s, windows, cfg.model.block_size, data_seed(tc), split="train")[0]  # noqa: E731
     fit = fit_layers(fitter, dense, batch_at, tc.fit_steps, tc.fit_lr, init=tc.fit_init, seed=tc.seed,
                progress=show_progress, desc=f"upcycle in place at step {start}")
     fitter.fold()
@@ -513,6 +540,37 @@ def set_k_schedule(model: GPT, step: int, tc: TrainConfig) -> None:
         k = k_at(step, tc, model.cfg.k, pools)
         if k != layer.k:
             layer.set_k(k)
+
+
+def will_log(step: int, stop: int, tc: TrainConfig) -> bool:
+    """Whether the record of `step` (1-based, after its update) is written: every log_every and
+    eval_every step, the last one, and every 5th step up to dense_log_until (early dynamics)."""
+    return (step % tc.log_every == 0 or step % tc.eval_every == 0 or step == stop
+            or (step <= tc.dense_log_until and step % 5 == 0))
+
+
+def request_diagnostics(model: GPT) -> None:
+    """Ask every routed layer's router (those that keep diagnostics) to record its next forward's search."""
+    for layer in model.routed_layers():
+        if hasattr(layer.router, "diagnose"):
+            layer.router.diagnose = True
+            layer.router.diagnostics = None
+
+
+def collect_diagnostics(model: GPT) -> dict:
+    """The routers' last recorded search diagnostics: {"diagnostics": {layer: {...}}, and each reading's
+    mean over layers at the top level}, or {} when no router keeps them (routing.search_diagnostics)."""
+    per_layer = {}
+    for name, module in model.named_modules():
+        if isinstance(module, RoutedFFN) and getattr(module.router, "diagnostics", None):
+            per_layer[name] = dict(module.router.diagnostics)
+            module.router.diagnostics = None
+    if not per_layer:
+        return {}
+    keys = sorted({key for values in per_layer.values() for key in values})
+    means = {key: sum(v[key] for v in per_layer.values() if key in v) / sum(key in v for v in per_layer.values())
+             for key in keys}
+    return {"diagnostics": per_layer, **means}
 
 
 def _loop(cfg, info, model, net, optimizer, store, device, metrics, progress, stop, show_progress, fsdp,
@@ -532,10 +590,13 @@ def _loop(cfg, info, model, net, optimizer, store, device, metrics, progress, st
             set_k_schedule(model, step, tc)
         lr = lr_at(step, tc)
         for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_mult", 1.0)
+            group["lr"] = group_lr(lr, group, step)
         loss_sum = aux_sum = kl_sum = 0.0
+        logs = will_log(step + 1, stop, tc)
         for micro in range(tc.grad_accum):
-            x, y = store.batch(step * tc.grad_accum + micro, tc.batch_size, cfg.model.block_size, tc.seed,
+            if logs and micro == tc.grad_accum - 1:
+                request_diagnostics(model)
+            x, y = store.batch(step * tc.grad_accum + micro, tc.batch_size, cfg.model.block_size, data_seed(tc),
                                info.rank, info.world)
             x, y = x.to(device), y.to(device)
             # DDP skips the all-reduce on all but the last micro-batch; FSDP2 reduce-scatters every one.
@@ -559,9 +620,11 @@ def _loop(cfg, info, model, net, optimizer, store, device, metrics, progress, st
             what = f"training loss became {train_loss}" if not math.isfinite(train_loss) else \
                 "training loss became non-finite on another rank"
             raise stopped(out, what, step + 1, last_saved)
-        grad_norm = clip_grad_norm_(model.parameters(), tc.grad_clip).item() if tc.grad_clip > 0 else float("nan")
+        grad_norm, table_norm = clip_grads(model, tc.grad_clip, tc.table_grad_clip)
         if tc.grad_clip > 0 and D.any_across_ranks(not math.isfinite(grad_norm), info):
             raise stopped(out, f"gradient norm became {grad_norm}", step + 1, last_saved)
+        if table_norm is not None and D.any_across_ranks(not math.isfinite(table_norm), info):
+            raise stopped(out, f"the unit tables' gradient norm became {table_norm}", step + 1, last_saved)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         firing()
@@ -570,7 +633,7 @@ def _loop(cfg, info, model, net, optimizer, store, device, metrics, progress, st
         window_tokens += tokens_per_step
         bar.update(1)
         is_last = step == stop
-        if step % tc.log_every == 0 or step % tc.eval_every == 0 or is_last:
+        if logs:
             elapsed = time.perf_counter() - window_start
             record = {"step": step, "tokens": tokens, "train_loss": D.mean_across_ranks(train_loss, info),
                       "aux_loss": aux_sum / tc.grad_accum, "lr": lr, "grad_norm": grad_norm,
@@ -582,6 +645,7 @@ def _loop(cfg, info, model, net, optimizer, store, device, metrics, progress, st
             if model.routed_layers():
                 record["dead_fraction"] = model.dead_fraction()
                 record.update(routed.summary(info))  # over this log window's training tokens
+                record.update(collect_diagnostics(model))  # this step's last micro-batch, this rank
             routed.reset()
             if step % tc.eval_every == 0 or is_last:
                 record["val_loss"] = evaluate(model, store, cfg, device)

@@ -77,7 +77,7 @@ def student_config(teacher_cfg, out: str, overrides: dict, teacher_path: str, te
     training defaults, then the user's overrides (flat keys), the distillation settings last."""
     from monoroute.data import DataConfig
     from monoroute.models.config import GPTConfig
-    from monoroute.train.config import (ALIASES, RunConfig, TrainConfig, field_owner, flatten_overrides,
+    from monoroute.train.config import (ALIASES, RunConfig, TrainConfig, field_owner, fit_schedule, flatten_overrides,
                                         row_sparse_by_default)
 
     sections = {"model": {**teacher_cfg.model.to_dict(), "ffn": "routed", "out_bias": True},
@@ -107,6 +107,7 @@ def student_config(teacher_cfg, out: str, overrides: dict, teacher_path: str, te
     cfg = RunConfig(preset=f"upcycle:{teacher_cfg.preset}", out=out, model=GPTConfig.from_dict(sections["model"]),
                     data=DataConfig(**sections["data"]), train=TrainConfig(**sections["train"]))
     cfg.model.validate()
+    fit_schedule(cfg.train, given, STAGE2_DEFAULTS["lr"], STAGE2_DEFAULTS["min_lr"])
     if not given & {"sparse_rows", "sparse_grad"}:
         cfg.model.sparse_grad = cfg.train.sparse_rows = row_sparse_by_default(cfg)
     return cfg
@@ -282,7 +283,7 @@ def stage1(cfg, record: dict, store, show_progress: bool) -> None:
     from monoroute.train.distill import routed_from_dense, routed_layer_fitter
     from monoroute.train.trainer import load_teacher
     from monoroute.train.layerwise import fit_layers
-    from monoroute.train.optim import build_optimizer
+    from monoroute.train.optim import build_optimizer_for
     from monoroute.train.rundir import RunLock
 
     out, tc = Path(cfg.out), cfg.train
@@ -318,8 +319,7 @@ def stage1(cfg, record: dict, store, show_progress: bool) -> None:
         # Where stage 2 starts from: the spliced student's and the teacher's loss on the validation windows.
         spliced, clean = evaluate(student, store, cfg, device), evaluate(teacher, store, cfg, device)
         student.train()
-        optimizer = build_optimizer(student, lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.beta1, tc.beta2),
-                                    sparse_rows=tc.sparse_rows, table_lr_mult=tc.table_lr_mult)
+        optimizer = build_optimizer_for(student, tc)
         info = {"final_fvu": last.get("fvu"), "val_loss_spliced": spliced, "teacher_val_loss": clean, "seconds": round(time.perf_counter() - t0, 1), "resumed_at": start or None}
         folder.mkdir(parents=True, exist_ok=True)  # a stage 1 shorter than one save interval never made it
         write_json(folder / STAGE1_RECORD, info)
