@@ -2,6 +2,7 @@
 across gloo ranks), heads that split the re-rank candidates, the re-rank revival threshold, router and
 unit-table learning rates, warmup and clipping, separate init and data seeds, and the search diagnostics.
 Each against a float64 reference or a hand-built case with a known answer, with a control that fails."""
+import json
 import math
 import os
 import socket
@@ -372,3 +373,15 @@ def test_training_logs_early_dynamics_every_5_steps_and_eval_reports_the_search(
         assert set(r["diagnostics"]) == {"blocks.0.mlp", "blocks.1.mlp"}
     report = eval_report(out)
     assert 0 < report["proposed_share"] <= 1 and "distinct_rows" in report["routed"]["blocks.1.mlp"]
+
+
+def test_a_run_saved_before_the_recipe_keys_loads_as_it_was_trained(tmp_path):
+    from monoroute.train.trainer import LEGACY_MODEL_DEFAULTS, read_run_config
+
+    saved = {"run": {"preset": "tiny", "out": str(tmp_path), "model": {"ffn": "routed", "n_units": 256, "k": 8},
+                     "data": {}, "train": {}}}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    model = read_run_config(tmp_path).model
+    assert model.router_detach is False and model.query_norm == "none" and model.revival_target == "score"
+    assert model.unit_init == "gpt" and model.dense_beside == 0 and model.aux_units == 256
+    assert model.coupling == "none" and set(LEGACY_MODEL_DEFAULTS) >= {"router_detach", "query_norm", "unit_init"}

@@ -565,3 +565,18 @@ def test_a_kill_after_any_file_write_leaves_nothing_or_a_run_that_resumes_and_re
         assert main(["eval", str(out), "--json"]) == 0, at
         capsys.readouterr()
     assert outcomes == {"restarted", "resumed"}
+
+
+def test_upcycle_builds_the_measured_routing_design_whatever_the_native_default(teacher, tmp_path):
+    """The native default may move (issue 29's recipe); upcycling keeps the design it was measured with
+    (models/config.UPCYCLE_ROUTING) unless the user sets a key, even from a teacher whose saved config
+    carries other routed settings."""
+    from monoroute.models.config import UPCYCLE_ROUTING
+    from monoroute.train.upcycle import student_config, teacher_config
+
+    tcfg = teacher_config(str(teacher))
+    tcfg.model.coupling, tcfg.model.router_detach, tcfg.model.query_norm = "rerank", True, "batch"
+    cfg = student_config(tcfg, str(tmp_path / "s"), {}, str(teacher), "0" * 64)
+    assert {key: getattr(cfg.model, key) for key in UPCYCLE_ROUTING} == UPCYCLE_ROUTING
+    cfg = student_config(tcfg, str(tmp_path / "s2"), {"query_norm": "batch"}, str(teacher), "0" * 64)
+    assert cfg.model.query_norm == "batch" and cfg.model.router_detach is False

@@ -10,6 +10,13 @@ DENSE_ACTIVATIONS = ("gelu", "gelu_tanh")
 UNIT_INITS = ("gpt", "fan_in")
 
 
+# The routed design upcycling was measured with (docs/upcycle.md): product keys with preact selection,
+# full-width keys, a router reading the live residual stream. `monoroute upcycle` (from our runs or HF)
+# builds it unless the user sets these keys; the native default below may differ.
+UPCYCLE_ROUTING = dict(coupling="auto", rank_coef=1.0, d_key=None, router_detach=False, query_norm="none",
+                       revival_target="score")
+
+
 @dataclass
 class GPTConfig:
     vocab_size: int = 256

@@ -76,11 +76,11 @@ def student_config(teacher_cfg, out: str, overrides: dict, teacher_path: str, te
     """The routed run's config: the teacher's shape and data, routed FFNs with an output bias, stage 2's
     training defaults, then the user's overrides (flat keys), the distillation settings last."""
     from monoroute.data import DataConfig
-    from monoroute.models.config import GPTConfig
+    from monoroute.models.config import UPCYCLE_ROUTING, GPTConfig
     from monoroute.train.config import (ALIASES, RunConfig, TrainConfig, field_owner, fit_schedule, flatten_overrides,
                                         row_sparse_by_default)
 
-    sections = {"model": {**teacher_cfg.model.to_dict(), "ffn": "routed", "out_bias": True},
+    sections = {"model": {**teacher_cfg.model.to_dict(), **UPCYCLE_ROUTING, "ffn": "routed", "out_bias": True},
                 "data": dict(vars(teacher_cfg.data)),
                 "train": {**vars(teacher_cfg.train), **STAGE2_DEFAULTS, "kl_coef": KL_COEF}}
     given = set()
