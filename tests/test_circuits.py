@@ -140,7 +140,10 @@ def test_all_kept_is_the_model_and_all_ablated_is_the_mean_prediction(ffn):
 def test_routed_unit_mask_equals_ablating_the_unit_and_adding_its_mean_contribution():
     model = tiny("routed")
     groups = node_groups(model)
-    compute_means(model, groups, windows())
+    x = windows(3, 32, seed=7)
+    # Means over windows that include x: every unit that fires on x is live (the mask always ablates
+    # a non-live unit, which the reference below would not).
+    compute_means(model, groups, torch.cat([windows(), x]))
     gi = next(i for i, g in enumerate(groups) if g.hook == "blocks.1.mlp.hook_post")
     g = groups[gi]
     unit = int(torch.nonzero(g.live)[0])
@@ -148,7 +151,6 @@ def test_routed_unit_mask_equals_ablating_the_unit_and_adding_its_mean_contribut
     keep[gi][unit] = 0.0
     mask = CircuitMask(model, groups)
     mask.set_fixed(keep)
-    x = windows(3, 24, seed=7)
     with model.hooks(mask.hooks()):
         masked = model(x)[0]
     w_out = model.blocks[1].mlp.w_out

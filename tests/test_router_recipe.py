@@ -385,3 +385,44 @@ def test_a_run_saved_before_the_recipe_keys_loads_as_it_was_trained(tmp_path):
     assert model.router_detach is False and model.query_norm == "none" and model.revival_target == "score"
     assert model.unit_init == "gpt" and model.dense_beside == 0 and model.aux_units == 256
     assert model.coupling == "none" and set(LEGACY_MODEL_DEFAULTS) >= {"router_detach", "query_norm", "unit_init"}
+
+
+def test_the_default_is_the_recipe_and_an_old_auto_config_keeps_its_design(tmp_path):
+    from monoroute.train.trainer import read_run_config
+
+    new = GPTConfig(ffn="routed", d_model=64, n_units=1024, k=8)
+    assert (new.layer_coupling, new.layer_d_key, new.layer_router_detach, new.layer_query_norm) == \
+        ("rerank", 32, True, "batch")
+    layer = GPT(new).blocks[0].mlp
+    assert layer.coupling == "rerank" and layer.router_detach and layer.router.query_norm is not None
+    assert layer.router.d_half == 16 and layer.rank_coef == 0.1 and layer.revival_target == "selection"
+    # Routers without a query get neither the detach nor the BatchNorm (no error for an unasked setting),
+    # but an explicit request is still refused where it cannot apply.
+    for router in ("cluster", "dense", "factored"):
+        cfg = GPTConfig(ffn="routed", d_model=64, n_units=1024, k=8, router=router)
+        assert (cfg.layer_coupling, cfg.layer_router_detach, cfg.layer_query_norm) == ("none", False, "none")
+        GPT(cfg)
+    with pytest.raises(MonorouteError, match="router_detach"):
+        GPT(GPTConfig(ffn="routed", d_model=64, n_units=1024, k=8, router="factored", router_detach=True))
+    # A config saved before defaults_version existed says coupling "auto" and d_key null: it meant preact
+    # with full-width keys, and must load as that model (negative control: today's reading differs).
+    saved = {"run": {"preset": "tiny", "out": str(tmp_path), "data": {}, "train": {},
+                     "model": {"ffn": "routed", "d_model": 64, "n_units": 1024, "k": 8, "coupling": "auto",
+                               "d_key": None, "rank_coef": 1.0}}}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    old = read_run_config(tmp_path).model
+    assert (old.defaults_version, old.layer_coupling, old.layer_d_key) == (1, "preact", None)
+    assert GPT(old).blocks[0].mlp.router.d_half == 32
+    assert GPTConfig(**{**old.to_dict(), "defaults_version": 2}).layer_coupling == "rerank"
+    with pytest.raises(MonorouteError, match="defaults_version"):
+        GPTConfig(defaults_version=3).validate()
+
+
+def test_an_in_place_upcycle_keeps_upcycles_design_unless_set():
+    from monoroute.train.config import build_run_config
+
+    cfg = build_run_config("tiny", {"dense_fraction": 0.5}).model
+    assert (cfg.layer_coupling, cfg.layer_query_norm, cfg.aux_units, cfg.out_bias) == ("preact", "none", 256, True)
+    given = build_run_config("tiny", {"dense_fraction": 0.5, "query_norm": "batch", "coupling": "rerank"}).model
+    assert (given.layer_coupling, given.layer_query_norm) == ("rerank", "batch")
+    assert build_run_config("tiny").model.layer_coupling == "rerank"  # control: no dense phase, today's default

@@ -235,8 +235,8 @@ def test_router_flops_of_the_new_designs():
     base = dict(vocab_size=64, block_size=32, n_layer=1, n_head=2, d_model=32, n_units=256, k=4, ffn="routed")
     cluster = GPT(GPTConfig(**base, router="cluster", router_probes=3)).flops_per_token()
     assert cluster["router"] == 2 * 16 * 32 + 2 * 3 * 16 * 32  # 16 centroids, then 3 clusters of 16 units
-    rerank = GPT(GPTConfig(**base, coupling="rerank", router_candidates=40)).flops_per_token()
-    plain = GPT(GPTConfig(**base, coupling="none")).flops_per_token()
+    rerank = GPT(GPTConfig(**base, coupling="rerank", router_candidates=40, d_key=32)).flops_per_token()
+    plain = GPT(GPTConfig(**base, coupling="none", d_key=32)).flops_per_token()
     assert rerank["router"] - plain["router"] == 2 * 40 * 32
     assert math.isqrt(256) == 16
 

@@ -39,7 +39,7 @@ def test_unit_list_sorts_filters_searches_and_pages_like_pandas(stores, client):
     assert data["total"] == len(df) == data["n_units"]
     assert [row["unit"] for row in data["rows"]] == ref["unit"].tolist()[7:14]
     # search over explanations, concepts and top tokens, case-insensitive, and a density filter
-    live_rows = df[df.n_firings > 0]
+    live_rows = df[df.density >= 0.001]
     word = live_rows.iloc[0]["best_concept"]
     hay = (df.best_concept + "\0" + df.f1_concept + "\0" + df.top_tokens + "\0" + df.explanation).str.lower()
     expect = df[hay.str.contains(word.lower(), regex=False) & (df.density >= 0.001)]

@@ -342,8 +342,10 @@ def test_l0_and_live_slot_fraction_count_the_units_that_fired():
         summary = stats.summary()
         assert summary["l0"] == expected and summary["live_slot_fraction"] == expected / cfg.k
         assert all(v["l0"] == expected for v in summary["routed"].values())
+    torch.manual_seed(0)
     for layer in model.routed_layers():  # a mix: l0 is the mean count of nonzero activations per token
-        layer.b_in.data.normal_(0, 0.05)
+        layer.w_in.data.zero_()  # pre = b_in: ~2 % of units can fire, so most tokens select fewer than k
+        layer.b_in.data.normal_(-0.1, 0.05)
     stats.reset()
     model(x)
     model(x[:1])
@@ -390,8 +392,8 @@ def test_coupling_and_router_heads_are_config_keys_and_flags(tmp_path, capsys):
     from monoroute.train.config import build_run_config
 
     default = GPT(build_run_config("tiny").model).routed_layers()[0]
-    # coupling "auto" (the default) is "preact" for product keys with ReLU, "none" where it cannot apply
-    assert (default.coupling, default.agree_coef, default.router.heads) == ("preact", 0.1, 1)
+    # coupling "auto" (the default) is "rerank" for product keys with ReLU, "none" where it cannot apply
+    assert (default.coupling, default.agree_coef, default.router.heads) == ("rerank", 0.1, 1)
     dense_router = GPT(build_run_config("tiny", {"router": "dense"}).model).routed_layers()[0]
     gelu = GPT(build_run_config("tiny", {"activation": "gelu"}).model).routed_layers()[0]
     assert dense_router.coupling == "none" and gelu.coupling == "none"
@@ -406,16 +408,19 @@ def test_coupling_and_router_heads_are_config_keys_and_flags(tmp_path, capsys):
 
 def test_a_run_saved_before_coupling_existed_loads_as_it_was_trained(run, tmp_path):
     """Settings added later take the behaviour of the code that trained the run, not today's
-    defaults: an old product-key run has no coupling (today's default 'auto' would pick preact)."""
-    from monoroute.train.trainer import load_run, read_run_config
+    defaults: an old product-key run has no coupling (today's default 'auto' would pick re-ranking),
+    no query BatchNorm, no detached router input."""
+    from monoroute.train.trainer import LEGACY_MODEL_DEFAULTS, load_run, read_run_config
 
     old = tmp_path / "old"
-    shutil.copytree(run, old, ignore=shutil.ignore_patterns("analysis", "tensorboard"))
+    assert train(old, "--coupling", "none", *[f"--set={k}={json.dumps(v) if isinstance(v, bool) else v}"
+                                             for k, v in LEGACY_MODEL_DEFAULTS.items() if k != "coupling"]) == 0
     saved = json.loads((old / "config.json").read_text())
-    saved["run"]["model"].pop("coupling")
+    for key in LEGACY_MODEL_DEFAULTS:  # what a config written before these keys existed looks like
+        saved["run"]["model"].pop(key)
     (old / "config.json").write_text(json.dumps(saved))
     cfg = read_run_config(old)
-    assert cfg.model.coupling == "none"
+    assert cfg.model.coupling == "none" and cfg.model.layer_query_norm == "none"
     assert read_run_config(run).model.coupling == json.loads((run / "config.json").read_text())["run"]["model"]["coupling"]
     _, model = load_run(old)
-    assert model.blocks[0].mlp.coupling == "none"
+    assert model.blocks[0].mlp.coupling == "none" and model.blocks[0].mlp.router.query_norm is None

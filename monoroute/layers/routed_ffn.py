@@ -59,11 +59,15 @@ REVIVAL_TARGETS = ("score", "selection")
 PREACT_ROUTERS = ("dense", "cluster", "factored")
 
 
-def resolve_coupling(coupling: str, router: str, activation: str) -> str:
-    """"auto" is "preact" where it applies (product keys with ReLU units: the best design of the
-    frontier sweep in the README) and "none" elsewhere; any other value is returned as given."""
+def resolve_coupling(coupling: str, router: str, activation: str, defaults_version: int = 2) -> str:
+    """"auto" is "rerank" for product keys with ReLU units (the router recipe of docs/routing.md,
+    defaults_version 2), "preact" for multi-pool keys with ReLU (and for product keys in runs saved
+    before it, defaults_version 1: the frontier sweep's best design) and "none" elsewhere; any other
+    value is returned as given."""
     if coupling != "auto":
         return coupling
+    if router == "product_key" and activation == "relu" and defaults_version >= 2:
+        return "rerank"
     return "preact" if router in ("product_key", "multi_pool") and activation == "relu" else "none"
 
 

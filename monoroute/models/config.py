@@ -8,13 +8,14 @@ from monoroute.errors import MonorouteError
 FFN_KINDS = ("dense", "routed")
 DENSE_ACTIVATIONS = ("gelu", "gelu_tanh")
 UNIT_INITS = ("gpt", "fan_in")
+QUERY_ROUTERS = ("product_key", "multi_pool")  # routers with a learned query (the recipe's detach / BatchNorm)
 
 
 # The routed design upcycling was measured with (docs/upcycle.md): product keys with preact selection,
 # full-width keys, a router reading the live residual stream. `monoroute upcycle` (from our runs or HF)
 # builds it unless the user sets these keys; the native default below may differ.
 UPCYCLE_ROUTING = dict(coupling="auto", rank_coef=1.0, d_key=None, router_detach=False, query_norm="none",
-                       revival_target="score")
+                       revival_target="score", aux_units=256, defaults_version=1)
 
 
 @dataclass
@@ -65,7 +66,7 @@ class GPTConfig:
     # Candidate re-ranking (coupling="rerank", product keys): the keys propose router_candidates units,
     # the top k by exact pre-activation run, and a listwise ranking loss (weight rank_coef) teaches the keys.
     router_candidates: int | None = None
-    rank_coef: float = 1.0
+    rank_coef: float = 0.1  # 1.0 let the ranking loss dominate the LM loss early (docs/routing.md)
     # router="cluster": a balanced clustered index over the unit rows themselves (routing.ClusterRouter):
     # router_clusters groups (None: sqrt(n_units)), router_probes of them searched per token, the
     # assignment rebuilt every recluster_every training forwards, probing balanced at rate cluster_balance.
@@ -78,27 +79,54 @@ class GPTConfig:
     # The router recipe of the reference designs (issue 29, docs/routing.md):
     # router_detach: the router's query and the router-only losses (revival, ranking, agreement) read a
     # detached copy of the layer input, so they train the router and the revived rows, not the trunk
-    # (XLM's mem_query_detach_input).
-    router_detach: bool = False
+    # (XLM's mem_query_detach_input). None: on for the routers with their own query (product_key,
+    # multi_pool), off for the others.
+    router_detach: bool | None = None
     # query_norm "batch": BatchNorm without affine on the product-key query before the cosine (PEER).
-    query_norm: str = "none"
+    # "auto": "batch" for product_key / multi_pool, "none" for the routers without a query.
+    query_norm: str = "auto"
     # What the revival loss pulls a dead unit to: "score" (the lowest selected score) or "selection"
     # (under re-ranking: the lowest proposed score and the k-th candidate pre-activation).
-    revival_target: str = "score"
-    aux_units: int = 256  # dead units the revival loss samples per forward
+    revival_target: str = "selection"
+    # Dead units the revival loss samples per forward: 2048 (of 16,384) halves the dead fraction of
+    # 256 at equal loss in the ablation of docs/routing.md.
+    aux_units: int = 2048
     # Initial w_in of routed units: "gpt" (normal, std 0.02, as every matrix) or "fan_in" (std d^-0.5,
     # the memory-layer references' scale).
     unit_init: str = "gpt"
     # A slim dense FFN of this width beside every routed layer (their outputs add; 0: none): the
     # hybrid of UltraMemV2 / memory layers. Its hooks are blocks.{i}.mlp_dense.hook_pre / hook_post.
     dense_beside: int = 0
+    # Which generation of defaults "auto" / unset settings follow. 2: issue 29's recipe ("auto" coupling
+    # is re-ranking for product keys with ReLU, an unset d_key is d_model / 2 when re-ranking). 1: what
+    # runs saved before it were built with ("auto" is preact, d_key d_model); their configs load as 1.
+    defaults_version: int = 2
 
     @property
     def layer_coupling(self) -> str:
         """The coupling a routed layer is built with ("auto" resolved)."""
         from monoroute.layers.routed_ffn import resolve_coupling
 
-        return resolve_coupling(self.coupling, self.router, self.activation)
+        return resolve_coupling(self.coupling, self.router, self.activation, self.defaults_version)
+
+    @property
+    def layer_d_key(self) -> int | None:
+        """The key width a routed layer is built with (None: d_model). Re-ranking keys only propose
+        candidates, so from defaults_version 2 they default to d_model / 2 (PEER, memory layers)."""
+        if self.d_key is None and self.defaults_version >= 2 and self.router == "product_key" \
+                and self.layer_coupling == "rerank":
+            return max(2, self.d_model // 4 * 2)  # even: the query splits in halves
+        return self.d_key
+
+    @property
+    def layer_router_detach(self) -> bool:
+        return self.router in QUERY_ROUTERS if self.router_detach is None else bool(self.router_detach)
+
+    @property
+    def layer_query_norm(self) -> str:
+        if self.query_norm != "auto":
+            return self.query_norm
+        return "batch" if self.router in QUERY_ROUTERS else "none"
 
     @property
     def ffn_width(self) -> int:
@@ -127,6 +155,11 @@ class GPTConfig:
         if isinstance(self.dense_beside, bool) or not isinstance(self.dense_beside, int) or self.dense_beside < 0:
             raise MonorouteError(f"dense_beside must be a whole number >= 0 (the width of a dense FFN beside each "
                                  f"routed layer; 0 for none), got {self.dense_beside!r}")
+        if self.defaults_version not in (1, 2):
+            raise MonorouteError(f"defaults_version must be 1 (runs saved before the router recipe) or 2, "
+                                 f"got {self.defaults_version!r}")
+        if self.router_detach is not None and not isinstance(self.router_detach, bool):
+            raise MonorouteError(f"router_detach must be true, false or null (auto), got {self.router_detach!r}")
         if self.d_model % self.n_head:
             raise MonorouteError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):

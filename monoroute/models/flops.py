@@ -40,7 +40,7 @@ def router_flops(cfg: GPTConfig) -> int:
     if cfg.router == "factored":
         # Both factor tables against x, then the residual dots of the C candidates.
         return 2 * 2 * math.isqrt(cfg.n_units) * d + 2 * (cfg.router_candidates or 4 * cfg.k) * d
-    d_key, heads = cfg.d_key or d, cfg.router_heads
+    d_key, heads = cfg.layer_d_key or d, cfg.router_heads
     pools = cfg.router_pools if cfg.router == "multi_pool" else 1
     n_sub = math.isqrt(cfg.n_units // pools)
     # Per head and pool: query projection, both halves against sqrt(N / pools) sub-keys.

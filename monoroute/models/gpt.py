@@ -79,13 +79,13 @@ def build_ffn(cfg: GPTConfig, kind: str) -> nn.Module:
         return DenseMLP(cfg)
     return RoutedFFN(
         cfg.d_model, cfg.n_units, cfg.k, router=cfg.router, activation=cfg.activation, bias=cfg.bias,
-        d_key=cfg.d_key, router_pools=cfg.router_pools, out_bias=cfg.out_bias, aux_coef=cfg.aux_coef, l1_coef=cfg.l1_coef, dead_window=cfg.dead_window,
+        d_key=cfg.layer_d_key, router_pools=cfg.router_pools, out_bias=cfg.out_bias, aux_coef=cfg.aux_coef, l1_coef=cfg.l1_coef, dead_window=cfg.dead_window,
         dead_grace=cfg.dead_grace, impl=cfg.impl,
-        sparse_grad=cfg.sparse_grad, router_heads=cfg.router_heads, router_balance=cfg.router_balance, coupling=cfg.coupling, agree_coef=cfg.agree_coef,
+        sparse_grad=cfg.sparse_grad, router_heads=cfg.router_heads, router_balance=cfg.router_balance, coupling=cfg.layer_coupling, agree_coef=cfg.agree_coef,
         router_candidates=cfg.router_candidates, rank_coef=cfg.rank_coef, router_clusters=cfg.router_clusters,
         router_probes=cfg.router_probes, recluster_every=cfg.recluster_every, cluster_balance=cfg.cluster_balance,
         revive_where_probed=cfg.revive_where_probed, recluster_iters=cfg.recluster_iters,
-        router_detach=cfg.router_detach, query_norm=cfg.query_norm, revival_target=cfg.revival_target,
+        router_detach=cfg.layer_router_detach, query_norm=cfg.layer_query_norm, revival_target=cfg.revival_target,
         aux_units=cfg.aux_units,
     )
 

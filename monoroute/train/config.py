@@ -16,7 +16,7 @@ import yaml
 
 from monoroute.data import DataConfig
 from monoroute.errors import MonorouteError
-from monoroute.models.config import GPTConfig, check_keys
+from monoroute.models.config import UPCYCLE_ROUTING, GPTConfig, check_keys
 
 
 @dataclass
@@ -272,8 +272,11 @@ def build_run_config(preset: str = "tiny", overrides: dict | None = None) -> Run
     fit_schedule(cfg.train, given, preset_train.get("lr", TrainConfig.lr), preset_train.get("min_lr", TrainConfig.min_lr))
     if not given & {"sparse_rows", "sparse_grad"} and row_sparse_by_default(cfg):
         cfg.model.sparse_grad = cfg.train.sparse_rows = True
-    if cfg.train.dense_fraction > 0 and "out_bias" not in given:
-        cfg.model.out_bias = True  # the in-place upcycle fits the dense FFN's output mean into this bias
+    if cfg.train.dense_fraction > 0:
+        # The in-place upcycle is `upcycle`'s fit inside one run: the design it was measured with, unless set.
+        for key, value in {**UPCYCLE_ROUTING, "out_bias": True}.items():  # out_bias: the dense output mean
+            if key not in given:
+                setattr(cfg.model, key, value)
     return cfg
 
 

@@ -223,7 +223,7 @@ def read_run_config(out: str | Path) -> RunConfig:
 # what the model computes (today's default "auto" is preact for product keys); `dead_grace` only
 # affects training and a missing key cannot say which behaviour a run had, so it is not filled.
 LEGACY_MODEL_DEFAULTS = {"coupling": "none", "router_detach": False, "query_norm": "none", "revival_target": "score",
-                         "aux_units": 256, "unit_init": "gpt", "dense_beside": 0}
+                         "aux_units": 256, "unit_init": "gpt", "dense_beside": 0, "defaults_version": 1}
 
 
 def model_config_at(cfg: RunConfig, step: int):
