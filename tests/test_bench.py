@@ -40,6 +40,14 @@ def test_bench_layer_json(tmp_path, capsys):
     assert (tmp_path / "bench_layer_cpu.json").is_file() and (tmp_path / "bench_layer_cpu.png").stat().st_size > 0
 
 
+def test_bench_layer_times_the_default_re_ranking_layer_with_heads(tmp_path, capsys):
+    # the compute-alone phase holds the routing fixed: a re-ranking layer must not need its candidates there
+    assert main(["layer", "--json", "--out", str(tmp_path), *TINY, "--layer-set", "coupling=rerank",
+                 "--layer-set", "router_candidates=16", "--layer-set", "router_heads=2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert all(positive_finite(row["compute_fwd"]) and positive_finite(row["router_fwd"]) for row in result["routed"])
+
+
 def test_bench_layer_rejects_bad_grid(tmp_path, capsys):
     assert main(["layer", "--out", str(tmp_path), *TINY, "--k-ref", "16"]) == 2
     assert "k_ref=16 is not in the k grid" in capsys.readouterr().err

@@ -176,11 +176,13 @@ def time_routed(cfg: LayerBenchConfig, n: int, k: int, x: Tensor, grad_y: Tensor
         _, out["router_fwd"] = time([clear, lambda _: layer.router(x, layer.w_in, layer.b_in)])
         out["router_bwd"] = 0.0
 
-    # Unit compute alone: the same layer with its routing held fixed.
-    router = layer.router
+    # Unit compute alone: the same layer with its routing held fixed (and no ranking loss, which is the
+    # re-ranking router's own cost and needs the candidates a fixed routing does not carry).
+    router, rank_coef = layer.router, layer.rank_coef
     layer.router = FixedRouter(Routing(routing.indices, routing.scores.detach().requires_grad_()))
+    layer.rank_coef = 0.0
     _, out["compute_fwd"], out["compute_bwd"] = time([clear, lambda _: layer(x), lambda y: y.backward(grad_y)])
-    layer.router = router
+    layer.router, layer.rank_coef = router, rank_coef
 
     # Whole layer.
     _, out["fwd"], out["bwd"] = time([clear, lambda _: layer(x), lambda y: y.backward(grad_y)])
