@@ -395,7 +395,7 @@ def test_the_default_is_the_recipe_and_an_old_auto_config_keeps_its_design(tmp_p
         ("rerank", 32, True, "batch")
     layer = GPT(new).blocks[0].mlp
     assert layer.coupling == "rerank" and layer.router_detach and layer.router.query_norm is not None
-    assert layer.router.d_half == 16 and layer.rank_coef == 0.1 and layer.revival_target == "selection"
+    assert layer.router.d_half == 16 and layer.rank_coef == 0.1 and layer.revival_target == "score"
     # Routers without a query get neither the detach nor the BatchNorm (no error for an unasked setting),
     # but an explicit request is still refused where it cannot apply.
     for router in ("cluster", "dense", "factored"):

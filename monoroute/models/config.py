@@ -86,11 +86,10 @@ class GPTConfig:
     # "auto": "batch" for product_key / multi_pool, "none" for the routers without a query.
     query_norm: str = "auto"
     # What the revival loss pulls a dead unit to: "score" (the lowest selected score) or "selection"
-    # (under re-ranking: the lowest proposed score and the k-th candidate pre-activation).
-    revival_target: str = "selection"
-    # Dead units the revival loss samples per forward: 2048 (of 16,384) halves the dead fraction of
-    # 256 at equal loss in the ablation of docs/routing.md.
-    aux_units: int = 2048
+    # (under re-ranking: the lowest proposed score and the k-th candidate pre-activation). "selection"
+    # with aux_units 2048 halves the dead units but costs loss over longer training (docs/routing.md).
+    revival_target: str = "score"
+    aux_units: int = 256  # dead units the revival loss samples per forward
     # Initial w_in of routed units: "gpt" (normal, std 0.02, as every matrix) or "fan_in" (std d^-0.5,
     # the memory-layer references' scale).
     unit_init: str = "gpt"
