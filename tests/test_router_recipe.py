@@ -426,3 +426,17 @@ def test_an_in_place_upcycle_keeps_upcycles_design_unless_set():
     given = build_run_config("tiny", {"dense_fraction": 0.5, "query_norm": "batch", "coupling": "rerank"}).model
     assert (given.layer_coupling, given.layer_query_norm) == ("rerank", "batch")
     assert build_run_config("tiny").model.layer_coupling == "rerank"  # control: no dense phase, today's default
+
+
+def test_the_cpu_presets_are_the_hybrid_and_dense_runs_stay_plain_dense():
+    from monoroute.train.config import build_run_config
+
+    def flops(overrides):
+        with torch.device("meta"):
+            return GPT(build_run_config("cpu-small", overrides).model).flops_per_token()
+
+    hybrid, routed, dense = flops({}), flops({"dense_beside": 0}), flops({"ffn": "dense"})
+    assert build_run_config("cpu-long").model.dense_beside == 48
+    assert hybrid["dense_ffn"] == 4 * 2 * 2 * 128 * 48 and routed["dense_ffn"] == 0  # 4 layers, up + down
+    assert round(hybrid["total"] / dense["total"], 2) == 0.74 and round(routed["total"] / dense["total"], 2) == 0.69
+    assert dense["dense_ffn"] == 4 * 2 * 2 * 128 * 512  # --ffn dense: plain dense 4·d, nothing beside it

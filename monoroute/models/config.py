@@ -15,7 +15,7 @@ QUERY_ROUTERS = ("product_key", "multi_pool")  # routers with a learned query (t
 # full-width keys, a router reading the live residual stream. `monoroute upcycle` (from our runs or HF)
 # builds it unless the user sets these keys; the native default below may differ.
 UPCYCLE_ROUTING = dict(coupling="auto", rank_coef=1.0, d_key=None, router_detach=False, query_norm="none",
-                       revival_target="score", aux_units=256, defaults_version=1)
+                       revival_target="score", aux_units=256, defaults_version=1, dense_beside=0)
 
 
 @dataclass
@@ -57,10 +57,10 @@ class GPTConfig:
     sparse_grad: bool = False  # row-sparse COO gradients for the unit tables (needs train.sparse_rows)
     router_heads: int = 1  # product-key query heads sharing the sub-keys (PEER); 1 = one query
     router_balance: bool = False  # standardise each half's sub-key scores per token (routing.balance_scores)
-    # Making the router's choice agree with ReLU firing: "none", "agreement" (loss, weight agree_coef)
-    # or "preact" (keep the best-scoring firing units of the top 2k). See RoutedFFN. "auto" (the
-    # default) is "preact" where it applies (product keys, ReLU; the best design of the frontier
-    # sweep) and "none" elsewhere.
+    # Making the router's choice agree with ReLU firing: "none", "agreement" (loss, weight agree_coef),
+    # "preact" (keep the best-scoring firing units of the top 2k) or "rerank" (below). See RoutedFFN.
+    # "auto" (the default) is "rerank" for product keys with ReLU (docs/routing.md, issue 29), "preact"
+    # for multi-pool keys with ReLU, "none" elsewhere (defaults_version 1: "preact" for product keys too).
     coupling: str = "auto"
     agree_coef: float = 0.1
     # Candidate re-ranking (coupling="rerank", product keys): the keys propose router_candidates units,

@@ -203,15 +203,19 @@ PRESETS: dict[str, dict] = {
         "train": dict(steps=30, batch_size=8, warmup=5, eval_every=10, eval_batches=2, log_every=5, ckpt_every=10),
     },
     # A few minutes on 2 CPU cores: routed N=16384, k=32 (compare with --ffn dense: d_ff 512).
+    # dense_beside=48: a slim dense FFN beside each routed layer (the hybrid of UltraMemV2 / memory layers),
+    # 0.74x dense 4d's FLOPs/token with the re-ranking router; the best design of issue 29's sweep
+    # (docs/routing.md). It applies to routed layers only: --ffn dense trains plain dense 4d.
     "cpu-small": {
-        "model": dict(n_layer=4, n_head=4, d_model=128, block_size=128, ffn="routed", n_units=16384, k=32, d_ff=512),
+        "model": dict(n_layer=4, n_head=4, d_model=128, block_size=128, ffn="routed", n_units=16384, k=32, d_ff=512,
+                      dense_beside=48),
         "train": dict(steps=600, batch_size=16, warmup=30, eval_every=100, eval_batches=20, log_every=10, ckpt_every=200),
     },
     # The cpu-small model trained on ~3.5x the tokens (2100 steps, same batch): with N=16384 and k=32 each
     # unit table row is updated only a few times per step, so 600 steps may stop before the units settle.
     # About 3.5x cpu-small's time (~9 min routed on 2 cores).
     "cpu-long": {
-        "model": dict(n_layer=4, n_head=4, d_model=128, block_size=128, ffn="routed", n_units=16384, k=32, d_ff=512),
+        "model": dict(n_layer=4, n_head=4, d_model=128, block_size=128, ffn="routed", n_units=16384, k=32, d_ff=512, dense_beside=48),
         "train": dict(steps=2100, batch_size=16, warmup=100, eval_every=300, eval_batches=20, log_every=10,
                       ckpt_every=300),
     },
