@@ -112,8 +112,7 @@ class GPTConfig:
     def layer_d_key(self) -> int | None:
         """The key width a routed layer is built with (None: d_model). Re-ranking keys only propose
         candidates, so from defaults_version 2 they default to d_model / 2 (PEER, memory layers)."""
-        if self.d_key is None and self.defaults_version >= 2 and self.router == "product_key" \
-                and self.layer_coupling == "rerank":
+        if self.d_key is None and self.defaults_version >= 2 and self.layer_coupling == "rerank":  # product keys only
             return max(2, self.d_model // 4 * 2)  # even: the query splits in halves
         return self.d_key
 

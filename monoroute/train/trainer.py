@@ -220,7 +220,8 @@ def read_run_config(out: str | Path) -> RunConfig:
 
 # Model settings introduced after runs were already being saved, with the behaviour those runs were
 # trained with (not today's defaults): an old run must load as the model it was. `coupling` changes
-# what the model computes (today's default "auto" is preact for product keys); `dead_grace` only
+# what the model computes, and `defaults_version` 1 keeps a saved "auto" coupling and unset d_key meaning
+# what they meant then (preact, full-width keys; today: re-ranking, d/2 keys); `dead_grace` only
 # affects training and a missing key cannot say which behaviour a run had, so it is not filled.
 LEGACY_MODEL_DEFAULTS = {"coupling": "none", "router_detach": False, "query_norm": "none", "revival_target": "score",
                          "aux_units": 256, "unit_init": "gpt", "dense_beside": 0, "defaults_version": 1}
