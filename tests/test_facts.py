@@ -1,6 +1,7 @@
 """The synthetic-knowledge corpus and the fact measurements, on hand-checked and hand-built cases."""
 import json
 import math
+from collections import Counter
 from contextlib import contextmanager
 
 import numpy as np
@@ -141,27 +142,28 @@ def test_scores_equal_float64_reference():
 
 class OneFactModel(nn.Module):
     """Byte logits that know every fact of a world directly (+12 on the next byte of the true value),
-    except fact `stored`, which only unit 0 of a 16-unit site knows: unit 0 is 1 on the positions of
-    that fact's prompt and value, and there adds +24 to the next byte of the true value, while the
-    direct path prefers a wrong value (+12). Units 1..15 fire everywhere and do nothing."""
+    except fact `stored` in the renderings `where` (template indices of the training family, and
+    "heldout"), which only unit 0 of a 16-unit site knows: unit 0 is 1 on the lookup positions of those
+    renderings (the prompt's last and the value's bytes) and there adds +24 to the next byte of the true
+    value, while the direct path prefers a wrong value (+12). Units 1..15 fire everywhere and do nothing."""
 
-    def __init__(self, world: FactsWorld, tokenizer, stored: tuple[int, int], unit_everywhere: bool = True) -> None:
+    def __init__(self, world: FactsWorld, tokenizer, stored: tuple[int, int], where=None) -> None:
         super().__init__()
         self.world, self.tok, self.stored = world, tokenizer, stored
         self.point = HookPoint()
         self.unused = nn.Parameter(torch.zeros(16, 4))
         self.paths = {}
+        n_t = len(world.attributes[stored[1]].templates)
+        where = set(range(n_t)) | {"heldout"} if where is None else set(where)
         for p in range(world.n_people):
-            for a in range(len(ATTRIBUTES)):
+            for a in range(len(world.attributes)):
                 for family in ("train", "heldout"):
-                    for t in range(len(ATTRIBUTES[a].templates)):
+                    for t in range(len(world.attributes[a].templates)):
                         q = world.query(p, a, family, template=t)
                         prompt = tuple(tokenizer.boundary_ids()) + tuple(tokenizer.encode(q.prefix))
-                        values = ATTRIBUTES[a].values
-                        # unit_everywhere=False: the unit stores the fact only in the erase prompt's
-                        # template; elsewhere the direct path knows it (a sentence, not a fact, in the unit)
-                        own = family == "train" and t == world.template_drawn(p, a)
-                        if (p, a) == stored and (unit_everywhere or own):
+                        values = world.attributes[a].values
+                        own = (t if family == "train" else "heldout") in where
+                        if (p, a) == stored and own:
                             wrong = values[(values.index(q.value) + 1) % len(values)]
                             self.paths[prompt] = [(tokenizer.encode(q.value + "."), True),
                                                   (tokenizer.encode(wrong + "."), False)]
@@ -199,49 +201,78 @@ class OneFactModel(nn.Module):
         return logits + direct + acts[..., :1] * boost, None
 
 
-def one_fact_subject(stored=(1, 2), unit_everywhere=True):
+def one_fact_subject(stored=(1, 2), where=None):
     from monoroute.data.tokenizers import ByteTokenizer
 
     world = FactsWorld(FactsSpec.parse("people=3"))
     tok = ByteTokenizer()
-    model = OneFactModel(world, tok, stored, unit_everywhere)
+    model = OneFactModel(world, tok, stored, where)
     site = Site("dense_neurons", 0, 16, model.point, model.unused, 0)
     return world, measure.Subject(model, tok, [site])
 
 
-def test_erase_finds_the_one_unit_and_specificity_one():
+def test_erase_finds_the_one_unit_scored_where_it_was_not_chosen():
+    # positive control: unit 0 alone stores fact (1, 2) in every sentence
     world, subject = one_fact_subject()
-    facts = [(1, 2), (0, 1)]
-    out = measure.erase(subject, world, facts, max_units=16, n_other=2)
+    out = measure.erase(subject, world, [(1, 2), (0, 1)], max_units=16, n_other=6, n_random=8)
     stored, other = out["facts"]
     assert stored["units"] == 1 and stored["unit_ids"] == [["dense_neurons.L0", 0]]
-    assert stored["specificity_other"] == 1.0 and stored["specificity_same_person"] == 1.0
-    # the unit holds the fact in every sentence: its ablation loses it on the paraphrase and held-out prompts too
-    assert stored["lost_paraphrase"] is True and stored["lost_heldout"] is True
-    assert out["lost_paraphrase"] == 1.0 and out["lost_heldout"] == 1.0
+    assert stored["units_everywhere"] == 1
+    # chosen on two training templates, lost on the other two and on the held-out family
+    assert stored["known_scoring"] == {"train_other": 2, "heldout": 1}
+    assert stored["lost"] == {"train_other": 1.0, "heldout": 1.0}
+    # nothing else moves: the drop in log p of other facts (all of them) is zero
+    assert stored["drop_other"] == pytest.approx(0.0, abs=1e-6)
+    assert stored["drop_same_person"] == pytest.approx(0.0, abs=1e-6)
+    # random-K floor: 1 of the 16 units active on the selection prompts, 8 draws: it rarely hits unit 0
+    lost_floor = np.mean([fl["lost"]["train_other"] for fl in stored["random_k"]])
+    assert len(stored["random_k"]) == 8 and lost_floor < 0.5
+    assert out["lost"]["train_other"] == 1.0 and out["lost_floor"]["train_other"] == pytest.approx(lost_floor)
     # a fact no unit stores cannot be erased: reported, and counted as more than max_units
     assert other["units"] is None and other["ranked"] == 0
     assert out["erased_share"] == 0.5 and out["median_units"] == math.inf
 
 
-def test_erase_set_chosen_on_one_prompt_need_not_hold_on_others():
-    # the unit stores the fact only in the erase prompt's sentence: erased there (K = 1, by construction),
-    # but the paraphrase and held-out prompts still recall it, and the summary says so
-    world, subject = one_fact_subject(unit_everywhere=False)
-    out = measure.erase(subject, world, [(1, 2)], max_units=16, n_other=2)
+def test_erase_chosen_on_the_selection_prompts_need_not_hold_elsewhere():
+    # negative control: unit 0 stores the fact only in the two selection templates' sentences; elsewhere
+    # the direct path knows it. Erased where chosen (K = 1), never lost where scored.
+    world, _ = one_fact_subject()
+    t0 = world.template_drawn(1, 2)
+    world, subject = one_fact_subject(where={t0, (t0 + 1) % 4})
+    out = measure.erase(subject, world, [(1, 2)], max_units=16, n_other=6)
     (row,) = out["facts"]
     assert row["units"] == 1
-    assert row["lost_paraphrase"] is False and row["lost_heldout"] is False
-    assert out["lost_paraphrase"] == 0.0 and out["lost_heldout"] == 0.0
+    assert row["lost"] == {"train_other": 0.0, "heldout": 0.0}
+    assert row["units_everywhere"] is None  # no ranked set loses it everywhere
+    # a unit storing it only outside the selection prompts is not found at all (not known -> not tried
+    # would be wrong: the fact is known on the selection prompts through the direct path, and nothing erases it)
+    world, subject = one_fact_subject(where={(t0 + 2) % 4})
+    (row,) = measure.erase(subject, world, [(1, 2)], max_units=16, n_other=6)["facts"]
+    assert row["units"] is None
 
 
-def test_recall_on_the_hand_built_model():
+def test_recall_on_the_hand_built_model_and_its_person_blind_floor():
     world, subject = one_fact_subject()
     facts = [(p, a) for p in range(3) for a in range(len(ATTRIBUTES))]
-    assert measure.recall(subject, world, facts)["accuracy"] == 1.0
+    rec = measure.recall(subject, world, facts)
+    assert rec["accuracy"] == 1.0
+    # the person-blind floor, exact from the world: the most common value's share per attribute
+    expect = np.mean([max(Counter(world.values[p][a] for p in range(3)).values()) / 3 for a in range(len(ATTRIBUTES))])
+    assert rec["prior_accuracy"] == pytest.approx(expect) and rec["prior_accuracy"] >= 1 / 3
+    assert rec["above_prior"] == pytest.approx(1.0 - expect)
+    # bits above the prior never exceed the bits stored, and the two differ by at most the prior's bits
+    assert rec["bits_above_prior"] <= rec["bits"] + 1e-9
+    assert rec["bits"] - rec["bits_above_prior"] <= rec["prior_bits"] + 1e-6
     ablated = measure.Subject(subject.model, subject.tokenizer, subject.sites)
     scores = ablated.scores([encode_query(subject.tokenizer, world.query(1, 2))], {0: torch.tensor([0])})[0]
     assert not measure.correct(scores, ATTRIBUTES[2].values.index(world.value(1, 2)))
+
+
+def test_person_blind_floor_matches_the_issue_numbers():
+    # issue 30's figures for the first corpus: a model answering each attribute's most common value
+    for people, floor in ((25, 0.127), (100, 0.073), (400, 0.047)):
+        world = FactsWorld(FactsSpec.parse(f"people={people}"))
+        assert np.mean([a["accuracy"] for a in world.prior()]) == pytest.approx(floor, abs=6e-4)
 
 
 def test_smallest_erasing_search():
@@ -321,6 +352,16 @@ def test_facts_cli(tmp_path, capsys):
     assert report["recall"]["n_facts"] == 3 * len(ATTRIBUTES)
     assert head["recall"] == report["recall"]["accuracy"] and head["units"] == "routed_units"
     assert report["sites"] == ["routed_units.L0", "routed_units.L1"]
+    # every reading beside its floor: the person-blind prior, the untrained model, random K, shuffled labels
+    world = FactsWorld(FactsSpec.parse("people=3"))
+    assert head["recall_prior"] == pytest.approx(np.mean([a["accuracy"] for a in world.prior()]))
+    assert head["recall_untrained"] is not None and "recall_qa" not in report  # scheme 0 has no QA
+    assert report["lookup"]["renderings"] == 3 * len(ATTRIBUTES) * 4
+    assert {"dedicated_facts", "dedicated_facts_floor", "dedicated_facts_untrained", "route_margin",
+            "route_margin_floor", "top_person_share_floor"} <= set(head)
+    for row in report["erase"]["facts"]:
+        if row["units"] is not None:
+            assert row["random_k"] and set(row["lost"]) == {"train_other", "heldout"}
 
 
 def test_facts_eval_refuses_other_corpora(tmp_path, capsys):
@@ -347,6 +388,17 @@ def test_capacity_points_group_and_sort():
     # two routed seeds at 50 people: their mean, and the min-max for the error bar
     assert curves == {"dense": [(50, 0.6, 180.0, 0.6, 0.6), (200, 0.2, 240.0, 0.2, 0.2)],
                       "routed": [(50, pytest.approx(0.4), pytest.approx(120.0), 0.3, 0.5)]}
+
+
+def test_capacity_plot_carries_the_person_blind_floor(tmp_path):
+    from monoroute.facts.report import plot_capacity, prior_points
+
+    reps = [{"spec": f"facts:people={p},exposures=1,seed=0,middle=0", "recall": {"accuracy": 0.5, "prior_accuracy": f}}
+            for p, f in ((100, 0.073), (25, 0.127), (25, 0.127))] + [{"spec": "facts:people=7", "recall": {"accuracy": 1}}]
+    assert prior_points(reps) == [(25, 0.127), (100, 0.073)]  # old reports without the floor are skipped
+    plot_capacity({"dense": [(25, 1.0, 150.0, 1.0, 1.0), (100, 0.2, 120.0, 0.2, 0.2)]}, tmp_path / "c.png",
+                  prior_points(reps))
+    assert (tmp_path / "c.png").stat().st_size > 1000
 
 
 def test_selectivity_floor_is_the_untrained_unit_set(tmp_path, capsys):
@@ -395,3 +447,109 @@ def test_selectivity_floor_is_the_untrained_unit_set(tmp_path, capsys):
     ref = selectivity(Subject(loaded.model, loaded.tokenizer, [baseline_site(loaded.model, init)]), world)["sae.L1"]
     for key in ("live_units", "units_min_firings", "median_top_person_share", "dedicated_people_share"):
         assert floor["sae.L1"][key] == ref[key], key
+
+
+# --- where facts live: the value-lookup positions, dedication, route overlap ----------------------------
+
+def test_lookup_positions_are_the_prompts_last_and_the_values_bytes():
+    from monoroute.data.tokenizers import ByteTokenizer
+    from monoroute.facts.lookup import renderings
+
+    world = FactsWorld(FactsSpec.parse("people=2"))
+    rend = renderings(world, ByteTokenizer(), [(1, 2)])
+    assert [r[1] for r in rend] == [0, 1, 2, 3]  # every training template
+    for _, t, ids, first, last in rend:
+        q = world.query(1, 2, "train", template=t)
+        text = bytes(ids[2:]).decode()  # after the 2-byte separator
+        assert text == q.prefix + q.value
+        assert first == 2 + len(q.prefix) - 1 and last == len(ids) - 2  # predicts the value's first .. last byte
+
+
+def test_where_facts_live_positive_and_negative_controls():
+    from monoroute.facts.lookup import where_facts_live
+
+    facts = [(p, a) for p in range(3) for a in range(len(ATTRIBUTES))]
+    # positive: unit 0 stores fact (1, 2) in every rendering: that fact, and only it, has a dedicated unit
+    world, subject = one_fact_subject()
+    out = where_facts_live(subject, world, facts, quantile=0.9, n_perm=3, n_pairs=500)
+    site = out["dense_neurons.L0"]
+    assert out["renderings"] == len(facts) * 4
+    assert site["dedicated"] == [[1, 2]] and site["dedicated_facts_share"] == pytest.approx(1 / len(facts))
+    assert site["dedicated_facts_share_floor"] == 0.0  # its renderings shuffled among people: no fact keeps them
+    # units 1..15 fire on every lookup position: routes are identical, so the margin is zero
+    assert site["route_overlap"]["margin"] == pytest.approx(0.0, abs=0.02)
+    # negative: unit 0 stores it in one sentence only (1 of 4 renderings): not dedicated
+    world, subject = one_fact_subject(where={0})
+    site = where_facts_live(subject, world, facts, quantile=0.9, n_perm=2, n_pairs=200)["dense_neurons.L0"]
+    assert site["dedicated_facts_share"] == 0.0
+
+
+def test_dedication_and_overlap_by_hand():
+    import random
+
+    from monoroute.facts.lookup import dedication, overlap, permuted
+
+    # 3 facts x 4 renderings; unit "a" fires on 3 of fact 0's, unit "b" on 4 of fact 1's and 1 of fact 2's
+    labels = [0] * 4 + [1] * 4 + [2] * 4
+    fire = [{"a"}, {"a"}, {"a"}, set(), {"b"}, {"b"}, {"b"}, {"b"}, {"b"}, set(), set(), set()]
+    ded = dedication(labels, fire, 3, [4, 4, 4])
+    assert ded["dedicated"] == [0]  # b's precision is 4 / 5 = 0.8 < 0.9
+    # the top-fact share is read from units firing on >= 4 renderings: b only (a fired 3 times)
+    assert ded["median_top_fact_share"] == pytest.approx(0.8) and ded["units_scored"] == 1
+    # routes: same person across templates share everything, same template across people nothing
+    facts = [(0, 0), (1, 0), (2, 0)]
+    rend = [(f, t, None, 0, 0) for f in range(3) for t in range(4)]
+    route = [{f"p{labels[r]}"} for r in range(12)]
+    ov = overlap(rend, labels, route, facts, 300, random.Random(0))
+    assert ov["same_fact_across_templates"] == 1.0 and ov["same_template_across_people"] == 0.0
+    assert ov["different_person_and_template"] == 0.0 and ov["margin"] == 1.0
+    # the permutation floor: labels shuffled within (attribute, template): each fake fact mixes people
+    perm = permuted(rend, labels, facts, random.Random(1))
+    assert sorted(perm) == sorted(labels)
+    assert all(sorted(perm[r] for r in range(12) if rend[r][1] == t) == [0, 1, 2] for t in range(4))
+
+
+# --- the binding corpus (scheme 1) -------------------------------------------------------------------------
+
+def test_binding_corpus_names_values_and_qa():
+    from monoroute.data.facts import BINDING_ATTRIBUTES, QA_PREFIX
+
+    world = FactsWorld(FactsSpec.parse("people=40,exposures=2,scheme=1"))
+    assert world.attributes is BINDING_ATTRIBUTES
+    firsts = [n.split()[0] for n in world.names]
+    lasts = [n.split()[1] for n in world.names]
+    # collision-free two-part names: either word alone identifies the person
+    assert len(set(firsts)) == 40 and len(set(lasts)) == 40 and not set(firsts) & set(lasts)
+    # non-compositional values: one choice each, no value a prefix-and-suffix product (no shared first word
+    # among the invented ones) and no digits
+    for attr in BINDING_ATTRIBUTES:
+        assert len(set(attr.values)) == len(attr.values) and not any(c.isdigit() for v in attr.values for c in v)
+    assert len({v.split()[0] for v in BINDING_ATTRIBUTES[3].values}) == len(BINDING_ATTRIBUTES[3].values)
+    # QA lines in the biographies of exactly half the people; asked of the other half
+    assert len(world.qa_seen) == 20 and sorted(world.qa_unseen() + sorted(world.qa_seen)) == list(range(40))
+    for p in range(40):
+        text, spans = world.biography(p, 0)
+        assert (QA_PREFIX in text) == (p in world.qa_seen)
+        values = [s for s in spans if s.kind == "value"]
+        assert len(values) == (12 if p in world.qa_seen else 6)
+        assert all(text[s.start:s.end] == world.value(p, s.attribute) for s in values)
+    p = world.qa_unseen()[0]
+    q = world.query(p, 2, "qa")
+    assert q.prefix == f"Question: Where was {world.names[p]} born? Answer: " and q.value == world.value(p, 2)
+    corpus = " ".join(text for _, text in world.documents(0.1))
+    assert q.prefix not in corpus  # never asked in training
+    assert world.query(sorted(world.qa_seen)[0], 2, "qa").prefix in corpus
+    assert world.families() == ("train", "heldout", "qa")
+
+
+def test_scheme_zero_keeps_its_spec_and_world():
+    spec = FactsSpec.parse("people=30,exposures=2")
+    assert spec.text() == "facts:people=30,exposures=2,seed=0,middle=0"  # old runs' token caches stay valid
+    assert FactsSpec.parse("people=30,scheme=1").text().endswith(",scheme=1")
+    world = FactsWorld(spec)
+    assert world.attributes is ATTRIBUTES and world.families() == ("train", "heldout") and not world.qa_seen
+    with pytest.raises(MonorouteError, match="unknown query family 'qa'"):
+        world.query(0, 0, "qa")
+    for bad, message in (("scheme=2", "scheme must be 0"), ("scheme=1,middle=1", "drop middle")):
+        with pytest.raises(MonorouteError, match=message):
+            FactsSpec.parse(bad)

@@ -317,15 +317,24 @@ def write_fake_facts(run_dir, layer: int) -> dict:
     layer and another, one fact not erased, and a unit's people."""
     from monoroute.fileio import write_json_atomic
 
-    rec = {"accuracy": 0.5, "facts_recalled": 3.0, "bits": 12.0}
-    erased = {"person": 1, "attribute": "employer", "units": 2, "specificity_other": 0.9,
-              "specificity_same_person": 1.0, "unit_ids": [[f"routed_units.L{layer}", 3], [f"routed_units.L{1 - layer}", 7]]}
+    rec = {"accuracy": 0.5, "prior_accuracy": 0.125, "untrained_accuracy": 0.05, "facts_recalled": 3.0,
+           "bits": 12.0, "bits_above_prior": 9.0}
+    floor = {"lost": {"train_other": 0.0}, "drop_other": 0.01}
+    erased = {"person": 1, "attribute": "employer", "units": 2, "units_everywhere": 3, "lost": {"train_other": 1.0},
+              "drop_other": 0.02, "random_k": [floor],
+              "unit_ids": [[f"routed_units.L{layer}", 3], [f"routed_units.L{1 - layer}", 7]]}
     report = {"run": str(run_dir), "units": "routed_units", "params": 1000, "flops_per_token": 100,
               "recall": rec, "recall_heldout": dict(rec, accuracy=0.25), "bits_per_param": 0.012,
-              "erase": {"median_units": 2.0, "erased_share": 0.5, "specificity_other": 0.9,
-                        "specificity_same_person": 1.0, "n_facts": 2,
+              "erase": {"median_units": 2.0, "erased_share": 0.5, "median_units_everywhere": 3.0, "n_facts": 2,
+                        "lost": {"train_other": 1.0}, "lost_floor": {"train_other": 0.0},
+                        "drop_other": 0.02, "drop_other_floor": 0.01,
                         "facts": [erased, {"person": 2, "attribute": "major", "units": None, "ranked": 0}]},
               "edit": None,
+              "lookup": {"all_sites": {"dedicated_facts_share": 0.4, "dedicated_facts_share_floor": 0.05,
+                                       "route_overlap": {"margin": 0.3, "same_fact_across_templates": 0.5,
+                                                         "same_template_across_people": 0.2},
+                                       "route_margin_floor": -0.1}},
+              "lookup_untrained": {"all_sites": {"dedicated_facts_share": 0.0}},
               "selectivity": {f"routed_units.L{layer}": {"median_top_person_share": 0.7,
                                                          "unit_people": {"3": [["Ann Bo", 30, 32]]}},
                               "all_sites": {"dedicated_people_share": 0.25}},
@@ -351,14 +360,21 @@ def test_facts_view_compare_and_report_section(analysed_runs, tmp_path, capsys):
     assert [(u["layer"], u["unit"], u["page"]) for u in first["unit_list"]] == [(store.layer, 3, True),
                                                                               (1 - store.layer, 7, False)]
     assert second["units"] is None and second["unit_list"] == []
+    assert first["lost"] == {"train_other": 1.0} and first["lost_floor"] == {"train_other": 0.0}  # beside its floor
+    assert (first["drop_other"], first["drop_other_floor"]) == (0.02, 0.01)
     assert view["unit_people"] == {"3": [["Ann Bo", 30, 32]]} and view["rows"][0]["dedicated_people"] == 0.25
     row = view["rows"][0]  # each selectivity reading beside its untrained floor
     assert (row["top_person_share"], row["top_person_share_floor"], row["dedicated_people_floor"]) == (0.7, 0.2, 0.0)
+    assert (row["recall"], row["recall_prior"], row["recall_untrained"]) == (0.5, 0.125, 0.05)
+    assert (row["dedicated_facts"], row["dedicated_facts_floor"], row["dedicated_facts_untrained"]) == (0.4, 0.05, 0.0)
+    assert (row["route_margin"], row["route_margin_floor"]) == (0.3, -0.1)
+    assert (row["erase_lost_train_other"], row["erase_lost_train_other_floor"]) == (1.0, 0.0)
     r = client.get("/api/runs/1/facts")
     assert r.status_code == 404 and "monoroute facts eval" in r.json()["detail"]
     assert main(["compare", str(run)]) == 0
     out = capsys.readouterr().out
-    assert "erase units (median)" in out and "0.250" in out  # the facts table under the analysis table
+    assert "erase K" in out and "0.250" in out  # the facts table under the analysis table
+    assert "(person-blind)" in out and "0.125" in out and "(random K)" in out
     assert "top-person share" in out and "0.700" in out and "0.200" in out
     refresh_analysis_page(run)
     assert "<h2>Facts (monoroute facts eval)</h2>" in (run / "analysis" / "report.html").read_text()

@@ -278,10 +278,9 @@ def fact_tasks(world) -> dict[str, Task]:
     start with the document separator, as every biography does in training."""
     from os.path import commonprefix
 
-    from monoroute.data.facts import ATTRIBUTES
 
     out = {}
-    for a, attr in enumerate(ATTRIBUTES):
+    for a, attr in enumerate(world.attributes):
         def make(rng: random.Random, a=a, attr=attr):
             while True:
                 p, q = rng.sample(range(world.n_people), 2)
@@ -301,9 +300,8 @@ def fact_tasks(world) -> dict[str, Task]:
 
 def check_fact_world(world) -> None:
     """Fact tasks need two people with different values, for every attribute."""
-    from monoroute.data.facts import ATTRIBUTES
 
-    for a, attr in enumerate(ATTRIBUTES):
+    for a, attr in enumerate(world.attributes):
         if len({world.value(p, a) for p in range(world.n_people)}) < 2:
             raise MonorouteError(f"the facts world has no two people with different {attr.name}s; fact tasks need "
                                  f"more people")

@@ -25,6 +25,8 @@ import random
 from dataclasses import dataclass, fields
 from typing import Iterator, NamedTuple
 
+import numpy as np
+
 from monoroute.errors import MonorouteError
 
 PREFIX = "facts:"
@@ -60,6 +62,10 @@ EMPLOYERS = tuple(f"{p} {s}" for p in ("Northwind", "Bluefin", "Copperleaf", "Si
                                         "Greenfield", "Suncrest", "Moonstone", "Brightwater", "Starfall", "Oakmont")
                   for s in ("Labs", "Systems", "Foods", "Motors", "Bank", "Media", "Logistics", "Energy"))
 YEARS = tuple(str(y) for y in range(1940, 2000))
+ANIMALS = ("badger beaver bison camel cheetah cobra condor coyote crane dingo dolphin donkey eagle falcon ferret "
+           "gazelle gecko gerbil gibbon heron hyena ibis iguana jackal jaguar kestrel koala lemur leopard llama "
+           "lynx magpie marmot mole moose otter owl panda parrot pelican penguin puffin rabbit raven salmon "
+           "tapir walrus weasel zebra").split()
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,7 @@ class Attribute:
     values: tuple[str, ...]
     templates: tuple[str, ...]  # training templates; "{n}" the full name, "{v}" the value, which ends the sentence
     heldout: str  # a template family never seen in training
+    question: str = ""  # scheme 1's question-answer line, "{n}" the name (the answer follows "Answer: ")
 
 
 ATTRIBUTES: tuple[Attribute, ...] = (
@@ -97,7 +104,53 @@ ATTRIBUTES: tuple[Attribute, ...] = (
               "{n} earns a living at {v}."),
 )
 ATTRIBUTE_NAMES = tuple(a.name for a in ATTRIBUTES)
-FAMILIES = ("train", "heldout")
+FAMILIES = ("train", "heldout", "qa")
+
+# --- scheme 1: a corpus that binds (issue 30) -------------------------------------------------------------
+# Scheme 0's names share parts (64 first x 64 last: at P = 100 most people are unique only by the pair) and
+# three of its attributes are compositional (a year is "19" + decade + digit; universities and employers are
+# prefix x suffix), so recall there mixes "how many facts" with "how hard the name is to bind" and "a fact" is
+# often two choices. Scheme 1: every person has a first word and a last word no one else has (a collision-free
+# two-part name: either word identifies the person), every value is one choice among unrelated words, and
+# question-answer lines ("Question: Where was N born? Answer: V.") are in the biographies of half the people
+# only, so QA recall on the other half tests extraction of knowledge the model never saw asked
+# (Allen-Zhu & Li, Physics of LMs 3.1).
+ONSETS, VOWELS, CODAS = "bdfgklmnprstvz", "aeiou", ("", "", "n", "r", "l", "s")
+
+
+def invented_words(n: int, syllables: int, seed: str, exclude: frozenset = frozenset()) -> tuple[str, ...]:
+    """n distinct capitalised words of `syllables` consonant-vowel syllables and an optional coda, seeded."""
+    rng = random.Random(seed)
+    out: list[str] = []
+    seen = set(exclude)
+    while len(out) < n:
+        w = "".join(rng.choice(ONSETS) + rng.choice(VOWELS) for _ in range(syllables)) + rng.choice(CODAS)
+        if w not in seen:
+            seen.add(w)
+            out.append(w.capitalize())
+    return tuple(out)
+
+
+FIRST_WORDS = invented_words(4000, 2, "facts-first-words")
+LAST_WORDS = invented_words(4000, 3, "facts-last-words", frozenset(w.lower() for w in FIRST_WORDS))
+_TAKEN = frozenset(w.lower() for w in FIRST_WORDS + LAST_WORDS)
+SCHOOLS = tuple(f"{w} University" for w in invented_words(40, 3, "facts-schools", _TAKEN))
+COMPANIES = invented_words(64, 2, "facts-companies", _TAKEN | {w.split()[0].lower() for w in SCHOOLS})
+
+BINDING_ATTRIBUTES: tuple[Attribute, ...] = (
+    Attribute("birth_month", tuple(MONTHS), ATTRIBUTES[0].templates, ATTRIBUTES[0].heldout,
+              "In which month was {n} born?"),
+    Attribute("pet", tuple(ANIMALS),
+              ("{n} keeps a pet {v}.", "The pet of {n} is a {v}.", "{n} lives with a {v}.",
+               "At home, {n} looks after a {v}."),
+              "Neighbours often see {n} walking a {v}.", "Which animal does {n} keep?"),
+    Attribute("birth_city", tuple(CITIES), ATTRIBUTES[2].templates, ATTRIBUTES[2].heldout, "Where was {n} born?"),
+    Attribute("university", SCHOOLS, ATTRIBUTES[3].templates, ATTRIBUTES[3].heldout, "Where did {n} study?"),
+    Attribute("major", tuple(MAJORS), ATTRIBUTES[4].templates, ATTRIBUTES[4].heldout, "What did {n} study?"),
+    Attribute("employer", COMPANIES, ATTRIBUTES[5].templates, ATTRIBUTES[5].heldout, "Who employs {n}?"),
+)
+SCHEMES = (ATTRIBUTES, BINDING_ATTRIBUTES)
+QA_PREFIX, QA_ANSWER = "Question: ", " Answer: "
 
 
 @dataclass(frozen=True)
@@ -105,7 +158,8 @@ class FactsSpec:
     people: int = 500
     exposures: int = 100
     seed: int = 0
-    middle: int = 0  # 1: names are first middle last (a name space 32x larger)
+    middle: int = 0  # 1: names are first middle last (a name space 32x larger); scheme 0 only
+    scheme: int = 0  # 0: the first corpus (shared name parts, compositional values); 1: the binding corpus
 
     @classmethod
     def parse(cls, text: str) -> "FactsSpec":
@@ -129,7 +183,7 @@ class FactsSpec:
         return spec
 
     def check(self) -> None:
-        space = name_space(self.middle)
+        space = name_space(self.middle, self.scheme)
         if self.people < 1 or self.exposures < 1:
             raise MonorouteError(f"facts spec: people and exposures must be >= 1, got {self.people}, {self.exposures}")
         if self.people > space:
@@ -138,12 +192,21 @@ class FactsSpec:
                                  f"names); {fix}")
         if self.middle not in (0, 1):
             raise MonorouteError(f"facts spec: middle must be 0 or 1, got {self.middle}")
+        if self.scheme not in (0, 1):
+            raise MonorouteError(f"facts spec: scheme must be 0 (the first corpus) or 1 (the binding corpus), got "
+                                 f"{self.scheme}")
+        if self.scheme and self.middle:
+            raise MonorouteError("facts spec: middle=1 is scheme 0's; scheme 1's names never collide, drop middle")
 
     def text(self) -> str:
-        return PREFIX + ",".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
+        # scheme 0 is left out so the first corpus keeps its spec text (and its runs' token caches)
+        return PREFIX + ",".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self)
+                                 if f.name != "scheme" or self.scheme)
 
 
-def name_space(middle: int) -> int:
+def name_space(middle: int, scheme: int = 0) -> int:
+    if scheme:
+        return min(len(FIRST_WORDS), len(LAST_WORDS))
     return len(FIRST) * len(LAST) * (len(MIDDLE) if middle else 1)
 
 
@@ -160,6 +223,7 @@ class Query(NamedTuple):
     family: str
     prefix: str  # the sentence up to the value ("Ada Lovelace was born in the city of ")
     value: str  # the true value; the sentence continues with "."
+    values: tuple[str, ...] = ()  # every value of the attribute: the multiple choice
 
 
 class FactsWorld:
@@ -169,11 +233,19 @@ class FactsWorld:
         spec.check()
         self.spec = spec
         rng = random.Random(f"facts-world-{spec.seed}")
-        space = name_space(spec.middle)
-        picks = rng.sample(range(space), spec.people)
-        self.names = [self._name(i) for i in picks]
-        # values[p][a]: index into ATTRIBUTES[a].values
-        self.values = [[rng.randrange(len(a.values)) for a in ATTRIBUTES] for _ in range(spec.people)]
+        self.attributes = SCHEMES[spec.scheme]
+        if spec.scheme:
+            firsts = rng.sample(FIRST_WORDS, spec.people)
+            lasts = rng.sample(LAST_WORDS, spec.people)
+            self.names = [f"{f} {l}" for f, l in zip(firsts, lasts)]
+        else:
+            picks = rng.sample(range(name_space(spec.middle)), spec.people)
+            self.names = [self._name(i) for i in picks]
+        # values[p][a]: index into self.attributes[a].values
+        self.values = [[rng.randrange(len(a.values)) for a in self.attributes] for _ in range(spec.people)]
+        # scheme 1: question-answer lines in the biographies of half the people (qa_seen), asked of the rest
+        order = random.Random(f"facts-qa-{spec.seed}").sample(range(spec.people), spec.people)
+        self.qa_seen = frozenset(order[:spec.people // 2]) if spec.scheme else frozenset()
 
     def _name(self, i: int) -> str:
         i, last = divmod(i, len(LAST))
@@ -187,16 +259,41 @@ class FactsWorld:
         return self.spec.people
 
     def value(self, person: int, attribute: int) -> str:
-        return ATTRIBUTES[attribute].values[self.values[person][attribute]]
+        return self.attributes[attribute].values[self.values[person][attribute]]
+
+    def families(self) -> tuple[str, ...]:
+        """The query families this world has: training templates, the held-out family, and (scheme 1) QA."""
+        return FAMILIES if self.spec.scheme else FAMILIES[:2]
+
+    def qa_unseen(self) -> list[int]:
+        """The people whose biographies carry no QA lines: QA recall on them tests extraction."""
+        return [p for p in range(self.n_people) if p not in self.qa_seen] if self.spec.scheme else []
+
+    def prior(self) -> list[dict]:
+        """The person-blind floor, exact from the world: per attribute, the share of people holding its most
+        common value (what a model that ignores the person and answers that value recalls) and the entropy
+        in bits of the value frequencies (the cross-entropy of the best person-blind distribution)."""
+        out = []
+        for a, attr in enumerate(self.attributes):
+            counts = np.bincount([v[a] for v in self.values], minlength=len(attr.values))
+            freq = counts[counts > 0] / self.n_people
+            out.append({"name": attr.name, "mode": attr.values[int(counts.argmax())],
+                        "accuracy": float(counts.max() / self.n_people),
+                        "entropy_bits": float(-(freq * np.log2(freq)).sum())})
+        return out
 
     def biography(self, person: int, exposure: int) -> tuple[str, list[Span]]:
         """One rendering: every attribute once, a template drawn per attribute, sentences shuffled."""
         rng = random.Random(f"facts-bio-{self.spec.seed}-{person}-{exposure}")
-        order = list(range(len(ATTRIBUTES)))
+        order = list(range(len(self.attributes)))
         rng.shuffle(order)
+        templates = [rng.choice(self.attributes[a].templates) for a in order]
+        if person in self.qa_seen:  # the QA lines follow the biography, in their own shuffled order
+            qa = list(range(len(self.attributes)))
+            rng.shuffle(qa)
+            order, templates = order + qa, templates + [qa_template(self.attributes[a]) for a in qa]
         text, spans = "", []
-        for a in order:
-            template = rng.choice(ATTRIBUTES[a].templates)
+        for a, template in zip(order, templates):
             if text:
                 spans.append(Span(len(text), len(text) + 1, "text", -1))
                 text += " "
@@ -208,21 +305,23 @@ class FactsWorld:
               template: int | None = None) -> Query:
         """A prompt whose next bytes are the value: a training template (number `template`, else drawn
         by (person, attribute, draw)) or the held-out family."""
-        a = ATTRIBUTES[attribute]
+        a = self.attributes[attribute]
         if family == "heldout":
             template = a.heldout
+        elif family == "qa" and self.spec.scheme:
+            template = qa_template(a)
         elif family == "train":
             if template is None:
                 template = self.template_drawn(person, attribute, draw)
             template = a.templates[template]
         else:
-            raise MonorouteError(f"unknown query family {family!r}; choose one of {', '.join(FAMILIES)}")
+            raise MonorouteError(f"unknown query family {family!r}; choose one of {', '.join(self.families())}")
         prefix = template.split("{v}")[0].replace("{n}", self.names[person])
-        return Query(person, attribute, family, prefix, self.value(person, attribute))
+        return Query(person, attribute, family, prefix, self.value(person, attribute), a.values)
 
     def template_drawn(self, person: int, attribute: int, draw: int = 0) -> int:
         rng = random.Random(f"facts-query-{self.spec.seed}-{person}-{attribute}-{draw}")
-        return rng.randrange(len(ATTRIBUTES[attribute].templates))
+        return rng.randrange(len(self.attributes[attribute].templates))
 
     def documents(self, val_fraction: float) -> Iterator[tuple[str, str]]:
         """Training biographies exposure-major (every person once, then again, ...), then validation ones."""
@@ -249,10 +348,15 @@ def render(template: str, name: str, value: str, attribute: int, text: str) -> t
     return text, spans
 
 
-def attribute_index(name: str) -> int:
-    if name not in ATTRIBUTE_NAMES:
-        raise MonorouteError(f"unknown attribute {name!r}; choose one of {', '.join(ATTRIBUTE_NAMES)}")
-    return ATTRIBUTE_NAMES.index(name)
+def qa_template(attribute: Attribute) -> str:
+    return f"{QA_PREFIX}{attribute.question}{QA_ANSWER}{{v}}."
+
+
+def attribute_index(name: str, attributes: tuple[Attribute, ...] = ATTRIBUTES) -> int:
+    names = [a.name for a in attributes]
+    if name not in names:
+        raise MonorouteError(f"unknown attribute {name!r}; choose one of {', '.join(names)}")
+    return names.index(name)
 
 
 class SplitKey(str):

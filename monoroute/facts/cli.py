@@ -23,10 +23,17 @@ def add_parser(sub) -> None:
     e = fsub.add_parser("eval", help="recall, stored bits, erase, edit and entity selectivity of a run")
     e.add_argument("run")
     e.add_argument("--facts", type=int, default=1200, help="facts scored for recall (default 1200; 0 = all)")
-    e.add_argument("--erase", type=int, default=48, help="known facts to erase (default 48)")
-    e.add_argument("--edit", type=int, default=32, help="erased facts to edit (default 32)")
+    e.add_argument("--erase", type=int, default=32,
+                   help="facts to erase: chosen on two training templates, scored on the rest (default 32)")
+    e.add_argument("--edit", type=int, default=16, help="erased facts to edit (default 16)")
     e.add_argument("--max-units", type=int, default=2048, help="largest erase set tried (default 2048)")
-    e.add_argument("--no-selectivity", action="store_true", help="skip entity selectivity")
+    e.add_argument("--controls", type=int, default=50,
+                   help="other people's facts in erase's specificity (mean log p drop; default 50)")
+    e.add_argument("--lookup-facts", type=int, default=600,
+                   help="facts whose renderings are read at the value-lookup positions (default 600)")
+    e.add_argument("--quantile", type=float, default=0.99,
+                   help="a dense neuron fires at or above this quantile of its own activations (default 0.99)")
+    e.add_argument("--no-selectivity", action="store_true", help="skip where facts live and entity selectivity")
     e.add_argument("--sae", action="store_true", help="measure a TopK SAE (sae-lens) spliced into a dense run")
     e.add_argument("--transcoder", action="store_true", help="measure a TopK transcoder spliced into a dense run")
     e.add_argument("--layer", type=int, help="the layer of --sae / --transcoder (default n_layer // 2)")
@@ -47,7 +54,7 @@ def add_parser(sub) -> None:
 
 
 def cmd_make(args) -> int:
-    from monoroute.data.facts import ATTRIBUTES, FactsSpec, FactsWorld
+    from monoroute.data.facts import FactsSpec, FactsWorld
     from monoroute.fileio import check_writable, write_json_atomic, write_text_atomic
 
     spec = FactsSpec.parse(args.spec)
@@ -67,12 +74,14 @@ def cmd_make(args) -> int:
         spans.append(json.dumps({"key": str(key), "split": key.fixed_split, "person": p,
                                  "spans": [list(s) for s in world.biography(p, e)[1]]}))
     truth = {"spec": spec.text(), "attributes": [
-        {"name": a.name, "values": list(a.values), "templates": list(a.templates), "heldout": a.heldout}
-        for a in ATTRIBUTES],
-        "people": [{"name": world.names[p], **{a.name: world.value(p, i) for i, a in enumerate(ATTRIBUTES)}}
+        {"name": a.name, "values": list(a.values), "templates": list(a.templates), "heldout": a.heldout,
+         "question": a.question}
+        for a in world.attributes], "qa_seen": sorted(world.qa_seen),
+        "people": [{"name": world.names[p], **{a.name: world.value(p, i) for i, a in enumerate(world.attributes)}}
                    for p in range(world.n_people)]}
-    queries = [json.dumps(world.query(p, a, f)._asdict()) for p in range(world.n_people)
-               for a in range(len(ATTRIBUTES)) for f in ("train", "heldout")]
+    queries = [json.dumps({k: v for k, v in world.query(p, a, f)._asdict().items() if k != "values"})
+               for p in range(world.n_people) for a in range(len(world.attributes)) for f in world.families()
+               if f != "qa" or p not in world.qa_seen]
     write_text_atomic(out / "spans.jsonl", "\n".join(spans) + "\n")
     write_text_atomic(out / "queries.jsonl", "\n".join(queries) + "\n")
     write_json_atomic(out / "truth.json", truth)
@@ -88,10 +97,13 @@ def cmd_eval(args) -> int:
 
     if args.sae and args.transcoder:
         raise MonorouteError("pass one of --sae and --transcoder per call (each writes its own report)")
-    for name in ("facts", "erase", "edit", "max_units", "latents", "latent_k"):
+    for name in ("facts", "erase", "edit", "max_units", "latents", "latent_k", "controls", "lookup_facts"):
         if getattr(args, name) < 0:
             raise MonorouteError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not 0 < args.quantile < 1:
+        raise MonorouteError(f"--quantile must be in (0, 1), got {args.quantile}")
     opts = EvalOptions(facts=args.facts or None, erase=args.erase, edit=args.edit, max_units=args.max_units,
+                       controls=args.controls, lookup_facts=args.lookup_facts, quantile=args.quantile,
                        selectivity=not args.no_selectivity,
                        baseline="sae" if args.sae else "transcoder" if args.transcoder else None,
                        layer=args.layer, latents=args.latents, latent_k=args.latent_k,
@@ -106,7 +118,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from monoroute.facts.report import capacity_points, load_facts, plot_capacity
+    from monoroute.facts.report import capacity_points, load_facts, plot_capacity, prior_points
 
     labels = []
     for item in args.label:
@@ -125,6 +137,7 @@ def cmd_plot(args) -> int:
         return next((name for key, name in labels if key in rep["run"]), rep["units"])
 
     curves = capacity_points(reports, label_of)
-    plot_capacity(curves, args.out)
-    print(json.dumps({"out": args.out, "curves": curves}))
+    prior = prior_points(reports)
+    plot_capacity(curves, args.out, prior)
+    print(json.dumps({"out": args.out, "curves": curves, "person_blind": prior}))
     return 0

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from monoroute.data.facts import ATTRIBUTES, FactsWorld, render
+from monoroute.data.facts import FactsWorld, render
 from monoroute.facts.score import Encoded, correct, encode_query, score_queries, score_sequences, sequences
 from monoroute.facts.sites import Attribution, Site, ablate, active_units, attached
 
@@ -68,7 +68,7 @@ class Subject:
 
 
 def sample_facts(world: FactsWorld, n: int | None, seed: int) -> list[tuple[int, int]]:
-    facts = [(p, a) for p in range(world.n_people) for a in range(len(ATTRIBUTES))]
+    facts = [(p, a) for p in range(world.n_people) for a in range(len(world.attributes))]
     if n is None or n >= len(facts):
         return facts
     return random.Random(f"facts-sample-{seed}").sample(facts, n)
@@ -77,54 +77,75 @@ def sample_facts(world: FactsWorld, n: int | None, seed: int) -> list[tuple[int,
 # --- recall --------------------------------------------------------------------------------------
 
 def recall(subject: Subject, world: FactsWorld, facts: list[tuple[int, int]], family: str = "train") -> dict:
-    """Accuracy per attribute and overall, and the stored bits, on `facts` (all or a sample)."""
+    """Accuracy per attribute and overall, and the stored bits, on `facts` (all or a sample), each beside
+    the person-blind floor (FactsWorld.prior): the accuracy of answering every attribute's most common
+    value on the same facts, and the bits a person-blind distribution gives away. Bits above the prior
+    count only what the model knows about the person: P · max(0, H(value frequencies) − cross-entropy)."""
     queries = [world.query(p, a, family) for p, a in facts]
     encoded = [encode_query(subject.tokenizer, q) for q in queries]
-    right = {a.name: [] for a in ATTRIBUTES}
-    ce_bits = {a.name: [] for a in ATTRIBUTES}
+    prior = world.prior()
+    right = {a.name: [] for a in world.attributes}
+    blind = {a.name: [] for a in world.attributes}
+    ce_bits = {a.name: [] for a in world.attributes}
     for at in range(0, len(encoded), 64):
         chunk = encoded[at:at + 64]
         for enc, s in zip(chunk, subject.scores(chunk)):
-            name = ATTRIBUTES[enc.query.attribute].name
+            a = enc.query.attribute
+            name = world.attributes[a].name
             right[name].append(correct(s, enc.true))
+            blind[name].append(enc.query.value == prior[a]["mode"])
             ce_bits[name].append(-float(s.double().log_softmax(0)[enc.true]) / math.log(2))
-    per_attr, bits = {}, 0.0
-    for a in ATTRIBUTES:
-        if not right[a.name]:
+    per_attr, bits, above, prior_bits = {}, 0.0, 0.0, 0.0
+    for a, attr in enumerate(world.attributes):
+        if not right[attr.name]:
             continue
-        ce = float(np.mean(ce_bits[a.name]))
-        stored = world.n_people * max(0.0, math.log2(len(a.values)) - ce)
-        per_attr[a.name] = {"accuracy": float(np.mean(right[a.name])), "chance": 1 / len(a.values),
-                            "n": len(right[a.name]), "cross_entropy_bits": ce, "bits": stored}
+        ce = float(np.mean(ce_bits[attr.name]))
+        h = prior[a]["entropy_bits"]
+        stored = world.n_people * max(0.0, math.log2(len(attr.values)) - ce)
+        per_attr[attr.name] = {"accuracy": float(np.mean(right[attr.name])),
+                               "prior_accuracy": float(np.mean(blind[attr.name])), "uniform_chance": 1 / len(attr.values),
+                               "n": len(right[attr.name]), "cross_entropy_bits": ce, "prior_entropy_bits": h,
+                               "bits": stored, "bits_above_prior": world.n_people * max(0.0, h - ce)}
         bits += stored
+        above += per_attr[attr.name]["bits_above_prior"]
+        prior_bits += world.n_people * (math.log2(len(attr.values)) - h)
     everything = [r for v in right.values() for r in v]
-    capacity = sum(world.n_people * math.log2(len(a.values)) for a in ATTRIBUTES)
-    return {"family": family, "accuracy": float(np.mean(everything)), "n_facts": len(everything),
-            "facts_recalled": float(np.mean(everything)) * world.n_people * len(ATTRIBUTES),
-            "bits": bits, "bits_possible": capacity, "per_attribute": per_attr}
+    capacity = sum(world.n_people * math.log2(len(a.values)) for a in world.attributes)
+    accuracy = float(np.mean(everything)) if everything else None
+    prior_acc = float(np.mean([b for v in blind.values() for b in v])) if everything else None
+    return {"family": family, "accuracy": accuracy, "prior_accuracy": prior_acc,
+            "above_prior": None if accuracy is None else accuracy - prior_acc, "n_facts": len(everything),
+            "facts_recalled": (accuracy or 0.0) * world.n_people * len(world.attributes),
+            "bits": bits, "prior_bits": prior_bits, "bits_above_prior": above, "bits_possible": capacity,
+            "per_attribute": per_attr}
 
 
 # --- erase ---------------------------------------------------------------------------------------
 
-def attribution(subject: Subject, enc: Encoded) -> list[tuple[float, int, int]]:
-    """(score, site index, unit) for every unit with positive attribution to the true value, best first."""
-    recorders = [Attribution(s.n_units) for s in subject.sites]
-    with attached(list(zip(subject.sites, recorders))):
-        seqs = sequences(enc)
-        scores = score_sequences(subject.forward, seqs, subject.device)
-        scores.log_softmax(0)[enc.true].backward()
+def attribution(subject: Subject, encs: list[Encoded]) -> list[tuple[float, int, int]]:
+    """(score, site index, unit) for every unit with positive attribution to the true value (summed over
+    the prompts `encs`), best first."""
+    totals = [torch.zeros(s.n_units, dtype=torch.float64) for s in subject.sites]
+    for enc in encs:
+        recorders = [Attribution(s.n_units) for s in subject.sites]
+        with attached(list(zip(subject.sites, recorders))):
+            seqs = sequences(enc)
+            scores = score_sequences(subject.forward, seqs, subject.device)
+            scores.log_softmax(0)[enc.true].backward()
+        for i, rec in enumerate(recorders):
+            totals[i] += rec.per_unit()
     ranked = []
-    for i, rec in enumerate(recorders):
-        per = rec.per_unit()
+    for i, per in enumerate(totals):
         units = (per > 0).nonzero().flatten()
         ranked.extend((float(per[u]), i, int(u)) for u in units)
     ranked.sort(key=lambda t: -t[0])
     return ranked
 
 
-def as_ablation(ranked: list[tuple[float, int, int]], k: int) -> dict[int, Tensor]:
+def as_ablation(ranked: list[tuple], k: int) -> dict[int, Tensor]:
     out: dict[int, list[int]] = {}
-    for _, site, unit in ranked[:k]:
+    for item in ranked[:k]:
+        site, unit = item[-2], item[-1]
         out.setdefault(site, []).append(unit)
     return {s: torch.tensor(u) for s, u in out.items()}
 
@@ -151,10 +172,10 @@ def smallest_erasing(lost, n: int, max_units: int) -> int | None:
 
 
 def control_facts(world: FactsWorld, person: int, attribute: int, n_other: int, seed: int):
-    same = [(person, a) for a in range(len(ATTRIBUTES)) if a != attribute]
+    same = [(person, a) for a in range(len(world.attributes)) if a != attribute]
     rng = random.Random(f"facts-controls-{seed}-{person}-{attribute}")
     others = [p for p in range(world.n_people) if p != person]
-    other = [(p, rng.randrange(len(ATTRIBUTES))) for p in rng.sample(others, min(n_other, len(others)))]
+    other = [(p, rng.randrange(len(world.attributes))) for p in rng.sample(others, min(n_other, len(others)))]
     return same, other
 
 
@@ -164,6 +185,7 @@ class Controls:
     def __init__(self, subject: Subject, world: FactsWorld) -> None:
         self.subject, self.world = subject, world
         self.known: dict[tuple, bool] = {}
+        self.logp: dict[tuple, float] = {}
         self.encoded: dict[tuple, Encoded] = {}
 
     def enc(self, fact) -> Encoded:
@@ -175,6 +197,7 @@ class Controls:
         todo = [f for f in facts if f not in self.known]
         for f, s in zip(todo, self.subject.scores([self.enc(f) for f in todo]) if todo else []):
             self.known[f] = correct(s, self.enc(f).true)
+            self.logp[f] = true_logp(s, self.enc(f).true)
         return [self.known[f] for f in facts]
 
     def retained(self, facts, ablation) -> float | None:
@@ -185,36 +208,104 @@ class Controls:
         scores = self.subject.scores([self.enc(f) for f in known], ablation)
         return float(np.mean([correct(s, self.enc(f).true) for f, s in zip(known, scores)]))
 
+    def drop(self, facts, ablation) -> float | None:
+        """Mean drop in log p(true value) among the candidates over every fact (known or not): how much
+        the ablation hurts facts it was not chosen for."""
+        if not facts:
+            return None
+        self.knows(facts)
+        scores = self.subject.scores([self.enc(f) for f in facts], ablation)
+        return float(np.mean([self.logp[f] - true_logp(s, self.enc(f).true) for f, s in zip(facts, scores)]))
+
+
+def true_logp(scores: Tensor, true: int) -> float:
+    return float(scores.double().log_softmax(0)[true])
+
+
+def erase_prompts(world: FactsWorld, person: int, attribute: int) -> tuple[list, dict[str, list]]:
+    """The selection prompts (two training templates: the one recall uses and the next) and the scoring
+    prompts by family (the other training templates, the held-out family, QA where the world has it)."""
+    n_t = len(world.attributes[attribute].templates)
+    t0 = world.template_drawn(person, attribute)
+    chosen = [t0, (t0 + 1) % n_t]
+    select = [world.query(person, attribute, "train", template=t) for t in chosen]
+    score = {"train_other": [world.query(person, attribute, "train", template=t) for t in range(n_t)
+                             if t not in chosen],
+             "heldout": [world.query(person, attribute, "heldout")]}
+    if "qa" in world.families():
+        score["qa"] = [world.query(person, attribute, "qa")]
+    return select, score
+
+
+def active_on(subject: Subject, encs: list[Encoded]) -> list[tuple[int, int]]:
+    """Every (site, unit) active (> 0) somewhere on the prompts followed by their true value: the pool
+    the random-K floor draws from, so it ablates units that take part in the computation."""
+    pool: set[tuple[int, int]] = set()
+    seen: list = [None] * len(subject.sites)
+    recorders = [(s, (lambda i: (lambda act: seen.__setitem__(i, active_units(act))))(i))
+                 for i, s in enumerate(subject.sites)]
+    for enc in encs:
+        ids = torch.tensor([enc.prompt + enc.candidates[enc.true]], device=subject.device)
+        with torch.no_grad(), attached(recorders):
+            subject.forward(ids)
+        for i, (_, units) in enumerate(seen):
+            pool.update((i, int(u)) for u in units.unique().tolist())
+    return sorted(pool)
+
 
 def erase(subject: Subject, world: FactsWorld, facts: list[tuple[int, int]], max_units: int = 4096,
-          n_other: int = 20, seed: int = 0) -> dict:
-    """Per known fact: the smallest attribution-ranked unit set whose ablation loses it, and its specificity."""
+          n_other: int = 50, seed: int = 0, n_random: int = 1, stop_after: int | None = None) -> dict:
+    """Per fact known on both selection prompts: units ranked by attribution summed over the selection
+    prompts; K = the smallest top-K whose ablation loses the fact on both (lost = true value below chance
+    among the candidates). Scored where K was not chosen: lost on each scoring prompt the model knew,
+    and the mean drop in log p(true value) over n_other other people's facts and the person's other
+    attributes, all of them, known or not. Beside each, the random-K floor: K units drawn (n_random
+    times) from those active on the selection prompts. K_everywhere: the smallest top-K (same ranking)
+    that loses the fact on every prompt, selection and scoring (in-sample for K, reported as such)."""
     controls = Controls(subject, world)
+    rng = random.Random(f"facts-erase-random-{seed}")
     rows = []
     for person, attribute in facts:
-        if not controls.knows([(person, attribute)])[0]:
+        if stop_after is not None and len(rows) >= stop_after:
+            break
+        select_q, score_q = erase_prompts(world, person, attribute)
+        select = [encode_query(subject.tokenizer, q) for q in select_q]
+        if not all(correct(s, e.true) for e, s in zip(select, subject.scores(select))):
             continue
-        enc = controls.enc((person, attribute))
-        ranked = attribution(subject, enc)
+        scoring = {fam: [e for e in (encode_query(subject.tokenizer, q) for q in qs)] for fam, qs in score_q.items()}
+        known_scoring = {fam: [e for e, s in zip(encs, subject.scores(encs)) if correct(s, e.true)]
+                         for fam, encs in scoring.items()}
+        ranked = attribution(subject, select)
 
-        k = smallest_erasing(lambda k: below_chance(subject, enc, as_ablation(ranked, k)), len(ranked), max_units)
-        row = {"person": person, "attribute": ATTRIBUTES[attribute].name, "units": k,
-               "ranked": len(ranked)}
+        def lost_on(encs, ablation):
+            return [below_chance(subject, e, ablation) for e in encs]
+
+        k = smallest_erasing(lambda k: all(lost_on(select, as_ablation(ranked, k))), len(ranked), max_units)
+        row = {"person": person, "attribute": world.attributes[attribute].name, "units": k, "ranked": len(ranked),
+               "known_scoring": {f: len(e) for f, e in known_scoring.items()}}
         if k is not None:
             ablation = as_ablation(ranked, k)
             same, other = control_facts(world, person, attribute, n_other, seed)
+            row["lost"] = {f: (float(np.mean(lost_on(e, ablation))) if e else None) for f, e in known_scoring.items()}
+            row["drop_other"] = controls.drop(other, ablation)
+            row["drop_same_person"] = controls.drop(same, ablation)
             row["specificity_other"] = controls.retained(other, ablation)
-            row["specificity_same_person"] = controls.retained(same, ablation)
             row["sites"] = sorted({subject.sites[s].label for s in ablation})
             row["unit_ids"] = [[subject.sites[s].label, int(u)] for _, s, u in ranked[:k]]
-            # K was chosen on this prompt, so "lost" holds there by construction; whether the same ablation
-            # also loses the fact on prompts it was not chosen on (another training template, the held-out
-            # family; each only where the model knew it) says whether the units hold the fact or the sentence.
-            for key, query in (("lost_paraphrase", paraphrase(world, person, attribute)),
-                               ("lost_heldout", world.query(person, attribute, "heldout"))):
-                other_enc = encode_query(subject.tokenizer, query)
-                known = correct(subject.scores([other_enc])[0], other_enc.true)
-                row[key] = below_chance(subject, other_enc, ablation) if known else None
+            everywhere = select + [e for encs in known_scoring.values() for e in encs]
+            row["units_everywhere"] = smallest_erasing(lambda kk: all(lost_on(everywhere, as_ablation(ranked, kk))),
+                                                       len(ranked), max_units)
+            pool = active_on(subject, select)
+            floor = []
+            for _ in range(n_random):
+                drawn = rng.sample(pool, min(k, len(pool)))
+                rand = as_ablation(drawn, len(drawn))
+                floor.append({"lost_select": float(np.mean(lost_on(select, rand))),
+                              "lost": {f: (float(np.mean(lost_on(e, rand))) if e else None)
+                                       for f, e in known_scoring.items()},
+                              "drop_other": controls.drop(other, rand),
+                              "drop_same_person": controls.drop(same, rand)})
+            row["random_k"] = floor
         rows.append(row)
     return summarise_erase(rows, max_units)
 
@@ -227,33 +318,36 @@ def below_chance(subject: Subject, enc: Encoded, ablation: dict[int, Tensor]) ->
 
 
 def paraphrase(world: FactsWorld, person: int, attribute: int):
-    """The fact's query in the training template after the one erase and recall use (draw 0)."""
-    t = (world.template_drawn(person, attribute) + 1) % len(ATTRIBUTES[attribute].templates)
-    return world.query(person, attribute, "train", template=t)
+    """A training template erase did not select on (its first scoring prompt): where an edit is scored."""
+    return erase_prompts(world, person, attribute)[1]["train_other"][0]
+
+
+def _mean(vals) -> float | None:
+    vals = [v for v in vals if v is not None]
+    return float(np.mean(vals)) if vals else None
 
 
 def summarise_erase(rows: list[dict], max_units: int) -> dict:
     erased = [r for r in rows if r["units"] is not None]
+    families = sorted({f for r in erased for f in r.get("lost", {})})
+    floors = [fl for r in erased for fl in r.get("random_k", [])]
 
-    def median(key):
-        vals = [r[key] for r in erased if r.get(key) is not None]
-        return float(np.median(vals)) if vals else None
-
-    def share(key):  # over erased facts whose other prompt the model knew unablated
-        vals = [r[key] for r in erased if r.get(key) is not None]
-        return float(np.mean(vals)) if vals else None
-
-    # Not erased within max_units counts as more than max_units in the median over every tried fact.
+    # not erased within max_units counts as more than max_units in the median over every tried fact
     sizes = [r["units"] if r["units"] is not None else math.inf for r in rows]
     return {"n_facts": len(rows), "erased_share": len(erased) / len(rows) if rows else None,
             "median_units": float(np.median(sizes)) if rows else None,
-            "median_units_erased": median("units"), "max_units": max_units,
-            "specificity_other": median("specificity_other"),
-            "specificity_same_person": median("specificity_same_person"),
-            "mean_specificity_other": float(np.mean([r["specificity_other"] for r in erased
-                                                     if r.get("specificity_other") is not None]))
-            if erased else None,
-            "lost_paraphrase": share("lost_paraphrase"), "lost_heldout": share("lost_heldout"),
+            "median_units_erased": float(np.median([r["units"] for r in erased])) if erased else None,
+            "median_units_everywhere": (float(np.median([r.get("units_everywhere") or math.inf for r in erased]))
+                                        if erased else None),
+            "max_units": max_units,
+            "lost": {f: _mean(r["lost"].get(f) for r in erased) for f in families},
+            "lost_floor": {f: _mean(fl["lost"].get(f) for fl in floors) for f in families},
+            "lost_select_floor": _mean(fl["lost_select"] for fl in floors),
+            "drop_other": _mean(r.get("drop_other") for r in erased),
+            "drop_other_floor": _mean(fl["drop_other"] for fl in floors),
+            "drop_same_person": _mean(r.get("drop_same_person") for r in erased),
+            "drop_same_person_floor": _mean(fl["drop_same_person"] for fl in floors),
+            "specificity_other": _mean(r.get("specificity_other") for r in erased),
             "facts": rows}
 
 
@@ -266,8 +360,8 @@ def edit(subject: Subject, world: FactsWorld, erase_rows: list[dict], n: int = 3
     controls = Controls(subject, world)
     rows = []
     for row in [r for r in erase_rows if r["units"] is not None][:n]:
-        person, attribute = row["person"], [a.name for a in ATTRIBUTES].index(row["attribute"])
-        values = ATTRIBUTES[attribute].values
+        person, attribute = row["person"], [a.name for a in world.attributes].index(row["attribute"])
+        values = world.attributes[attribute].values
         rng = random.Random(f"facts-edit-{seed}-{person}-{attribute}")
         old = world.values[person][attribute]
         new = rng.choice([v for v in range(len(values)) if v != old])
@@ -368,7 +462,7 @@ def person_sentences(world: FactsWorld, tokenizer, exposure: int = 10**6):
     out = []
     for p in range(world.n_people):
         rng = random.Random(f"facts-select-{world.spec.seed}-{p}-{exposure}")
-        for a, attr in enumerate(ATTRIBUTES):
+        for a, attr in enumerate(world.attributes):
             text, spans = render(rng.choice(attr.templates), world.names[p], world.value(p, a), a, "")
             sep = list(tokenizer.boundary_ids())
             name_end = next(s.end for s in spans if s.kind == "name")

@@ -13,10 +13,13 @@ OUT_DIR = "facts"
 @dataclass
 class EvalOptions:
     facts: int | None = 1200  # facts scored for recall (None: all)
-    erase: int = 48
-    edit: int = 32
+    erase: int = 32  # facts erased (those known on both selection prompts)
+    edit: int = 16
     max_units: int = 2048
-    selectivity: bool = True
+    controls: int = 50  # other people's facts whose log p drop is the erase's specificity
+    selectivity: bool = True  # where facts live (lookup positions) and entity selectivity
+    lookup_facts: int = 600
+    quantile: float = 0.99  # a dense neuron "fires" at its own quantile of the lookup positions
     baseline: str | None = None  # None (the model's own units) | "sae" | "transcoder"
     layer: int | None = None
     latents: int = 4096
@@ -42,6 +45,7 @@ def report_name(opts: EvalOptions) -> str:
 
 def evaluate_run(run: str, opts: EvalOptions) -> dict:
     from monoroute.data.facts import FactsWorld
+    from monoroute.facts.lookup import where_facts_live
     from monoroute.facts.measure import Subject, edit, erase, recall, sample_facts, selectivity
     from monoroute.facts.sites import baseline_site, model_sites
     from monoroute.fileio import check_writable, write_json_atomic
@@ -69,18 +73,30 @@ def evaluate_run(run: str, opts: EvalOptions) -> dict:
     report = {"run": str(run), "step": loaded.step, "spec": spec.text(), "options": asdict(opts),
               "units": sites[0].kind, "sites": [s.label for s in sites], "baseline": baseline_info,
               "params": model.n_params(), "flops_per_token": model.flops_per_token()["total"]}
-    report["recall"] = recall(subject, world, facts, "train")
-    report["recall_heldout"] = recall(subject, world, facts, "heldout")
-    report["bits_per_param"] = report["recall"]["bits"] / report["params"]
-    report["bits_per_flop"] = report["recall"]["bits"] / report["flops_per_token"]
-    erase_facts = sample_facts(world, opts.erase * 3, opts.seed + 1)  # ~1/3 may not be known; erase the first known
-    erased = erase(subject, world, erase_facts, opts.max_units, seed=opts.seed) if opts.erase else None
-    if erased:
-        erased = trim(erased, opts.erase)
+    untrained, floor_of = untrained_subject(loaded, opts, world)
+    report["untrained"] = floor_of
+    for key, family in (("recall", "train"), ("recall_heldout", "heldout"), ("recall_qa", "qa")):
+        if family not in world.families():
+            continue
+        fam_facts = facts if family != "qa" else [(p, a) for p, a in facts if p not in world.qa_seen]
+        report[key] = recall(subject, world, fam_facts, family)
+        report[key]["untrained_accuracy"] = recall(untrained, world, fam_facts, family)["accuracy"]
+    report["bits_per_param"] = report["recall"]["bits_above_prior"] / report["params"]
+    report["bits_per_flop"] = report["recall"]["bits_above_prior"] / report["flops_per_token"]
+    erase_facts = sample_facts(world, opts.erase * 3, opts.seed + 1)  # some are not known; erase the first known
+    erased = erase(subject, world, erase_facts, opts.max_units, n_other=opts.controls, seed=opts.seed,
+                   stop_after=opts.erase) if opts.erase else None
     report["erase"] = erased
     report["edit"] = edit(subject, world, erased["facts"], opts.edit, seed=opts.seed) if erased and opts.edit else None
-    report["selectivity"] = selectivity(subject, world) if opts.selectivity else None
-    report["selectivity_floor"] = floor_selectivity(loaded, opts, world) if opts.selectivity else None
+    if opts.selectivity:
+        lookup_facts = sample_facts(world, opts.lookup_facts, opts.seed + 2)
+        report["lookup"] = where_facts_live(subject, world, lookup_facts, opts.quantile, seed=opts.seed)
+        report["lookup_untrained"] = where_facts_live(untrained, world, lookup_facts, opts.quantile, n_perm=1,
+                                                      seed=opts.seed)
+        report["selectivity"] = selectivity(subject, world)
+        report["selectivity_floor"] = {"of": floor_of, **strip_lists(selectivity(untrained, world))}
+    else:
+        report["lookup"] = report["lookup_untrained"] = report["selectivity"] = report["selectivity_floor"] = None
     report["seconds"] = round(time.perf_counter() - start, 1)
     report["peak_rss_mb"] = peak_rss_mb()
     write_json_atomic(out / report_name(opts), report)
@@ -108,15 +124,15 @@ def refresh_analysis_page(run: Path) -> None:
 
 
 
-def floor_selectivity(loaded, opts: EvalOptions, world) -> dict:
-    """Selectivity of the same unit set *untrained*, on the same sentences: the model's own units at the
-    run's initialisation (its config and seed), or an untrained SAE / transcoder of the same width, k and
-    seed reading the trained model. Sparse sets are person-selective by chance more often than dense ones
-    (a unit that fires 20 times can have most of them on one person), so only the excess is evidence.
-    {"of": the floor's name, then selectivity()'s per-site numbers without the unit and person lists}."""
+def untrained_subject(loaded, opts: EvalOptions, world):
+    """The same unit set *untrained*: the model's own units at the run's initialisation (its config and
+    seed), or an untrained SAE / transcoder of the same width, k and seed spliced into the trained model.
+    Every reading is also taken on it (recall, where facts live, selectivity): sparse sets look
+    person-selective by chance more often than dense ones, so only the excess over this floor is evidence.
+    Returns (Subject, its name)."""
     import torch
 
-    from monoroute.facts.measure import Subject, selectivity
+    from monoroute.facts.measure import Subject
     from monoroute.facts.sites import baseline_site, model_sites
 
     model, cfg = loaded.model, loaded.config
@@ -131,19 +147,19 @@ def floor_selectivity(loaded, opts: EvalOptions, world) -> dict:
                               device=opts.device)
         else:
             init = B.init_transcoder(model, layer, opts.latents, opts.latent_k, opts.seed, opts.device)
-        subject, of = Subject(model, loaded.tokenizer, [baseline_site(model, init)]), f"{opts.baseline}_init"
-    else:
-        from monoroute.models import GPT
+        return Subject(model, loaded.tokenizer, [baseline_site(model, init)]), f"{opts.baseline}_init"
+    from monoroute.models import GPT
 
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.train.seed)  # the trainer builds the model right after this seed
-            untrained = GPT(cfg.model).to(next(model.parameters()).device).eval()
-        untrained.requires_grad_(False)
-        subject, of = Subject(untrained, loaded.tokenizer, model_sites(untrained)), "random_init"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)  # the trainer builds the model right after this seed
+        untrained = GPT(cfg.model).to(next(model.parameters()).device).eval()
+    untrained.requires_grad_(False)
+    return Subject(untrained, loaded.tokenizer, model_sites(untrained)), "random_init"
+
+
+def strip_lists(selectivity: dict) -> dict:
     lists = ("unit_people", "person_best_unit")
-    per_site = {name: {k: v for k, v in site.items() if k not in lists}
-                for name, site in selectivity(subject, world).items()}
-    return {"of": of, **per_site}
+    return {name: {k: v for k, v in site.items() if k not in lists} for name, site in selectivity.items()}
 
 
 def baseline_layer(cfg, opts: EvalOptions) -> int:
@@ -155,26 +171,18 @@ def baseline_layer(cfg, opts: EvalOptions) -> int:
 
 def check_context(world, tokenizer, block_size: int, run: str) -> None:
     """Every query with its longest candidate must fit the model's context (one clear line if not)."""
-    from monoroute.data.facts import ATTRIBUTES
     from monoroute.facts.score import encode_query
 
     longest = 0
     for p in range(world.n_people):
-        for a in range(len(ATTRIBUTES)):
-            for family in ("train", "heldout"):
-                for t in range(len(ATTRIBUTES[a].templates)) if family == "train" else [None]:
+        for a in range(len(world.attributes)):
+            for family in world.families():
+                for t in range(len(world.attributes[a].templates)) if family == "train" else [None]:
                     enc = encode_query(tokenizer, world.query(p, a, family, template=t))
                     longest = max(longest, len(enc.prompt) + max(map(len, enc.candidates)))
     if longest - 1 > block_size:
         raise MonorouteError(f"{run}'s context is {block_size} tokens but the longest fact query needs {longest - 1}; "
                              f"train it with --block-size {longest} or more")
-
-
-def trim(erased: dict, n: int) -> dict:
-    """The erase summary recomputed over the first n tried facts."""
-    from monoroute.facts.measure import summarise_erase
-
-    return summarise_erase(erased["facts"][:n], erased["max_units"])
 
 
 def train_baseline(loaded, opts: EvalOptions):

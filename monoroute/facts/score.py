@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from monoroute.data.facts import ATTRIBUTES, FactsWorld, Query
+from monoroute.data.facts import FactsWorld, Query
 
 BATCH_SEQUENCES = 256  # sequences per forward pass
 
@@ -30,7 +30,7 @@ class Encoded:
 
 def encode_query(tokenizer, query: Query) -> Encoded:
     prompt = list(tokenizer.boundary_ids()) + tokenizer.encode(query.prefix)
-    values = ATTRIBUTES[query.attribute].values
+    values = query.values
     candidates = [tokenizer.encode(v + ".") for v in values]
     return Encoded(query, prompt, candidates, values.index(query.value))
 
@@ -77,4 +77,4 @@ def correct(scores: Tensor, true: int) -> bool:
 
 
 def all_queries(world: FactsWorld, family: str, draw: int = 0) -> list[Query]:
-    return [world.query(p, a, family, draw) for p in range(world.n_people) for a in range(len(ATTRIBUTES))]
+    return [world.query(p, a, family, draw) for p in range(world.n_people) for a in range(len(world.attributes))]

@@ -188,8 +188,10 @@ def facts_view(store) -> dict:
         units = [{"site": label, "layer": int(label.rsplit(".L", 1)[1]), "unit": u,
                   "page": label.endswith(f".L{store.layer}") and label.startswith(own["units"])}
                  for label, u in row.get("unit_ids", [])]
-        facts.append({k: row.get(k) for k in ("person", "attribute", "units", "specificity_other",
-                                              "specificity_same_person")} | {"unit_list": units})
+        floor = (row.get("random_k") or [{}])[0]
+        facts.append({k: row.get(k) for k in ("person", "attribute", "units", "units_everywhere", "drop_other",
+                                              "lost")} | {"unit_list": units, "drop_other_floor": floor.get("drop_other"),
+                                                          "lost_floor": floor.get("lost")})
     site = f"{own['units']}.L{store.layer}"
     people = ((own.get("selectivity") or {}).get(site) or {}).get("unit_people", {})
     return _json({"run": store.name, "layer": store.layer, "set": store.own_set, "rows": facts_rows(reports),

@@ -370,20 +370,27 @@ async function viewFacts(r) {
   const f = await api(`/api/runs/${r}/facts`);
   const unitLink = x => x.page ? `<a class="fact-unit" href="${unitHref(r, f.set, x.unit)}">L${x.layer}:${x.unit}</a>`
                                : `<span class="muted">${esc(x.site)}:${x.unit}</span>`;
-  const heads = f.rows.map(h => `<tr><td>${esc(h.units)}</td><td>${fmt(h.recall)}</td><td>${fmt(h.recall_heldout)}</td>
-      <td>${fmt(h.erase_median_units, 1)}</td><td>${fmt(h.erase_specificity_other)}</td><td>${fmt(h.edit_success)}</td>
-      <td>${fmt(h.top_person_share)} <span class="floor">(${fmt(h.top_person_share_floor)})</span></td>
-      <td>${fmt(h.dedicated_people)} <span class="floor">(${fmt(h.dedicated_people_floor)})</span></td></tr>`).join("");
+  const fl = (v, floor, d) => `${fmt(v, d)} <span class="floor">(${fmt(floor, d)})</span>`;
+  const heads = f.rows.map(h => `<tr><td>${esc(h.units)}</td><td>${fl(h.recall, h.recall_prior)}</td>
+      <td>${fmt(h.recall_heldout)}</td><td>${fmt(h.recall_qa)}</td>
+      <td>${fmt(h.erase_median_units, 1)}</td><td>${fl(h.erase_lost_train_other, h.erase_lost_train_other_floor)}</td>
+      <td>${fl(h.erase_drop_other, h.erase_drop_other_floor)}</td><td>${fmt(h.edit_success)}</td>
+      <td>${fl(h.dedicated_facts, h.dedicated_facts_floor)}</td><td>${fl(h.route_margin, h.route_margin_floor)}</td>
+      <td>${fl(h.top_person_share, h.top_person_share_floor)}</td></tr>`).join("");
+  const lostOf = (x, key) => x[key] ? fmt(x[key].train_other) : "–";
   const facts = f.facts.map(x => `<tr class="fact-row"><td>${esc(String(x.person))}</td><td>${esc(x.attribute)}</td>
-      <td>${x.units === null ? "not erased" : x.units}</td><td>${fmt(x.specificity_other)}</td>
+      <td>${x.units === null ? "not erased" : x.units}</td><td>${lostOf(x, "lost")} <span class="floor">(${lostOf(x, "lost_floor")})</span></td>
+      <td>${fl(x.drop_other, x.drop_other_floor)}</td>
       <td>${x.unit_list.map(unitLink).join(" ")}</td></tr>`).join("");
   const people = Object.entries(f.unit_people).slice(0, 200).map(([u, ps]) =>
       `<tr><td><a href="${unitHref(r, f.set, +u)}">${u}</a></td><td>${ps.map(p => `${esc(p[0])} (${p[1]}/${p[2]})`).join(", ")}</td></tr>`).join("");
   $main.innerHTML = `<h2>Facts: ${esc(runName(r))}</h2>
-    <table id="facts-summary"><tr><th>units</th><th>recall</th><th>held-out</th><th>erase units</th><th>erase spec.</th>
-      <th>edit ok</th><th>top-person share (floor)</th><th>dedicated (floor)</th></tr>${heads}</table>
-    <h2>Erased facts and their units</h2><table id="facts-table"><tr><th>person</th><th>attribute</th><th>units</th>
-      <th>specificity</th><th>units zeroed</th></tr>${facts}</table>
+    <table id="facts-summary"><tr><th>units</th><th>recall (person-blind)</th><th>held-out</th><th>QA unseen</th>
+      <th>erase K</th><th>lost on other templates (random K)</th><th>drop other facts (random K)</th><th>edit ok</th>
+      <th>dedicated facts (perm.)</th><th>route margin (perm.)</th><th>top-person share (untrained)</th></tr>${heads}</table>
+    <p class="muted">K chosen on two training templates; lost and drop scored where K was not chosen (docs/facts.md).</p>
+    <h2>Erased facts and their units</h2><table id="facts-table"><tr><th>person</th><th>attribute</th><th>K</th>
+      <th>lost, other templates (random K)</th><th>drop, other facts (random K)</th><th>units zeroed</th></tr>${facts}</table>
     <h2>Units of layer ${f.layer} and their people</h2><table id="unit-people"><tr><th>unit</th><th>top people (firings / all)</th></tr>${people}</table>`;
 }
 
