@@ -553,3 +553,20 @@ def test_scheme_zero_keeps_its_spec_and_world():
     for bad, message in (("scheme=2", "scheme must be 0"), ("scheme=1,middle=1", "drop middle")):
         with pytest.raises(MonorouteError, match=message):
             FactsSpec.parse(bad)
+
+
+def test_bpe_queries_tokenise_as_the_training_sentence():
+    from monoroute.data.tokenizers import BPETokenizer, ByteTokenizer
+
+    world = FactsWorld(FactsSpec.parse("people=6,exposures=3,scheme=1"))
+    texts = [t for _, t in world.documents(0.0)]
+    bpe = BPETokenizer.train(texts, 600)
+    for p, a in ((0, 2), (3, 5), (5, 1)):
+        q = world.query(p, a, "train", template=1)
+        enc = encode_query(bpe, q)
+        sentence = bpe.encode(q.prefix + q.value + ".")
+        assert enc.prompt[1:] + enc.candidates[enc.true] == sentence  # after the EOT boundary
+        assert all(bpe.decode(c).startswith(" ") for c in enc.candidates)
+    # bytes: the prompt keeps its space; prompt + candidate is the sentence's bytes either way
+    enc = encode_query(ByteTokenizer(), world.query(0, 2))
+    assert bytes(enc.prompt[2:]).decode().endswith(" ") and bytes(enc.candidates[enc.true]).decode()[0] != " "

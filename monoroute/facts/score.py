@@ -29,9 +29,15 @@ class Encoded:
 
 
 def encode_query(tokenizer, query: Query) -> Encoded:
-    prompt = list(tokenizer.boundary_ids()) + tokenizer.encode(query.prefix)
+    """At byte level the prompt ends with the space before the value. A BPE (GPT-2 style) joins that space
+    to the next word (" Paris"), so there the space moves into every candidate: prompt + candidate is
+    then tokenised as the sentence is in training, and the common space changes no comparison."""
+    prefix, lead = query.prefix, ""
+    if getattr(tokenizer, "kind", "byte") != "byte" and prefix.endswith(" "):
+        prefix, lead = prefix[:-1], " "
+    prompt = list(tokenizer.boundary_ids()) + tokenizer.encode(prefix)
     values = query.values
-    candidates = [tokenizer.encode(v + ".") for v in values]
+    candidates = [tokenizer.encode(lead + v + ".") for v in values]
     return Encoded(query, prompt, candidates, values.index(query.value))
 
 
