@@ -107,3 +107,63 @@ def test_bench_train_set_reaches_the_routed_variants_only(capsys):
     routers = {name: v["router"] for name, v in result["variants"].items()}
     assert routers == {"dense": "product_key", "routed": "cluster", "routed_sparse_rows": "cluster"}
     assert result["routed_settings"] == {"router": "cluster"}
+
+
+# --- bench train --profile: the split of one step --------------------------------------------------------
+
+class _Range:
+    def __init__(self, start, end):
+        self.start, self.end = start, end
+
+    def elapsed_us(self):
+        return self.end - self.start
+
+
+class _Ev:
+    def __init__(self, name, start, end, parent=None, seq=-1):
+        self.name, self.time_range, self.cpu_parent, self.sequence_nr = name, _Range(start, end), parent, seq
+
+
+def test_profile_split_by_hand():
+    from monoroute.bench.profile import split_events
+
+    events = []
+    for s in (0, 1000):  # two steps of 1000 us; only the last is measured
+        step = _Ev("monoroute::step", s, s + 1000)
+        data = _Ev("monoroute::data", s, s + 50, step)
+        fwd = _Ev("monoroute::forward", s + 50, s + 450, step)
+        router = _Ev("monoroute::router", s + 100, s + 200, fwd)
+        topk = _Ev("aten::topk", s + 110, s + 190, router, seq=10 + s)
+        units = _Ev("monoroute::units", s + 200, s + 300, fwd)
+        fn = _Ev("UnitFFN", s + 210, s + 290, units, seq=11 + s)
+        inner = _Ev("aten::mm", s + 220, s + 280, fn, seq=12 + s)  # a nested op's own node: the outer scope too
+        lin = _Ev("aten::linear", s + 300, s + 400, fwd, seq=13 + s)  # trunk
+        bwd = _Ev("monoroute::backward", s + 450, s + 850, step)
+        b_units = _Ev("autograd::engine::evaluate_function: UnitFFNBackward", s + 450, s + 650, bwd, seq=11 + s)
+        b_mm = _Ev("autograd::engine::evaluate_function: MmBackward0", s + 650, s + 700, bwd, seq=12 + s)
+        b_topk = _Ev("autograd::engine::evaluate_function: TopkBackward0", s + 700, s + 720, bwd, seq=10 + s)
+        b_lin = _Ev("autograd::engine::evaluate_function: AddmmBackward0", s + 720, s + 850, bwd, seq=13 + s)
+        opt = _Ev("monoroute::optimizer", s + 850, s + 950, step)
+        events += [step, data, fwd, router, topk, units, fn, inner, lin, bwd, b_units, b_mm, b_topk, b_lin, opt]
+    out = split_events(events, 1)
+    ms = {k: round(v * 1000) for k, v in out["ms"].items()}  # us per step
+    assert ms["router"] == 100 + 20  # forward scope + the top-k's backward
+    assert ms["units"] == 100 + 200 + 50  # forward + the function's and its nested op's backward
+    assert ms["trunk"] == (400 - 200) + (400 - 270)  # forward and backward outside the layer scopes
+    assert (ms["data"], ms["optimizer"], ms["aux"]) == (50, 100, 0)
+    assert ms["other"] == 1000 - 120 - 350 - 330 - 50 - 100  # the window's remainder
+    assert out["step_ms"] == pytest.approx(1.0) and sum(out["share"].values()) == pytest.approx(1.0)
+    with pytest.raises(Exception, match="fewer than the 3"):
+        split_events(events, 3)
+
+
+def test_bench_train_profile_splits_routed_and_dense(capsys):
+    assert main(["train", "--preset", "tiny", "--steps", "4", "--profile", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    dense, routed = result["variants"]["dense"], result["variants"]["routed"]
+    for c in ("router", "units", "aux"):
+        assert dense["ms"][c] == 0.0 and routed["ms"][c] > 0.0
+    # backward nodes are charged to the layer scope that created them
+    assert routed["backward_ms"]["units"] > 0.0 and dense["ms"]["trunk"] > 0.0
+    assert sum(routed["ms"].values()) == pytest.approx(routed["step_ms"], rel=1e-6)
+    assert result["routed_vs_dense_step_time"] == pytest.approx(routed["step_ms"] / dense["step_ms"])

@@ -56,13 +56,19 @@ def run_layer(args) -> int:
 
 
 def run_train(args) -> int:
-    from monoroute.bench.train import format_table, run_train_bench
-
     from monoroute.cli import parse_set
 
     routed = dict(parse_set(item) for item in args.set)  # routed variants only, e.g. router=cluster
-    with contextlib.redirect_stdout(sys.stderr):  # the trainer's own prints must not mix into --json
-        result = run_train_bench(args.preset, args.steps, args.device, log=_stderr, routed=routed)
+    if args.profile:
+        from monoroute.bench.profile import format_table, run_profile
+
+        with contextlib.redirect_stdout(sys.stderr):
+            result = run_profile(args.preset, args.steps, args.device, log=_stderr, routed=routed)
+    else:
+        from monoroute.bench.train import format_table, run_train_bench
+
+        with contextlib.redirect_stdout(sys.stderr):  # the trainer's own prints must not mix into --json
+            result = run_train_bench(args.preset, args.steps, args.device, log=_stderr, routed=routed)
     _emit(result, format_table(result), args.json)
     return 0
 
@@ -131,6 +137,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a model setting for the routed variants (e.g. router=cluster); dense is the preset's")
+    p.add_argument("--profile", action="store_true",
+                   help="split one step of dense 4·d and the routed design into router, units, aux losses, trunk, "
+                        "optimizer, stats, logging, data (ms and share; profiler on)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_train)
 

@@ -41,12 +41,15 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from monoroute.errors import MonorouteError
 from monoroute.hooks import HookPoint, SparseActivations
 from monoroute.layers.compute import (ACTIVATIONS, available_impls, compose_unit_ffn, impl_primitives, resolve_impl,
                                      unit_ffn)
 from monoroute.layers.routing import Routing, build_router
+
+SCOPE_ROUTER, SCOPE_UNITS, SCOPE_AUX = "monoroute::router", "monoroute::units", "monoroute::aux"
 
 GATES = ("sigmoid", "none")
 # How the router's choice is made to agree with the unit's firing (see `agreement_loss` and
@@ -188,10 +191,26 @@ class RoutedFFN(nn.Module):
         # router_detach: the router and the router-only losses read a copy of the input without
         # gradient, so they train the router (and the revived units' rows), never the trunk below.
         xr = xt.detach() if self.router_detach else xt
-        routing = self.router(xr, self.w_in, self.b_in)  # (T, k) ids and scores
+        with record_function(SCOPE_ROUTER):  # named scopes: `monoroute bench train --profile` splits a step by them
+            routing = self.router(xr, self.w_in, self.b_in)  # (T, k) ids and scores
         idx = routing.indices
         gate_logits = routing.scores if self.gate == "sigmoid" else None
         offset = routing.pre_offset  # (T, k) a factored router's share of the pre-activation, or None
+        with record_function(SCOPE_UNITS):
+            y, h, acts = self.unit_compute(xt, idx, gate_logits, offset, lead)
+        self.last_activations = acts.detach()
+        with record_function(SCOPE_AUX):
+            if self.training:
+                self.record_firing(idx, h)
+                self.aux_loss = self.auxiliary_loss(xt, routing, h, xr)
+            else:
+                self.aux_loss = None
+        if self.b_out is not None:
+            y = y + self.b_out
+        return y.view(*lead, self.d_model)
+
+    def unit_compute(self, xt: Tensor, idx: Tensor, gate_logits, offset, lead) -> tuple[Tensor, Tensor, SparseActivations]:
+        """The selected units' output (T, d), their activations h (T, k) and the hooked activations."""
         if offset is None and not (self.hook_pre.active or self.hook_post.active):
             # No hook needs to see or change pre/h: the impl's fused op where it has one, whose
             # backward sorts idx once for both tables.
@@ -212,15 +231,7 @@ class RoutedFFN(nn.Module):
             primitives = impl_primitives(resolve_impl(self.impl, xt.device), self.sparse_grad)
             y, _, h, acts = compose_unit_ffn(*primitives, xt, self.w_in, self.b_in, idx, gate_logits, self.w_out,
                                              self.activation, pre_hook, post_hook)  # (T, d), _, (T, k), hooked
-        self.last_activations = acts.detach()
-        if self.training:
-            self.record_firing(idx, h)
-            self.aux_loss = self.auxiliary_loss(xt, routing, h, xr)
-        else:
-            self.aux_loss = None
-        if self.b_out is not None:
-            y = y + self.b_out
-        return y.view(*lead, self.d_model)
+        return y, h, acts
 
     def set_k(self, k: int) -> None:
         """Change the cap k in place (the k schedule of train/config.py shrinks it during training).

@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict,
 )
 from torch.nn.parallel import DistributedDataParallel
+from torch.profiler import record_function
 from tqdm import tqdm
 
 from monoroute.data import load_tokenizer, prepare_data
@@ -575,6 +576,11 @@ def collect_diagnostics(model: GPT) -> dict:
     return {"diagnostics": per_layer, **means}
 
 
+SCOPE_STEP, SCOPE_DATA, SCOPE_FORWARD, SCOPE_BACKWARD = ("monoroute::step", "monoroute::data", "monoroute::forward",
+                                                     "monoroute::backward")
+SCOPE_STATS, SCOPE_OPTIMIZER, SCOPE_LOGGING = "monoroute::stats", "monoroute::optimizer", "monoroute::logging"
+
+
 def _loop(cfg, info, model, net, optimizer, store, device, metrics, progress, stop, show_progress, fsdp,
           teacher=None) -> dict:
     tc, out = cfg.train, Path(cfg.out)
@@ -595,47 +601,59 @@ def _loop(cfg, info, model, net, optimizer, store, device, metrics, progress, st
             group["lr"] = group_lr(lr, group, step)
         loss_sum = aux_sum = kl_sum = 0.0
         logs = will_log(step + 1, stop, tc)
+        step_scope = record_function(SCOPE_STEP)  # named scopes: `monoroute bench train --profile` splits by them
+        step_scope.__enter__()
         for micro in range(tc.grad_accum):
             if logs and micro == tc.grad_accum - 1:
                 request_diagnostics(model)
-            x, y = store.batch(step * tc.grad_accum + micro, tc.batch_size, cfg.model.block_size, data_seed(tc),
-                               info.rank, info.world)
-            x, y = x.to(device), y.to(device)
+            with record_function(SCOPE_DATA):
+                x, y = store.batch(step * tc.grad_accum + micro, tc.batch_size, cfg.model.block_size, data_seed(tc),
+                                   info.rank, info.world)
+                x, y = x.to(device), y.to(device)
             # DDP skips the all-reduce on all but the last micro-batch; FSDP2 reduce-scatters every one.
             sync = micro == tc.grad_accum - 1 or info.world == 1 or fsdp
             with (contextlib.nullcontext() if sync else net.no_sync()), autocast_for(device, tc.dtype):
-                logits, loss = net(x, y)
-                aux = model.aux_loss()
-                total = loss + aux
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits = teacher(x)[0]
-                    kl = distill_kl(logits, teacher_logits, tc.kl_temperature)
-                    total = total + tc.kl_coef * kl
-                    kl_sum += kl.item()
-                (total / tc.grad_accum).backward()
-            routed.update()
-            loss_sum += loss.item()
-            aux_sum += aux.item()
+                with record_function(SCOPE_FORWARD):
+                    logits, loss = net(x, y)
+                    aux = model.aux_loss()
+                    total = loss + aux
+                    if teacher is not None:
+                        with torch.no_grad():
+                            teacher_logits = teacher(x)[0]
+                        kl = distill_kl(logits, teacher_logits, tc.kl_temperature)
+                        total = total + tc.kl_coef * kl
+                        kl_sum += kl.item()
+                with record_function(SCOPE_BACKWARD):
+                    (total / tc.grad_accum).backward()
+            with record_function(SCOPE_STATS):
+                routed.update()
+                loss_sum += loss.item()
+                aux_sum += aux.item()
         train_loss = loss_sum / tc.grad_accum
         if D.any_across_ranks(not math.isfinite(train_loss), info):
             what = f"training loss became {train_loss}" if not math.isfinite(train_loss) else \
                 "training loss became non-finite on another rank"
             raise stopped(out, what, step + 1, last_saved)
-        grad_norm, table_norm = clip_grads(model, tc.grad_clip, tc.table_grad_clip)
+        with record_function(SCOPE_OPTIMIZER):
+            grad_norm, table_norm = clip_grads(model, tc.grad_clip, tc.table_grad_clip)
         if tc.grad_clip > 0 and D.any_across_ranks(not math.isfinite(grad_norm), info):
             raise stopped(out, f"gradient norm became {grad_norm}", step + 1, last_saved)
         if table_norm is not None and D.any_across_ranks(not math.isfinite(table_norm), info):
             raise stopped(out, f"the unit tables' gradient norm became {table_norm}", step + 1, last_saved)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        firing()
+        with record_function(SCOPE_OPTIMIZER):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        with record_function(SCOPE_STATS):
+            firing()
+        step_scope.__exit__(None, None, None)
         step += 1
         tokens += tokens_per_step
         window_tokens += tokens_per_step
         bar.update(1)
         is_last = step == stop
         if logs:
+            log_scope = record_function(SCOPE_LOGGING)
+            log_scope.__enter__()
             elapsed = time.perf_counter() - window_start
             record = {"step": step, "tokens": tokens, "train_loss": D.mean_across_ranks(train_loss, info),
                       "aux_loss": aux_sum / tc.grad_accum, "lr": lr, "grad_norm": grad_norm,
@@ -663,6 +681,7 @@ def _loop(cfg, info, model, net, optimizer, store, device, metrics, progress, st
             if "live_slot_fraction" in record:
                 postfix["live"] = f"{record['live_slot_fraction']:.3f}"
             bar.set_postfix(postfix)
+            log_scope.__exit__(None, None, None)
             window_start, window_tokens = time.perf_counter(), 0
         if step % tc.ckpt_every == 0 or is_last:
             to_save, optimizer_state = checkpoint_payload(cfg, model, optimizer, fsdp)
