@@ -289,6 +289,11 @@ def test_smallest_erasing_search():
     assert measure.smallest_erasing(lost_from(101), 100, 1000) is None  # never lost within the ranked units
     assert measure.smallest_erasing(lost_from(50), 100, 40) is None  # nor within max_units
     assert measure.smallest_erasing(lost_from(1), 0, 10) is None
+    # a known lower bound (K everywhere >= K on the selection prompts) starts the search there
+    calls.clear()
+    assert measure.smallest_erasing(lost_from(37), 100, 1000, start=30) == 37 and min(calls) >= 30
+    assert measure.smallest_erasing(lost_from(5), 100, 1000, start=5) == 5
+    assert measure.smallest_erasing(lost_from(5), 10, 1000, start=11) is None
 
 
 # --- selectivity on hand-built counts --------------------------------------------------------------------

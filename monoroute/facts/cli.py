@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
     e.add_argument("--facts", type=int, default=1200, help="facts scored for recall (default 1200; 0 = all)")
     e.add_argument("--erase", type=int, default=32,
                    help="facts to erase: chosen on two training templates, scored on the rest (default 32)")
-    e.add_argument("--edit", type=int, default=16, help="erased facts to edit (default 16)")
+    e.add_argument("--edit", type=int, default=8, help="erased facts to edit (default 8)")
     e.add_argument("--max-units", type=int, default=2048, help="largest erase set tried (default 2048)")
     e.add_argument("--controls", type=int, default=50,
                    help="other people's facts in erase's specificity (mean log p drop; default 50)")

@@ -150,13 +150,14 @@ def as_ablation(ranked: list[tuple], k: int) -> dict[int, Tensor]:
     return {s: torch.tensor(u) for s, u in out.items()}
 
 
-def smallest_erasing(lost, n: int, max_units: int) -> int | None:
-    """The smallest K in 1..min(n, max_units) with lost(K) true, by doubling then bisection (assumes
-    that losing is monotone in K, as ablating more of the ranked units does); None if lost(top) is false."""
+def smallest_erasing(lost, n: int, max_units: int, start: int = 1) -> int | None:
+    """The smallest K in start..min(n, max_units) with lost(K) true, by doubling then bisection (assumes
+    that losing is monotone in K, as ablating more of the ranked units does, and that lost(start - 1) is
+    false); None if lost(top) is false."""
     top = min(n, max_units)
-    if top == 0:
+    if top == 0 or start > top:
         return None
-    k, prev = 1, 0
+    k, prev = start, start - 1
     while not lost(k):
         if k == top:
             return None
@@ -185,7 +186,7 @@ class Controls:
     def __init__(self, subject: Subject, world: FactsWorld) -> None:
         self.subject, self.world = subject, world
         self.known: dict[tuple, bool] = {}
-        self.logp: dict[tuple, float] = {}
+        self.value_logp: dict[tuple, float] = {}  # log p(true value | prompt), unablated
         self.encoded: dict[tuple, Encoded] = {}
 
     def enc(self, fact) -> Encoded:
@@ -197,7 +198,6 @@ class Controls:
         todo = [f for f in facts if f not in self.known]
         for f, s in zip(todo, self.subject.scores([self.enc(f) for f in todo]) if todo else []):
             self.known[f] = correct(s, self.enc(f).true)
-            self.logp[f] = true_logp(s, self.enc(f).true)
         return [self.known[f] for f in facts]
 
     def retained(self, facts, ablation) -> float | None:
@@ -209,17 +209,24 @@ class Controls:
         return float(np.mean([correct(s, self.enc(f).true) for f, s in zip(known, scores)]))
 
     def drop(self, facts, ablation) -> float | None:
-        """Mean drop in log p(true value) among the candidates over every fact (known or not): how much
-        the ablation hurts facts it was not chosen for."""
+        """Mean drop in log p(true value | prompt) over every fact (known or not): how much the ablation
+        hurts facts it was not chosen for. One sequence per fact (prompt + true value), not the multiple
+        choice: 50 controls cost 50 sequences, not 50 x V."""
         if not facts:
             return None
-        self.knows(facts)
-        scores = self.subject.scores([self.enc(f) for f in facts], ablation)
-        return float(np.mean([self.logp[f] - true_logp(s, self.enc(f).true) for f, s in zip(facts, scores)]))
+        todo = [f for f in facts if f not in self.value_logp]
+        if todo:
+            for f, lp in zip(todo, self.true_value_logp(todo, None)):
+                self.value_logp[f] = lp
+        after = self.true_value_logp(facts, ablation)
+        return float(np.mean([self.value_logp[f] - lp for f, lp in zip(facts, after)]))
 
-
-def true_logp(scores: Tensor, true: int) -> float:
-    return float(scores.double().log_softmax(0)[true])
+    def true_value_logp(self, facts, ablation) -> list[float]:
+        fns = [(self.subject.sites[i], (lambda u: (lambda act: ablate(act, u)))(units))
+               for i, units in (ablation or {}).items() if len(units)]
+        seqs = [(self.enc(f).prompt + self.enc(f).candidates[self.enc(f).true], len(self.enc(f).prompt)) for f in facts]
+        with torch.no_grad(), attached(fns):
+            return score_sequences(self.subject.forward, seqs, self.subject.device).double().tolist()
 
 
 def erase_prompts(world: FactsWorld, person: int, attribute: int) -> tuple[list, dict[str, list]]:
@@ -259,7 +266,7 @@ def erase(subject: Subject, world: FactsWorld, facts: list[tuple[int, int]], max
     prompts; K = the smallest top-K whose ablation loses the fact on both (lost = true value below chance
     among the candidates). Scored where K was not chosen: lost on each scoring prompt the model knew,
     and the mean drop in log p(true value) over n_other other people's facts and the person's other
-    attributes, all of them, known or not. Beside each, the random-K floor: K units drawn (n_random
+    attributes, all of them, known or not (log p of the value after its prompt). Beside each, the random-K floor: K units drawn (n_random
     times) from those active on the selection prompts. K_everywhere: the smallest top-K (same ranking)
     that loses the fact on every prompt, selection and scoring (in-sample for K, reported as such)."""
     controls = Controls(subject, world)
@@ -293,8 +300,9 @@ def erase(subject: Subject, world: FactsWorld, facts: list[tuple[int, int]], max
             row["sites"] = sorted({subject.sites[s].label for s in ablation})
             row["unit_ids"] = [[subject.sites[s].label, int(u)] for _, s, u in ranked[:k]]
             everywhere = select + [e for encs in known_scoring.values() for e in encs]
+            # it includes the selection prompts, so it is at least K: the search starts there
             row["units_everywhere"] = smallest_erasing(lambda kk: all(lost_on(everywhere, as_ablation(ranked, kk))),
-                                                       len(ranked), max_units)
+                                                       len(ranked), max_units, start=k)
             pool = active_on(subject, select)
             floor = []
             for _ in range(n_random):

@@ -14,7 +14,7 @@ OUT_DIR = "facts"
 class EvalOptions:
     facts: int | None = 1200  # facts scored for recall (None: all)
     erase: int = 32  # facts erased (those known on both selection prompts)
-    edit: int = 16
+    edit: int = 8
     max_units: int = 2048
     controls: int = 50  # other people's facts whose log p drop is the erase's specificity
     selectivity: bool = True  # where facts live (lookup positions) and entity selectivity
@@ -80,7 +80,7 @@ def evaluate_run(run: str, opts: EvalOptions) -> dict:
             continue
         fam_facts = facts if family != "qa" else [(p, a) for p, a in facts if p not in world.qa_seen]
         report[key] = recall(subject, world, fam_facts, family)
-        report[key]["untrained_accuracy"] = recall(untrained, world, fam_facts, family)["accuracy"]
+    report["recall"]["untrained_accuracy"] = recall(untrained, world, facts, "train")["accuracy"]
     report["bits_per_param"] = report["recall"]["bits_above_prior"] / report["params"]
     report["bits_per_flop"] = report["recall"]["bits_above_prior"] / report["flops_per_token"]
     erase_facts = sample_facts(world, opts.erase * 3, opts.seed + 1)  # some are not known; erase the first known
