@@ -167,3 +167,17 @@ def test_bench_train_profile_splits_routed_and_dense(capsys):
     assert routed["backward_ms"]["units"] > 0.0 and dense["ms"]["trunk"] > 0.0
     assert sum(routed["ms"].values()) == pytest.approx(routed["step_ms"], rel=1e-6)
     assert result["routed_vs_dense_step_time"] == pytest.approx(routed["step_ms"] / dense["step_ms"])
+
+
+def test_bench_generate_times_routed_and_dense_with_a_kv_cache(capsys):
+    assert main(["generate", "--preset", "tiny", "--batch", "1,2", "--prompt", "4", "--new", "6", "--repeats", "1",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for name in ("dense", "routed"):
+        rows = result["variants"][name]["batches"]
+        assert set(rows) == {"1", "2"} and all(r["tokens_per_s"] > 0 for r in rows.values())
+        # the cache holds keys and values of every layer for prompt + new tokens
+        assert rows["2"]["kv_cache_bytes"] == 2 * rows["1"]["kv_cache_bytes"] > 0
+    assert set(result["routed_vs_dense_tokens_per_s"]) == {"1", "2"}
+    assert main(["generate", "--preset", "tiny", "--prompt", "60", "--new", "10"]) == 2
+    assert "exceeds the preset's context" in capsys.readouterr().err

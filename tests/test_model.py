@@ -159,3 +159,31 @@ def test_hybrid_block_adds_a_slim_dense_ffn_beside_the_routed_layer():
     torch.testing.assert_close(cache2["blocks.1.hook_mlp_out"], block.mlp(h) + block.mlp_dense.down.bias)
     with pytest.raises(MonorouteError, match="dense_beside"):
         model_for(ffn="routed", dense_beside=-1)
+
+
+@pytest.mark.parametrize("ffn", ["dense", "routed", "dense,routed"])
+def test_kv_cache_decoding_equals_the_full_forward(ffn):
+    """Incremental decoding with a KV cache gives the full forward's logits (float64), prefill of
+    several tokens onto a cache included, and greedy generation the same tokens with or without it,
+    also past the context (where the cache gives way to the sliding window)."""
+    from monoroute.models.gpt import KVCache, generate
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=256, n_layer=2, n_head=2, d_model=32, block_size=24, ffn=ffn, n_units=256, k=8,
+                    d_ff=64)
+    model = GPT(cfg).double().eval()
+    idx = torch.randint(0, 256, (3, 20))
+    with torch.no_grad():
+        full = model(idx)[0]
+        cache = KVCache(cfg.n_layer)
+        parts = [model(idx[:, :7], cache=cache)[0], model(idx[:, 7:12], cache=cache)[0]]  # prefill, then 5 more
+        parts += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(12, 20)]  # one token at a time
+    assert cache.length == 20 and cache.nbytes() == 2 * 2 * 3 * 2 * 20 * 16 * 8
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-10)
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        model(idx[:, :5], cache=cache)
+    prompt = idx[:, :6]
+    for new in (10, 30):  # 30: past the 24-token context
+        a = generate(model, prompt, new, temperature=1e-6, top_k=1, use_cache=True)
+        b = generate(model, prompt, new, temperature=1e-6, top_k=1, use_cache=False)
+        assert torch.equal(a, b) and a.shape == (3, 6 + new)

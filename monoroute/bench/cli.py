@@ -102,6 +102,17 @@ def run_serve(args) -> int:
     return 0
 
 
+def run_generate(args) -> int:
+    from monoroute.bench.generate import format_table, run_generate_bench
+    from monoroute.cli import parse_set
+
+    routed = dict(parse_set(item) for item in args.set)
+    result = run_generate_bench(args.preset, args.batch, args.prompt, args.new, args.repeats, args.device,
+                                log=_stderr, routed=routed)
+    _emit(result, format_table(result), args.json)
+    return 0
+
+
 def add_parser(subparsers) -> None:
     """Register `bench` and its sub-commands on the main CLI's subparsers."""
     bench = subparsers.add_parser("bench", help="benchmarks: layer cost vs N and k, training throughput, sharding")
@@ -142,6 +153,18 @@ def add_parser(subparsers) -> None:
                         "optimizer, stats, logging, data (ms and share; profiler on)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_train)
+
+    p = sub.add_parser("generate", help="sampling tokens/s with a KV cache, routed vs dense, batch 1 and 16")
+    p.add_argument("--preset", default="cpu-small")
+    p.add_argument("--batch", type=_ints, default=(1, 16), help="batch sizes, comma-separated (default 1,16)")
+    p.add_argument("--prompt", type=int, default=16, help="prompt tokens (default 16)")
+    p.add_argument("--new", type=int, default=64, help="generated tokens (default 64)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a model setting for the routed variant (e.g. dense_beside=0)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run_generate)
 
     p = sub.add_parser("agreement", help="live-slot fraction and score/pre-activation correlation: fresh layer, runs")
     p.add_argument("runs", nargs="*", help="run directories to measure on their validation windows")

@@ -48,14 +48,56 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: "LayerCache | None" = None) -> Tensor:
         B, T, d = x.shape
         q, k, v = self.qkv(x).split(d, dim=2)  # (B, T, d) each
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         q, k, v = (t.view(B, T, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, dh)
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)  # (B, H, T, dh)
+        if cache is None or cache.length == 0:
+            if cache is not None:
+                cache.extend(k, v)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)  # (B, H, T, dh)
+        else:  # T new queries at positions past..past+T-1 over every cached key and their own
+            past = cache.length
+            k, v = cache.extend(k, v)  # (B, H, past + T, dh)
+            mask = None if T == 1 else torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         return self.proj(y.transpose(1, 2).reshape(B, T, d))
+
+
+class LayerCache:
+    """One attention layer's keys and values so far, (B, H, length, dh) each."""
+
+    def __init__(self) -> None:
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding: `model(new_ids, cache=cache)` reads
+    only the new tokens (at positions cache.length on) and attends over everything cached. Every
+    hook point fires on the new tokens only. The FFNs (dense or routed) act per token, so a cached
+    pass equals the full pass on the same context up to float summation order."""
+
+    def __init__(self, n_layer: int) -> None:
+        self.layers = [LayerCache() for _ in range(n_layer)]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for c in self.layers for t in (c.k, c.v) if t is not None)
 
 
 class DenseMLP(nn.Module):
@@ -103,9 +145,9 @@ class Block(nn.Module):
         self.hook_resid_pre, self.hook_attn_out, self.hook_resid_mid = HookPoint(), HookPoint(), HookPoint()
         self.hook_mlp_out, self.hook_resid_post = HookPoint(), HookPoint()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
         x = self.hook_resid_pre(x)
-        x = self.hook_resid_mid(x + self.hook_attn_out(self.drop(self.attn(self.ln_1(x)))))
+        x = self.hook_resid_mid(x + self.hook_attn_out(self.drop(self.attn(self.ln_1(x), cache))))
         h = self.ln_2(x)
         out = self.mlp(h) if self.mlp_dense is None else self.mlp(h) + self.mlp_dense(h)
         return self.hook_resid_post(x + self.hook_mlp_out(self.drop(out)))
@@ -150,17 +192,20 @@ class GPT(nn.Module):
                 nn.init.normal_(block.mlp_dense.down.weight, std=std)
 
     # --- forward ---------------------------------------------------------------------------
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(self, idx: Tensor, targets: Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[Tensor, Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, V), and the mean cross-entropy if targets are given.
+        With a KVCache, idx are the tokens after the cached ones (incremental decoding).
 
         The routed layers' auxiliary losses are not included: see `aux_loss()`."""
         B, T = idx.shape
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}")
-        pos = torch.arange(T, device=idx.device)
+        past = 0 if cache is None else cache.length
+        if past + T > self.cfg.block_size:
+            raise ValueError(f"sequence length {past + T} exceeds block_size {self.cfg.block_size}")
+        pos = torch.arange(past, past + T, device=idx.device)
         x = self.drop(self.hook_embed(self.wte(idx)) + self.hook_pos_embed(self.wpe(pos)))  # (B, T, d)
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if cache is None else cache.layers[i])
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss
@@ -242,14 +287,24 @@ def _name_predicate(names_filter) -> Callable[[str], bool]:
 
 @torch.no_grad()
 def generate(model: GPT, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-             generator: torch.Generator | None = None) -> Tensor:
-    """Sample continuations of idx (B, T) autoregressively; returns (B, T + max_new_tokens)."""
+             generator: torch.Generator | None = None, use_cache: bool = True) -> Tensor:
+    """Sample continuations of idx (B, T) autoregressively; returns (B, T + max_new_tokens).
+
+    With `use_cache`, a KV cache makes each new token one position's work while the whole sequence fits
+    the context; once it would not, the context slides (the last block_size tokens) and each step
+    reads it whole, as without a cache."""
+    cache = KVCache(len(model.blocks)) if use_cache else None
+    fresh = idx  # the tokens the next forward reads
     for _ in range(max_new_tokens):
-        context = idx[:, -model.cfg.block_size:]
-        logits = model(context)[0][:, -1, :] / max(temperature, 1e-6)  # (B, V)
+        if cache is not None and cache.length + fresh.shape[1] > model.cfg.block_size:
+            cache = None  # past the context: slide, uncached
+        if cache is None:
+            fresh = idx[:, -model.cfg.block_size:]
+        logits = model(fresh, cache=cache)[0][:, -1, :] / max(temperature, 1e-6)  # (B, V)
         if top_k is not None:
             kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         next_token = torch.multinomial(logits.softmax(-1), 1, generator=generator)  # (B, 1)
         idx = torch.cat([idx, next_token], dim=1)
+        fresh = next_token
     return idx
