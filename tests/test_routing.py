@@ -276,7 +276,7 @@ def test_product_topk_is_the_exact_top_of_all_sums_and_matches_the_index_select_
     from monoroute.layers.routing.product_key import pair_pattern, product_topk
 
     torch.manual_seed(k_search + n_sub)
-    s1, s2 = torch.randn(40, 2, n_sub, dtype=torch.float64), torch.randn(40, 2, n_sub, dtype=torch.float64)
+    s1, s2 = torch.randn(80, 2, n_sub, dtype=torch.float64), torch.randn(80, 2, n_sub, dtype=torch.float64)  # 160 rows: the rank-row form
     cand_i, cand_j = pair_pattern(k_search, n_sub)
     units, values = product_topk(s1, s2, k_search, cand_i, cand_j)
     # float64 brute force over all n_sub^2 sums: the same set of units, with their sums
@@ -290,3 +290,6 @@ def test_product_topk_is_the_exact_top_of_all_sums_and_matches_the_index_select_
     old = (t1.values.index_select(-1, cand_i) + t2.values.index_select(-1, cand_j)).topk(k_search, dim=-1,
                                                                                         sorted=False)
     assert torch.equal(values, old.values)
+    # few tokens (decoding) take the index_select form: the same answer
+    few_units, few_values = product_topk(s1[:3], s2[:3], k_search, cand_i, cand_j)
+    assert torch.equal(few_units, units[:3]) and torch.equal(few_values, values[:3])
