@@ -251,10 +251,10 @@ def hf_folder(tmp_path_factory):
 
 
 def test_hf_logits_equal_transformers_in_float64(hf_folder):
-    from monoroute.models.hf import load_hf_gpt2
+    from monoroute.models.hf import load_hf
 
     folder, reference = hf_folder
-    ours, cfg, _ = load_hf_gpt2(folder, torch.float64)
+    ours, cfg, _ = load_hf(folder, torch.float64)
     assert cfg.dense_activation == "gelu_tanh" and cfg.n_layer == 2
     idx = torch.randint(0, cfg.vocab_size, (3, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -277,7 +277,7 @@ def test_hf_refuses_pickles_and_other_architectures(hf_folder, tmp_path, capsys)
     llama.mkdir()
     (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
     assert main(["upcycle", "--from-hf", str(llama), "--out", str(tmp_path / "o")]) == 2
-    assert "only GPT-2-family" in error_line(capsys)
+    assert "only GPT-2 ('gpt2') and GPT-NeoX" in error_line(capsys)
     assert not (tmp_path / "o").exists()
 
 
@@ -582,3 +582,102 @@ def test_upcycle_builds_the_measured_routing_design_whatever_the_native_default(
     assert {key: getattr(cfg.model, key) for key in UPCYCLE_ROUTING} == UPCYCLE_ROUTING
     cfg = student_config(tcfg, str(tmp_path / "s2"), {"query_norm": "batch"}, str(teacher), "0" * 64)
     assert cfg.model.query_norm == "batch" and cfg.model.router_detach is False
+
+
+# --- GPT-NeoX (Pythia) -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", params=["parallel", "sequential"])
+def neox_folder(request, tmp_path_factory, hf_folder):
+    """A tiny GPTNeoXForCausalLM (partial rotary, untied embeddings; parallel residual or not) saved as
+    save_pretrained writes it, with the GPT-2 fixture's tokenizer (no network)."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("neox") / f"neox-{request.param}"
+    vocab = json.loads((hf_folder[0] / "config.json").read_text())["vocab_size"]
+    torch.manual_seed(1)
+    config = transformers.GPTNeoXConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=64, max_position_embeddings=64, rotary_pct=0.5,
+                                        use_parallel_residual=request.param == "parallel", bos_token_id=0,
+                                        eos_token_id=0)
+    model = transformers.GPTNeoXForCausalLM(config).eval()
+    with torch.no_grad():  # non-zero biases and norms, so a mis-mapped tensor shows in the logits
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "layernorm" in name or "layer_norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder, safe_serialization=True)
+    (folder / "tokenizer.json").write_text((hf_folder[0] / "tokenizer.json").read_text())
+    return folder, model
+
+
+def test_neox_logits_equal_transformers(neox_folder):
+    from monoroute.models.hf import load_hf
+
+    folder, reference = neox_folder
+    ours, cfg, _ = load_hf(folder)
+    assert cfg.position == "rotary" and cfg.rotary_dims == 4 and not cfg.tie_weights
+    assert cfg.parallel_residual == reference.config.use_parallel_residual
+    idx = torch.randint(0, cfg.vocab_size, (3, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = reference(idx).logits
+        mine = ours(idx)[0]
+    assert (theirs - mine).abs().max().item() < 1e-4  # float32, as the issue asks
+    assert (theirs - mine).abs().max().item() < 1e-5 * theirs.abs().max().item() * 100
+
+
+def test_neox_refusals_are_one_error_line(neox_folder, tmp_path, capsys):
+    folder, _ = neox_folder
+    cfg = json.loads((folder / "config.json").read_text())
+    for name, config, message in (
+        ("scaled", {**cfg, "rope_parameters": {**cfg["rope_parameters"], "rope_type": "linear", "factor": 2.0}},
+         "rope scaling"),
+        ("nobias", {**cfg, "attention_bias": False}, "attention_bias=false"),
+        ("act", {**cfg, "hidden_act": "relu"}, "hidden_act 'relu'"),
+        ("heads", {**cfg, "num_attention_heads": 3}, "not divisible"),
+    ):
+        broken = _broken_copy(folder, tmp_path / name, json.dumps(config))
+        assert main(["upcycle", "--from-hf", str(broken), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+        assert message in error_line(capsys)
+        assert not (tmp_path / "o").exists()
+
+
+def test_upcycle_from_neox_end_to_end_and_resume(neox_folder, tmp_path, capsys, monkeypatch):
+    """A Pythia-shaped teacher: the converted teacher's val loss is transformers' own on the same windows,
+    the upcycle resumes after a kill in stage 1 and finishes, and `eval` reads it."""
+    import torch.nn.functional as F
+
+    import monoroute.train.checkpoint as C
+    from monoroute.data import prepare_data
+    from monoroute.train.trainer import read_run_config
+
+    class Killed(BaseException):
+        pass
+
+    def kill_after_stage1_save(stage, step):
+        if stage == "pointer_switched" and step == 2:
+            raise Killed  # as kill -9 right after stage 1's step-2 checkpoint
+
+    folder, reference = neox_folder
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"def add{i}(a, b):\n    return a + b  # the cat sat on the mat\n" for i in range(4000)))
+    out = tmp_path / "routed"
+    args = ["upcycle", "--from-hf", str(folder), "--data", str(corpus), "--out", str(out), "--n-units", "256",
+            "--k", "8", "--distill-tokens", "2048", "--steps", "4", *FAST]
+    monkeypatch.setattr(C, "reached", kill_after_stage1_save)
+    with pytest.raises(Killed):
+        main(args)
+    monkeypatch.undo()
+    assert main(["upcycle", "--resume", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "upcycle" / "stage1.json").read_text())["resumed_at"] == 2
+    saved = json.loads((out / "config.json").read_text())
+    model_cfg = saved["run"]["model"]
+    assert model_cfg["position"] == "rotary" and model_cfg["rotary_dims"] == 4 and model_cfg["ffn"] == "routed"
+    assert model_cfg["parallel_residual"] == reference.config.use_parallel_residual
+    capsys.readouterr()
+    assert main(["eval", str(out / "teacher"), "--json"]) == 0
+    teacher = json.loads(capsys.readouterr().out)["val_loss"]
+    cfg = read_run_config(out / "teacher")
+    store = prepare_data(cfg.data)
+    with torch.no_grad():
+        losses = [F.cross_entropy(reference(x).logits.flatten(0, 1).float(), y.flatten()).item()
+                  for x, y in store.eval_batches(cfg.train.batch_size, cfg.model.block_size, cfg.train.eval_batches)]
+    assert teacher == pytest.approx(sum(losses) / len(losses), abs=1e-4)
+    assert main(["eval", str(out), "--json"]) == 0
+    assert math.isfinite(json.loads(capsys.readouterr().out)["val_loss"])

@@ -18,6 +18,9 @@ UPCYCLE_ROUTING = dict(coupling="auto", rank_coef=1.0, d_key=None, router_detach
                        revival_target="score", aux_units=256, defaults_version=1, dense_beside=0)
 
 
+POSITIONS = ("learned", "rotary")
+
+
 @dataclass
 class GPTConfig:
     vocab_size: int = 256
@@ -100,6 +103,17 @@ class GPTConfig:
     # is re-ranking for product keys with ReLU, an unset d_key is d_model / 2 when re-ranking). 1: what
     # runs saved before it were built with ("auto" is preact, d_key d_model); their configs load as 1.
     defaults_version: int = 2
+    # Positions: "learned" (GPT-2: a wpe table) or "rotary" (GPT-NeoX / Llama: q and k rotated per head,
+    # the first rotary_dims channels of each head, None = all, with frequencies base^(-2i/rotary_dims)).
+    position: str = "learned"
+    rotary_dims: int | None = None
+    rotary_base: float = 10000.0
+    # GPT-NeoX / Pythia: attention and FFN both read the block's input, x + attn(ln_1(x)) + mlp(ln_2(x)).
+    parallel_residual: bool = False
+
+    @property
+    def head_rotary_dims(self) -> int:
+        return self.rotary_dims if self.rotary_dims is not None else self.d_model // self.n_head
 
     @property
     def layer_coupling(self) -> str:
@@ -160,6 +174,13 @@ class GPTConfig:
             raise MonorouteError(f"router_detach must be true, false or null (auto), got {self.router_detach!r}")
         if self.d_model % self.n_head:
             raise MonorouteError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
+        if self.position not in POSITIONS:
+            raise MonorouteError(f"unknown position {self.position!r}; choose one of {', '.join(POSITIONS)}")
+        if self.position == "rotary":
+            dims, head = self.head_rotary_dims, self.d_model // self.n_head
+            if isinstance(dims, bool) or not isinstance(dims, int) or not 2 <= dims <= head or dims % 2:
+                raise MonorouteError(f"rotary_dims must be an even whole number from 2 to the head size {head}, "
+                                     f"got {dims!r}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
             if getattr(self, name) < 1:
                 raise MonorouteError(f"{name} must be at least 1, got {getattr(self, name)}")

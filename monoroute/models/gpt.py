@@ -40,6 +40,19 @@ class HookedLayerNorm(nn.LayerNorm):
         return self.hook_normalized(super().forward(x))
 
 
+def rotate(x: Tensor, positions: Tensor, dims: int, base: float) -> Tensor:
+    """GPT-NeoX / Llama rotary embedding of (B, H, T, dh) at `positions` (T,): the first `dims` channels
+    of each head, as two halves (x1, x2) rotated by angle position * base^(-2i / dims)."""
+    inv = 1.0 / (base ** (torch.arange(0, dims, 2, device=x.device, dtype=torch.float32) / dims))  # (dims/2,)
+    angle = positions.to(torch.float32)[:, None] * inv[None]  # (T, dims/2), float32 as transformers computes it
+    emb = torch.cat([angle, angle], dim=-1)
+    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)  # (T, dims)
+    xr, rest = x[..., :dims], x[..., dims:]
+    half = dims // 2
+    turned = torch.cat([-xr[..., half:], xr[..., :half]], dim=-1)
+    return torch.cat([xr * cos + turned * sin, rest], dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -47,12 +60,17 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
+        self.rotary = (cfg.head_rotary_dims, cfg.rotary_base) if cfg.position == "rotary" else None
 
     def forward(self, x: Tensor, cache: "LayerCache | None" = None) -> Tensor:
         B, T, d = x.shape
         q, k, v = self.qkv(x).split(d, dim=2)  # (B, T, d) each
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         q, k, v = (t.view(B, T, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, dh)
+        if self.rotary is not None:
+            past = 0 if cache is None else cache.length
+            positions = torch.arange(past, past + T, device=x.device)
+            q, k = rotate(q, positions, *self.rotary), rotate(k, positions, *self.rotary)
         p = self.dropout if self.training else 0.0
         if cache is None or cache.length == 0:
             if cache is not None:
@@ -142,15 +160,17 @@ class Block(nn.Module):
         # Hybrid: a slim dense FFN beside the routed layer, reading the same input; their outputs add.
         self.mlp_dense = DenseMLP(cfg, cfg.dense_beside) if ffn_kind == "routed" and cfg.dense_beside else None
         self.drop = nn.Dropout(cfg.dropout)
+        self.parallel = cfg.parallel_residual
         self.hook_resid_pre, self.hook_attn_out, self.hook_resid_mid = HookPoint(), HookPoint(), HookPoint()
         self.hook_mlp_out, self.hook_resid_post = HookPoint(), HookPoint()
 
     def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
         x = self.hook_resid_pre(x)
-        x = self.hook_resid_mid(x + self.hook_attn_out(self.drop(self.attn(self.ln_1(x), cache))))
-        h = self.ln_2(x)
+        mid = self.hook_resid_mid(x + self.hook_attn_out(self.drop(self.attn(self.ln_1(x), cache))))
+        # parallel residual (GPT-NeoX): the FFN reads the block's input, not the attention's output
+        h = self.ln_2(x if self.parallel else mid)
         out = self.mlp(h) if self.mlp_dense is None else self.mlp(h) + self.mlp_dense(h)
-        return self.hook_resid_post(x + self.hook_mlp_out(self.drop(out)))
+        return self.hook_resid_post(mid + self.hook_mlp_out(self.drop(out)))
 
 
 class GPT(nn.Module):
@@ -158,7 +178,8 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg.validate()
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
+        # rotary positions need no table: wpe is None and hook_pos_embed never fires
+        self.wpe = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.position == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, kind) for kind in cfg.ffn_kinds())
         self.ln_f = HookedLayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
@@ -202,8 +223,10 @@ class GPT(nn.Module):
         past = 0 if cache is None else cache.length
         if past + T > self.cfg.block_size:
             raise ValueError(f"sequence length {past + T} exceeds block_size {self.cfg.block_size}")
-        pos = torch.arange(past, past + T, device=idx.device)
-        x = self.drop(self.hook_embed(self.wte(idx)) + self.hook_pos_embed(self.wpe(pos)))  # (B, T, d)
+        x = self.hook_embed(self.wte(idx))  # (B, T, d)
+        if self.wpe is not None:
+            x = x + self.hook_pos_embed(self.wpe(torch.arange(past, past + T, device=idx.device)))
+        x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, None if cache is None else cache.layers[i])
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)

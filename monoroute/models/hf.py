@@ -1,14 +1,22 @@
-"""Hugging Face GPT-2-family checkpoints as our GPT (the same pre-LN shape; nanoGPT's GPT-2 loading).
+"""Hugging Face checkpoints as our GPT: GPT-2 and GPT-NeoX (Pythia) folders, converted by hand.
 
-Supported: `model_type: "gpt2"` folders written by `transformers`' `save_pretrained` (GPT2LMHeadModel or
-GPT2Model weights in `model.safetensors`, with the fast tokenizer's `tokenizer.json` beside them).
-That covers GPT-2 small/medium/large/xl, DistilGPT-2 and any GPT-2-shaped model trained with that class.
-Not supported (refused with the reason): other architectures (GPT-Neo, GPT-J, Llama, ...: other
-attention or MLP shapes), `pytorch_model.bin` weights (pickles are never loaded: re-save with
-`safe_serialization=True`), `scale_attn_by_inverse_layer_idx`, untied embeddings with no `lm_head`.
+Supported: folders written by `transformers`' `save_pretrained` (weights in `model.safetensors`, the fast
+tokenizer's `tokenizer.json` beside them) of
 
-GPT-2's Conv1D stores weights as (in, out); our nn.Linear as (out, in), so they are transposed.
-GPT-2's MLP uses "gelu_new" (the tanh approximation): our dense FFN takes `dense_activation="gelu_tanh"`.
+- `model_type: "gpt2"` (GPT2LMHeadModel / GPT2Model): GPT-2 small..xl, DistilGPT-2, any GPT-2-shaped
+  model. GPT-2's Conv1D stores weights as (in, out), our nn.Linear as (out, in): transposed. Its MLP
+  uses "gelu_new" (the tanh approximation): our `dense_activation="gelu_tanh"`.
+- `model_type: "gpt_neox"` (GPTNeoXForCausalLM): Pythia 14M..12B and any NeoX-shaped model. Rotary
+  positions on the first `partial_rotary_factor` of each head (our `position="rotary"`, `rotary_dims`),
+  the parallel residual (`parallel_residual`), untied input and output embeddings; its fused
+  query_key_value holds [q | k | v] *per head*, reordered into our [q | k | v] over all heads.
+
+Why by hand and not TransformerLens' converters: our GPT is our own module tree (hook names already
+TransformerLens'), and the two mappings are a few lines each, tested to transformers' logits.
+Not supported (refused with the reason): other architectures (Llama-family ones need RMSNorm,
+grouped-query attention and a gated FFN: issue 33), `pytorch_model.bin` weights (pickles are never
+loaded: re-save with `safe_serialization=True`), GPT-2's `scale_attn_by_inverse_layer_idx`, NeoX's rope
+scaling and `attention_bias: false`, untied embeddings with no output head.
 """
 from __future__ import annotations
 
@@ -38,9 +46,12 @@ def read_hf_config(folder: str | Path) -> dict:
     if not isinstance(cfg, dict):
         raise MonorouteError(f"--from-hf {folder}: config.json holds a {type(cfg).__name__}, not an object of "
                              f"settings; restore the file save_pretrained wrote")
-    if cfg.get("model_type") != "gpt2":
-        raise MonorouteError(f"--from-hf {folder}: model_type {cfg.get('model_type')!r} is not supported; only GPT-2-"
-                             f"family checkpoints (model_type 'gpt2') load into this GPT")
+    kind = cfg.get("model_type")
+    if kind not in FAMILIES:
+        raise MonorouteError(f"--from-hf {folder}: model_type {kind!r} is not supported; only GPT-2 ('gpt2') and "
+                             f"GPT-NeoX / Pythia ('gpt_neox') checkpoints load into this GPT")
+    if kind == "gpt_neox":
+        return check_neox(cfg, folder)
     if cfg.get("scale_attn_by_inverse_layer_idx"):
         raise MonorouteError(f"--from-hf {folder}: scale_attn_by_inverse_layer_idx=true is not supported")
     if cfg.get("scale_attn_weights", True) is not True:
@@ -53,9 +64,56 @@ def read_hf_config(folder: str | Path) -> dict:
 
 
 SIZES = ("n_embd", "vocab_size", "n_positions", "n_layer", "n_head")
+NEOX_SIZES = ("hidden_size", "vocab_size", "max_position_embeddings", "num_hidden_layers", "num_attention_heads",
+              "intermediate_size")
+FAMILIES = ("gpt2", "gpt_neox")
+
+
+def check_neox(cfg: dict, folder) -> dict:
+    rope = neox_rope(cfg)
+    if rope.get("rope_type", "default") != "default" or cfg.get("rope_scaling"):
+        raise MonorouteError(f"--from-hf {folder}: rope scaling ({rope.get('rope_type') or cfg.get('rope_scaling')}) "
+                             f"is not supported; only plain rotary positions")
+    if cfg.get("attention_bias", True) is not True:
+        raise MonorouteError(f"--from-hf {folder}: attention_bias=false is not supported (our linear layers share one "
+                             f"bias setting and NeoX's FFN has biases)")
+    act = cfg.get("hidden_act", "gelu")
+    if act not in ACTIVATIONS:
+        raise MonorouteError(f"--from-hf {folder}: hidden_act {act!r} is not supported; one of {', '.join(ACTIVATIONS)}")
+    return cfg
+
+
+def neox_rope(cfg: dict) -> dict:
+    """rope_theta and partial_rotary_factor, from transformers 5's rope_parameters or the older keys."""
+    rope = dict(cfg.get("rope_parameters") or {})
+    rope.setdefault("rope_theta", cfg.get("rotary_emb_base", cfg.get("rope_theta", 10000.0)))
+    rope.setdefault("partial_rotary_factor", cfg.get("rotary_pct", cfg.get("partial_rotary_factor", 1.0)))
+    return rope
+
+
+def check_sizes(cfg: dict, keys, folder) -> None:
+    for key in keys:
+        value = cfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise MonorouteError(f"--from-hf {folder}: config.json's {key} must be a whole number >= 1, got "
+                                 f"{value!r}; restore the file save_pretrained wrote")
 
 
 def gpt_config_from_hf(cfg: dict, folder: str | Path = "") -> GPTConfig:
+    if cfg.get("model_type") == "gpt_neox":
+        check_sizes(cfg, NEOX_SIZES, folder)
+        d, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        if d % heads:
+            raise MonorouteError(f"--from-hf {folder}: hidden_size {d} is not divisible by num_attention_heads {heads}")
+        rope = neox_rope(cfg)
+        return GPTConfig(
+            vocab_size=cfg["vocab_size"], block_size=cfg["max_position_embeddings"], n_layer=cfg["num_hidden_layers"],
+            n_head=heads, d_model=d, dropout=0.0, bias=True, tie_weights=bool(cfg.get("tie_word_embeddings", False)),
+            ffn="dense", d_ff=cfg["intermediate_size"], dense_activation=ACTIVATIONS[cfg.get("hidden_act", "gelu")],
+            ln_eps=cfg.get("layer_norm_eps", 1e-5), position="rotary",
+            rotary_dims=int(d // heads * float(rope["partial_rotary_factor"])), rotary_base=float(rope["rope_theta"]),
+            parallel_residual=bool(cfg.get("use_parallel_residual", True)),
+        ).validate()
     for key in SIZES:
         value = cfg.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -74,8 +132,42 @@ def gpt_config_from_hf(cfg: dict, folder: str | Path = "") -> GPTConfig:
     ).validate()
 
 
+def neox_state_dict(hf: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """GPT-NeoX tensor names -> ours (the gpt_neox.* prefix of GPTNeoXForCausalLM is optional)."""
+    src = {(k[len("gpt_neox."):] if k.startswith("gpt_neox.") else k): v for k, v in hf.items()}
+
+    def take(name: str) -> torch.Tensor:
+        if name not in src:
+            raise MonorouteError(f"HF checkpoint lacks tensor {name!r}; is it a GPT-NeoX-family model?")
+        return src[name]
+
+    H, d = cfg.n_head, cfg.d_model
+    out = {"wte.weight": take("embed_in.weight"), "ln_f.weight": take("final_layer_norm.weight"),
+           "ln_f.bias": take("final_layer_norm.bias")}
+    for i in range(cfg.n_layer):
+        h, b = f"layers.{i}.", f"blocks.{i}."
+        for ours, theirs in (("ln_1", "input_layernorm"), ("ln_2", "post_attention_layernorm"),
+                             ("attn.proj", "attention.dense"), ("mlp.up", "mlp.dense_h_to_4h"),
+                             ("mlp.down", "mlp.dense_4h_to_h")):
+            out[b + ours + ".weight"], out[b + ours + ".bias"] = take(h + theirs + ".weight"), take(h + theirs + ".bias")
+        # query_key_value's rows are (head, [q | k | v], head_dim): regroup as ([q | k | v], head, head_dim)
+        w, bias = take(h + "attention.query_key_value.weight"), take(h + "attention.query_key_value.bias")
+        out[b + "attn.qkv.weight"] = w.view(H, 3, d // H, d).transpose(0, 1).reshape(3 * d, d)
+        out[b + "attn.qkv.bias"] = bias.view(H, 3, d // H).transpose(0, 1).reshape(3 * d)
+    if cfg.tie_weights:
+        out["lm_head.weight"] = out["wte.weight"]
+    else:
+        if "embed_out.weight" not in hf:
+            raise MonorouteError("HF checkpoint has untied embeddings but no embed_out.weight")
+        out["lm_head.weight"] = hf["embed_out.weight"]
+    return out
+
+
 def hf_state_dict(hf: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
-    """GPT-2 tensor names -> ours (the transformer.* prefix of GPT2LMHeadModel is optional)."""
+    """GPT-2 tensor names -> ours (the transformer.* prefix of GPT2LMHeadModel is optional); GPT-NeoX
+    checkpoints (position="rotary") go to neox_state_dict."""
+    if cfg.position == "rotary":
+        return neox_state_dict(hf, cfg)
     src = {(k[len("transformer."):] if k.startswith("transformer.") else k): v for k, v in hf.items()}
 
     def take(name: str, transpose: bool = False) -> torch.Tensor:
@@ -104,8 +196,8 @@ def hf_state_dict(hf: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torc
     return out
 
 
-def load_hf_gpt2(folder: str | Path, dtype: torch.dtype = torch.float32):
-    """(GPT, GPTConfig, tokenizer JSON text) from a local GPT-2-family `save_pretrained` folder."""
+def load_hf(folder: str | Path, dtype: torch.dtype = torch.float32):
+    """(GPT, GPTConfig, tokenizer JSON text) from a local GPT-2 or GPT-NeoX `save_pretrained` folder."""
     import safetensors.torch as st
 
     from monoroute.models.gpt import GPT
@@ -138,6 +230,6 @@ def load_hf_gpt2(folder: str | Path, dtype: torch.dtype = torch.float32):
         raise MonorouteError(f"--from-hf {folder}: the weights do not match config.json's sizes ({first})") from None
     missing = [m for m in missing if m != "lm_head.weight" or not cfg.tie_weights]
     if missing or unexpected:
-        raise MonorouteError(f"--from-hf {folder}: weights do not match a GPT-2 of this config (missing "
+        raise MonorouteError(f"--from-hf {folder}: weights do not match a {hf_cfg['model_type']} of this config (missing "
                              f"{missing[:3]}, unexpected {list(unexpected)[:3]})")
     return model.to(dtype).eval(), cfg, tokenizer.read_text(encoding="utf-8")

@@ -114,12 +114,13 @@ def student_config(teacher_cfg, out: str, overrides: dict, teacher_path: str, te
 
 
 def convert_hf(folder: str, data_overrides: dict):
-    """(teacher GPT, teacher RunConfig) for a local Hugging Face GPT-2 folder, its tokenizer fixed ("file")."""
+    """(teacher GPT, teacher RunConfig) for a local Hugging Face GPT-2 or GPT-NeoX folder, its tokenizer fixed
+    ("file")."""
     from monoroute.data import DataConfig
-    from monoroute.models.hf import TOKENIZER, load_hf_gpt2
+    from monoroute.models.hf import TOKENIZER, load_hf
     from monoroute.train.config import RunConfig, TrainConfig
 
-    model, gcfg, _ = load_hf_gpt2(folder)
+    model, gcfg, _ = load_hf(folder)
     data = DataConfig(tokenizer="file", tokenizer_file=str((Path(folder) / TOKENIZER).resolve()))
     for key, value in data_overrides.items():
         setattr(data, key, value)
