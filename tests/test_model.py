@@ -161,8 +161,13 @@ def test_hybrid_block_adds_a_slim_dense_ffn_beside_the_routed_layer():
         model_for(ffn="routed", dense_beside=-1)
 
 
-@pytest.mark.parametrize("ffn", ["dense", "routed", "dense,routed"])
-def test_kv_cache_decoding_equals_the_full_forward(ffn):
+LLAMA_SHAPE = dict(position="rotary", norm="rms", n_kv_head=1, ffn_gated=True, dense_activation="silu", bias=False)
+NEOX_SHAPE = dict(position="rotary", rotary_dims=8, parallel_residual=True, tie_weights=False)
+
+
+@pytest.mark.parametrize("ffn, extra", [("dense", {}), ("routed", {}), ("dense,routed", {}), ("dense", LLAMA_SHAPE),
+                                        ("routed", NEOX_SHAPE)])
+def test_kv_cache_decoding_equals_the_full_forward(ffn, extra):
     """Incremental decoding with a KV cache gives the full forward's logits (float64), prefill of
     several tokens onto a cache included, and greedy generation the same tokens with or without it,
     also past the context (where the cache gives way to the sliding window)."""
@@ -170,7 +175,7 @@ def test_kv_cache_decoding_equals_the_full_forward(ffn):
 
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=256, n_layer=2, n_head=2, d_model=32, block_size=24, ffn=ffn, n_units=256, k=8,
-                    d_ff=64)
+                    d_ff=64, **extra)
     model = GPT(cfg).double().eval()
     idx = torch.randint(0, 256, (3, 20))
     with torch.no_grad():
@@ -178,7 +183,7 @@ def test_kv_cache_decoding_equals_the_full_forward(ffn):
         cache = KVCache(cfg.n_layer)
         parts = [model(idx[:, :7], cache=cache)[0], model(idx[:, 7:12], cache=cache)[0]]  # prefill, then 5 more
         parts += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(12, 20)]  # one token at a time
-    assert cache.length == 20 and cache.nbytes() == 2 * 2 * 3 * 2 * 20 * 16 * 8
+    assert cache.length == 20 and cache.nbytes() == 2 * 2 * 3 * cfg.kv_heads * 20 * 16 * 8
     assert torch.allclose(torch.cat(parts, 1), full, atol=1e-10)
     with pytest.raises(ValueError, match="exceeds block_size"):
         model(idx[:, :5], cache=cache)

@@ -681,3 +681,65 @@ def test_upcycle_from_neox_end_to_end_and_resume(neox_folder, tmp_path, capsys, 
     assert teacher == pytest.approx(sum(losses) / len(losses), abs=1e-4)
     assert main(["eval", str(out), "--json"]) == 0
     assert math.isfinite(json.loads(capsys.readouterr().out)["val_loss"])
+
+
+# --- Llama family (Llama, Qwen2): RMSNorm, grouped-query attention, SwiGLU ----------------------------------
+@pytest.fixture(scope="module", params=["llama", "qwen2", "llama_tied"])
+def llama_folder(request, tmp_path_factory, hf_folder):
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("llama") / request.param
+    vocab = json.loads((hf_folder[0] / "config.json").read_text())["vocab_size"]
+    torch.manual_seed(2)
+    sizes = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=48, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+                 tie_word_embeddings=request.param == "llama_tied")
+    if request.param == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**sizes)).eval()
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**sizes)).eval()
+    with torch.no_grad():  # norms and q/k/v biases away from their init, so a mis-mapped tensor shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder, safe_serialization=True)
+    (folder / "tokenizer.json").write_text((hf_folder[0] / "tokenizer.json").read_text())
+    return folder, model
+
+
+def test_llama_family_logits_equal_transformers(llama_folder):
+    from monoroute.models.hf import load_hf
+    from monoroute.models.flops import flops_per_token
+
+    folder, reference = llama_folder
+    ours, cfg, _ = load_hf(folder)
+    assert cfg.norm == "rms" and cfg.kv_heads == 2 and cfg.ffn_gated and cfg.layer_qkv_bias == (
+        reference.config.model_type == "qwen2")
+    idx = torch.randint(0, cfg.vocab_size, (3, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = reference(idx).logits
+        mine = ours(idx)[0]
+    assert (theirs - mine).abs().max().item() < 1e-4  # float32, as the issue asks
+    # FLOPs with grouped-query attention and the gated FFN, against torch's own count of one forward
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    # the math backend lowers attention to matmuls the counter sees (the fused CPU kernel is not counted)
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        ours(idx[:1])
+    matmuls = counter.get_total_flops() / 64  # per token, attention over the full 64 x 64 context
+    assert flops_per_token(cfg)["total"] == pytest.approx(matmuls, rel=0.02)
+
+
+def test_llama_upcycle_is_refused_in_one_line_until_gated_units_exist(llama_folder, tmp_path, capsys):
+    folder, _ = llama_folder
+    assert main(["upcycle", "--from-hf", str(folder), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "routed gated units are not built yet" in error_line(capsys)
+    assert not (tmp_path / "o").exists()
+    cfg = json.loads((folder / "config.json").read_text())
+    for name, config, message in (("window", {**cfg, "use_sliding_window": True, "layer_types":
+                                              ["sliding_attention"] * 2}, "sliding-window"),
+                                  ("rope", {**cfg, "rope_parameters": {"rope_theta": 5e5, "rope_type": "llama3",
+                                                                       "factor": 8.0}}, "rope scaling")):
+        broken = _broken_copy(folder, tmp_path / name, json.dumps(config))
+        assert main(["upcycle", "--from-hf", str(broken), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+        assert message in error_line(capsys)

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from monoroute.errors import MonorouteError
 
 FFN_KINDS = ("dense", "routed")
-DENSE_ACTIVATIONS = ("gelu", "gelu_tanh")
+DENSE_ACTIVATIONS = ("gelu", "gelu_tanh", "silu")
 UNIT_INITS = ("gpt", "fan_in")
 QUERY_ROUTERS = ("product_key", "multi_pool")  # routers with a learned query (the recipe's detach / BatchNorm)
 
@@ -19,6 +19,7 @@ UPCYCLE_ROUTING = dict(coupling="auto", rank_coef=1.0, d_key=None, router_detach
 
 
 POSITIONS = ("learned", "rotary")
+NORMS = ("layer", "rms")
 
 
 @dataclass
@@ -110,6 +111,22 @@ class GPTConfig:
     rotary_base: float = 10000.0
     # GPT-NeoX / Pythia: attention and FFN both read the block's input, x + attn(ln_1(x)) + mlp(ln_2(x)).
     parallel_residual: bool = False
+    # Llama family: RMSNorm ("rms", no bias), grouped-query attention (n_kv_head key/value heads, each
+    # shared by n_head / n_kv_head query heads; None = n_head), a gated dense FFN
+    # down(act(gate(x)) * up(x)) (SwiGLU with dense_activation "silu"), and q/k/v biases on their own
+    # (qkv_bias; None = bias: Qwen2 has them while its other layers have none).
+    norm: str = "layer"
+    n_kv_head: int | None = None
+    ffn_gated: bool = False
+    qkv_bias: bool | None = None
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def layer_qkv_bias(self) -> bool:
+        return self.bias if self.qkv_bias is None else bool(self.qkv_bias)
 
     @property
     def head_rotary_dims(self) -> int:
@@ -174,6 +191,14 @@ class GPTConfig:
             raise MonorouteError(f"router_detach must be true, false or null (auto), got {self.router_detach!r}")
         if self.d_model % self.n_head:
             raise MonorouteError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
+        if self.norm not in NORMS:
+            raise MonorouteError(f"unknown norm {self.norm!r}; choose one of {', '.join(NORMS)}")
+        kv = self.kv_heads
+        if isinstance(kv, bool) or not isinstance(kv, int) or kv < 1 or self.n_head % kv:
+            raise MonorouteError(f"n_kv_head must be a whole number dividing n_head={self.n_head}, got {kv!r}")
+        if self.ffn_gated and "routed" in self.ffn_kinds():
+            raise MonorouteError("ffn_gated is a dense FFN's (Llama's SwiGLU); routed gated units are not built yet "
+                                 "(issue 33): use ffn='dense'")
         if self.position not in POSITIONS:
             raise MonorouteError(f"unknown position {self.position!r}; choose one of {', '.join(POSITIONS)}")
         if self.position == "rotary":

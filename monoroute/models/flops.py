@@ -16,9 +16,10 @@ def flops_per_token(cfg: GPTConfig) -> dict[str, int]:
     d, T = cfg.d_model, cfg.block_size
     counts = {"attention": 0, "dense_ffn": 0, "router": 0, "active_units": 0}
     for kind in cfg.ffn_kinds():
-        counts["attention"] += 2 * d * 3 * d + 2 * d * d + 2 * 2 * T * d  # qkv, out proj, QK^T and AV
+        kv = d // cfg.n_head * cfg.kv_heads  # grouped-query attention projects fewer keys and values
+        counts["attention"] += 2 * d * (d + 2 * kv) + 2 * d * d + 2 * 2 * T * d  # qkv, out proj, QK^T and AV
         if kind == "dense":
-            counts["dense_ffn"] += 2 * 2 * d * cfg.ffn_width
+            counts["dense_ffn"] += (3 if cfg.ffn_gated else 2) * 2 * d * cfg.ffn_width  # gated: gate, up, down
         else:
             counts["router"] += router_flops(cfg)
             counts["active_units"] += 2 * 2 * cfg.k * d  # k dot products in, k rows out

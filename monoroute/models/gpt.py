@@ -40,6 +40,24 @@ class HookedLayerNorm(nn.LayerNorm):
         return self.hook_normalized(super().forward(x))
 
 
+class HookedRMSNorm(nn.RMSNorm):
+    """nn.RMSNorm (Llama: no centring, no bias; computed in float32) with `hook_normalized`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.hook_normalized(self.weight * y.to(x.dtype))
+
+
+def build_norm(cfg: GPTConfig) -> nn.Module:
+    if cfg.norm == "rms":
+        return HookedRMSNorm(cfg.d_model, eps=cfg.ln_eps)
+    return HookedLayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
+
+
 def rotate(x: Tensor, positions: Tensor, dims: int, base: float) -> Tensor:
     """GPT-NeoX / Llama rotary embedding of (B, H, T, dh) at `positions` (T,): the first `dims` channels
     of each head, as two halves (x1, x2) rotated by angle position * base^(-2i / dims)."""
@@ -56,31 +74,35 @@ def rotate(x: Tensor, positions: Tensor, dims: int, base: float) -> Tensor:
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.n_head, self.dropout = cfg.n_head, cfg.dropout
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.n_head, self.n_kv, self.dropout = cfg.n_head, cfg.kv_heads, cfg.dropout
+        self.kv_dim = cfg.d_model // cfg.n_head * cfg.kv_heads  # grouped-query attention: fewer k/v heads
+        self.qkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * self.kv_dim, bias=cfg.layer_qkv_bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
         self.rotary = (cfg.head_rotary_dims, cfg.rotary_base) if cfg.position == "rotary" else None
 
     def forward(self, x: Tensor, cache: "LayerCache | None" = None) -> Tensor:
         B, T, d = x.shape
-        q, k, v = self.qkv(x).split(d, dim=2)  # (B, T, d) each
+        dh = d // self.n_head
+        q, k, v = self.qkv(x).split([d, self.kv_dim, self.kv_dim], dim=2)  # (B, T, d), (B, T, kv_dim) x 2
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
-        q, k, v = (t.view(B, T, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, dh)
+        q = q.view(B, T, self.n_head, dh).transpose(1, 2)  # (B, H, T, dh)
+        k, v = (t.view(B, T, self.n_kv, dh).transpose(1, 2) for t in (k, v))  # (B, H_kv, T, dh)
         if self.rotary is not None:
             past = 0 if cache is None else cache.length
             positions = torch.arange(past, past + T, device=x.device)
             q, k = rotate(q, positions, *self.rotary), rotate(k, positions, *self.rotary)
         p = self.dropout if self.training else 0.0
-        if cache is None or cache.length == 0:
-            if cache is not None:
-                cache.extend(k, v)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)  # (B, H, T, dh)
-        else:  # T new queries at positions past..past+T-1 over every cached key and their own
+        mask, causal = None, True
+        if cache is not None:
             past = cache.length
-            k, v = cache.extend(k, v)  # (B, H, past + T, dh)
-            mask = None if T == 1 else torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+            k, v = cache.extend(k, v)  # (B, H_kv, past + T, dh): the cache holds the shared heads once
+            if past:  # T new queries at positions past..past+T-1 over every cached key and their own
+                causal = False
+                mask = None if T == 1 else torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+        if self.n_kv != self.n_head:  # each k/v head serves n_head / n_kv query heads
+            k, v = (t.repeat_interleave(self.n_head // self.n_kv, dim=1) for t in (k, v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=p)  # (B, H, T, dh)
         return self.proj(y.transpose(1, 2).reshape(B, T, d))
 
 
@@ -119,19 +141,31 @@ class KVCache:
 
 
 class DenseMLP(nn.Module):
-    """The standard transformer FFN: d -> d_ff -> GELU -> d."""
+    """The standard transformer FFN: d -> d_ff -> GELU -> d; gated (Llama's SwiGLU, `ffn_gated`):
+    down(act(gate(x)) * up(x)), with hook_pre on the gate's pre-activation and hook_pre_linear on up(x)
+    (TransformerLens' names)."""
 
     def __init__(self, cfg: GPTConfig, width: int | None = None) -> None:
         super().__init__()
         width = width or cfg.ffn_width
+        self.gate = nn.Linear(cfg.d_model, width, bias=cfg.bias) if cfg.ffn_gated else None
         self.up = nn.Linear(cfg.d_model, width, bias=cfg.bias)
         self.down = nn.Linear(width, cfg.d_model, bias=cfg.bias)
-        self.approximate = "tanh" if cfg.dense_activation == "gelu_tanh" else "none"
+        self.activation = cfg.dense_activation
         self.hook_pre, self.hook_post = HookPoint(), HookPoint()
+        self.hook_pre_linear = HookPoint() if cfg.ffn_gated else None
+
+    def act(self, pre: Tensor) -> Tensor:
+        if self.activation == "silu":
+            return F.silu(pre)
+        return F.gelu(pre, approximate="tanh" if self.activation == "gelu_tanh" else "none")
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.gate is not None:
+            pre = self.hook_pre(self.gate(x))  # (B, T, d_ff)
+            return self.down(self.hook_post(self.act(pre) * self.hook_pre_linear(self.up(x))))
         pre = self.hook_pre(self.up(x))  # (B, T, d_ff)
-        return self.down(self.hook_post(F.gelu(pre, approximate=self.approximate)))
+        return self.down(self.hook_post(self.act(pre)))
 
 
 def build_ffn(cfg: GPTConfig, kind: str) -> nn.Module:
@@ -153,8 +187,7 @@ def build_ffn(cfg: GPTConfig, kind: str) -> nn.Module:
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig, ffn_kind: str) -> None:
         super().__init__()
-        self.ln_1 = HookedLayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
-        self.ln_2 = HookedLayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
+        self.ln_1, self.ln_2 = build_norm(cfg), build_norm(cfg)
         self.attn = CausalSelfAttention(cfg)
         self.mlp = build_ffn(cfg, ffn_kind)
         # Hybrid: a slim dense FFN beside the routed layer, reading the same input; their outputs add.
@@ -182,7 +215,7 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.position == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, kind) for kind in cfg.ffn_kinds())
-        self.ln_f = HookedLayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
+        self.ln_f = build_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.lm_head.weight = self.wte.weight

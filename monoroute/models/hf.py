@@ -28,7 +28,7 @@ import torch
 from monoroute.errors import MonorouteError
 from monoroute.models.config import GPTConfig
 
-ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "silu": "silu"}
 WEIGHTS = "model.safetensors"
 TOKENIZER = "tokenizer.json"
 
@@ -48,10 +48,13 @@ def read_hf_config(folder: str | Path) -> dict:
                              f"settings; restore the file save_pretrained wrote")
     kind = cfg.get("model_type")
     if kind not in FAMILIES:
-        raise MonorouteError(f"--from-hf {folder}: model_type {kind!r} is not supported; only GPT-2 ('gpt2') and "
-                             f"GPT-NeoX / Pythia ('gpt_neox') checkpoints load into this GPT")
+        raise MonorouteError(f"--from-hf {folder}: model_type {kind!r} is not supported; only GPT-2 ('gpt2'), "
+                             f"GPT-NeoX / Pythia ('gpt_neox'), Llama ('llama') and Qwen2 ('qwen2') checkpoints load "
+                             f"into this GPT")
     if kind == "gpt_neox":
         return check_neox(cfg, folder)
+    if kind in ("llama", "qwen2"):
+        return check_llama(cfg, folder)
     if cfg.get("scale_attn_by_inverse_layer_idx"):
         raise MonorouteError(f"--from-hf {folder}: scale_attn_by_inverse_layer_idx=true is not supported")
     if cfg.get("scale_attn_weights", True) is not True:
@@ -66,7 +69,9 @@ def read_hf_config(folder: str | Path) -> dict:
 SIZES = ("n_embd", "vocab_size", "n_positions", "n_layer", "n_head")
 NEOX_SIZES = ("hidden_size", "vocab_size", "max_position_embeddings", "num_hidden_layers", "num_attention_heads",
               "intermediate_size")
-FAMILIES = ("gpt2", "gpt_neox")
+FAMILIES = ("gpt2", "gpt_neox", "llama", "qwen2")
+LLAMA_SIZES = ("hidden_size", "vocab_size", "max_position_embeddings", "num_hidden_layers", "num_attention_heads",
+               "intermediate_size")
 
 
 def check_neox(cfg: dict, folder) -> dict:
@@ -80,6 +85,28 @@ def check_neox(cfg: dict, folder) -> dict:
     act = cfg.get("hidden_act", "gelu")
     if act not in ACTIVATIONS:
         raise MonorouteError(f"--from-hf {folder}: hidden_act {act!r} is not supported; one of {', '.join(ACTIVATIONS)}")
+    return cfg
+
+
+def check_llama(cfg: dict, folder) -> dict:
+    rope = neox_rope(cfg)
+    if rope.get("rope_type", "default") != "default" or cfg.get("rope_scaling"):
+        raise MonorouteError(f"--from-hf {folder}: rope scaling ({rope.get('rope_type') or cfg.get('rope_scaling')}) "
+                             f"is not supported; only plain rotary positions (Llama 1/2, SmolLM, TinyLlama, Qwen2)")
+    if cfg.get("use_sliding_window") or any(t != "full_attention" for t in cfg.get("layer_types") or []):
+        raise MonorouteError(f"--from-hf {folder}: sliding-window attention is not supported; only full attention")
+    if cfg.get("mlp_bias") or cfg.get("attention_bias"):
+        raise MonorouteError(f"--from-hf {folder}: mlp_bias / attention_bias true is not supported (Llama has none)")
+    if cfg.get("pretraining_tp", 1) != 1:
+        raise MonorouteError(f"--from-hf {folder}: pretraining_tp={cfg.get('pretraining_tp')} is not supported")
+    d, heads = cfg.get("hidden_size"), cfg.get("num_attention_heads")
+    if cfg.get("head_dim") not in (None,) and isinstance(d, int) and isinstance(heads, int) and heads \
+            and cfg["head_dim"] != d // heads:
+        raise MonorouteError(f"--from-hf {folder}: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads "
+                             f"({d // heads}) is not supported")
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise MonorouteError(f"--from-hf {folder}: hidden_act {act!r} is not supported for a gated FFN; only 'silu'")
     return cfg
 
 
@@ -100,6 +127,20 @@ def check_sizes(cfg: dict, keys, folder) -> None:
 
 
 def gpt_config_from_hf(cfg: dict, folder: str | Path = "") -> GPTConfig:
+    if cfg.get("model_type") in ("llama", "qwen2"):
+        check_sizes(cfg, LLAMA_SIZES, folder)
+        d, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        kv = cfg.get("num_key_value_heads") or heads
+        if d % heads or isinstance(kv, bool) or not isinstance(kv, int) or heads % kv:
+            raise MonorouteError(f"--from-hf {folder}: hidden_size {d}, num_attention_heads {heads} and "
+                                 f"num_key_value_heads {kv} do not divide evenly")
+        return GPTConfig(
+            vocab_size=cfg["vocab_size"], block_size=cfg["max_position_embeddings"], n_layer=cfg["num_hidden_layers"],
+            n_head=heads, d_model=d, dropout=0.0, bias=False, qkv_bias=cfg["model_type"] == "qwen2",
+            tie_weights=bool(cfg.get("tie_word_embeddings", False)), ffn="dense", d_ff=cfg["intermediate_size"],
+            dense_activation="silu", ffn_gated=True, ln_eps=cfg.get("rms_norm_eps", 1e-6), norm="rms",
+            n_kv_head=kv, position="rotary", rotary_base=float(neox_rope(cfg)["rope_theta"]),
+        ).validate()
     if cfg.get("model_type") == "gpt_neox":
         check_sizes(cfg, NEOX_SIZES, folder)
         d, heads = cfg["hidden_size"], cfg["num_attention_heads"]
@@ -163,9 +204,40 @@ def neox_state_dict(hf: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, to
     return out
 
 
+def llama_state_dict(hf: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """Llama / Qwen2 tensor names -> ours (the model.* prefix of LlamaForCausalLM is optional): q, k and v
+    projections concatenated into qkv (k and v with n_kv_head heads), gate / up / down as ours."""
+    src = {(k[len("model."):] if k.startswith("model.") else k): v for k, v in hf.items()}
+
+    def take(name: str) -> torch.Tensor:
+        if name not in src:
+            raise MonorouteError(f"HF checkpoint lacks tensor {name!r}; is it a Llama-family model?")
+        return src[name]
+
+    out = {"wte.weight": take("embed_tokens.weight"), "ln_f.weight": take("norm.weight")}
+    for i in range(cfg.n_layer):
+        h, b = f"layers.{i}.", f"blocks.{i}."
+        for ours, theirs in (("ln_1", "input_layernorm"), ("ln_2", "post_attention_layernorm"),
+                             ("attn.proj", "self_attn.o_proj"), ("mlp.gate", "mlp.gate_proj"),
+                             ("mlp.up", "mlp.up_proj"), ("mlp.down", "mlp.down_proj")):
+            out[b + ours + ".weight"] = take(h + theirs + ".weight")
+        out[b + "attn.qkv.weight"] = torch.cat([take(h + f"self_attn.{p}_proj.weight") for p in "qkv"])
+        if cfg.layer_qkv_bias:
+            out[b + "attn.qkv.bias"] = torch.cat([take(h + f"self_attn.{p}_proj.bias") for p in "qkv"])
+    if cfg.tie_weights:
+        out["lm_head.weight"] = out["wte.weight"]
+    else:
+        if "lm_head.weight" not in hf:
+            raise MonorouteError("HF checkpoint has untied embeddings but no lm_head.weight")
+        out["lm_head.weight"] = hf["lm_head.weight"]
+    return out
+
+
 def hf_state_dict(hf: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
     """GPT-2 tensor names -> ours (the transformer.* prefix of GPT2LMHeadModel is optional); GPT-NeoX
-    checkpoints (position="rotary") go to neox_state_dict."""
+    (rotary, LayerNorm) and Llama-family (RMSNorm) checkpoints go to their own mappings."""
+    if cfg.norm == "rms":
+        return llama_state_dict(hf, cfg)
     if cfg.position == "rotary":
         return neox_state_dict(hf, cfg)
     src = {(k[len("transformer."):] if k.startswith("transformer.") else k): v for k, v in hf.items()}
