@@ -273,11 +273,11 @@ def test_hf_refuses_pickles_and_other_architectures(hf_folder, tmp_path, capsys)
     (pickled / "tokenizer.json").write_text((folder / "tokenizer.json").read_text())
     assert main(["upcycle", "--from-hf", str(pickled), "--out", str(tmp_path / "o")]) == 2
     assert "pickles are not loaded" in error_line(capsys)
-    llama = tmp_path / "llama"
-    llama.mkdir()
-    (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    assert main(["upcycle", "--from-hf", str(llama), "--out", str(tmp_path / "o")]) == 2
-    assert "only GPT-2 ('gpt2') and GPT-NeoX" in error_line(capsys)
+    mistral = tmp_path / "mistral"
+    mistral.mkdir()
+    (mistral / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    assert main(["upcycle", "--from-hf", str(mistral), "--out", str(tmp_path / "o")]) == 2
+    assert "model_type 'mistral' is not supported" in error_line(capsys)
     assert not (tmp_path / "o").exists()
 
 
@@ -730,16 +730,50 @@ def test_llama_family_logits_equal_transformers(llama_folder):
     assert flops_per_token(cfg)["total"] == pytest.approx(matmuls, rel=0.02)
 
 
-def test_llama_upcycle_is_refused_in_one_line_until_gated_units_exist(llama_folder, tmp_path, capsys):
+def test_llama_upcycles_into_gated_units_end_to_end(llama_folder, tmp_path, capsys):
+    """A SwiGLU teacher upcycles into gated routed units (h = silu(gate·x) * (w_in·x)): the converted
+    teacher's val loss is transformers' own, the student's FLOPs count three dots per unit and stay below
+    the teacher's, and `eval` reads the result."""
+    import torch.nn.functional as F
+
+    from monoroute.data import prepare_data
+    from monoroute.models.flops import flops_per_token
+    from monoroute.models.config import GPTConfig
+    from monoroute.train.trainer import read_run_config
+
+    folder, reference = llama_folder
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"def add{i}(a, b):\n    return a + b  # the cat sat on the mat\n" for i in range(4000)))
+    out = tmp_path / "routed"
+    assert main(["upcycle", "--from-hf", str(folder), "--data", str(corpus), "--out", str(out), "--n-units", "256",
+                 "--k", "8", "--distill-tokens", "2048", "--steps", "4", *FAST]) == 0
+    student = GPTConfig.from_dict(json.loads((out / "config.json").read_text())["run"]["model"])
+    assert student.ffn_gated and student.activation == "silu" and student.norm == "rms"
+    teacher_cfg = read_run_config(out / "teacher")
+    assert flops_per_token(student)["active_units"] == 2 * 3 * 2 * 8 * 32  # 2 layers, 3 dots of d per unit
+    assert flops_per_token(student)["total"] < flops_per_token(teacher_cfg.model)["total"]
+    capsys.readouterr()
+    assert main(["eval", str(out / "teacher"), "--json"]) == 0
+    teacher = json.loads(capsys.readouterr().out)["val_loss"]
+    store = prepare_data(teacher_cfg.data)
+    with torch.no_grad():
+        losses = [F.cross_entropy(reference(x).logits.flatten(0, 1).float(), y.flatten()).item()
+                  for x, y in store.eval_batches(teacher_cfg.train.batch_size, teacher_cfg.model.block_size,
+                                                 teacher_cfg.train.eval_batches)]
+    assert teacher == pytest.approx(sum(losses) / len(losses), abs=1e-4)
+    assert main(["eval", str(out), "--json"]) == 0
+    assert math.isfinite(json.loads(capsys.readouterr().out)["val_loss"])
+
+
+def test_llama_family_refusals_are_one_error_line(llama_folder, tmp_path, capsys):
     folder, _ = llama_folder
-    assert main(["upcycle", "--from-hf", str(folder), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
-    assert "routed gated units are not built yet" in error_line(capsys)
-    assert not (tmp_path / "o").exists()
     cfg = json.loads((folder / "config.json").read_text())
     for name, config, message in (("window", {**cfg, "use_sliding_window": True, "layer_types":
                                               ["sliding_attention"] * 2}, "sliding-window"),
                                   ("rope", {**cfg, "rope_parameters": {"rope_theta": 5e5, "rope_type": "llama3",
-                                                                       "factor": 8.0}}, "rope scaling")):
+                                                                       "factor": 8.0}}, "rope scaling"),
+                                  ("act", {**cfg, "hidden_act": "gelu"}, "hidden_act 'gelu'")):
         broken = _broken_copy(folder, tmp_path / name, json.dumps(config))
         assert main(["upcycle", "--from-hf", str(broken), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
         assert message in error_line(capsys)
+        assert not (tmp_path / "o").exists()

@@ -23,6 +23,11 @@ down to the token's selection threshold; "preact" selects, among the top 2k by s
 whose pre-activation is positive. "none" (default) is the plain layer. GELU/SiLU units are nonzero
 almost everywhere, so every selected unit fires (L0 = k, k is a quota) and coupling does not apply.
 
+Gated units (`gated=True`, for a SwiGLU teacher such as Llama's): each unit has a gate row too,
+h_i = act(w_gate[i] · x) * (w_in[i] · x + b_i), as a gated FFN neuron is; the router selects on the
+gate's pre-activation (what decides whether act(·) lets the unit through), and hook_pre holds it.
+It runs on the same two primitives (three sampled dots' worth of work instead of two).
+
 Sparse compute: only the two primitives of `compute.py` touch the unit tables, so activation
 memory is O(T·k) and only the selected rows of w_in/w_out receive gradient.
 
@@ -46,7 +51,7 @@ from torch.profiler import record_function
 from monoroute.errors import MonorouteError
 from monoroute.hooks import HookPoint, SparseActivations
 from monoroute.layers.compute import (ACTIVATIONS, available_impls, compose_unit_ffn, impl_primitives, resolve_impl,
-                                     unit_ffn)
+                                     unit_activation, unit_ffn)
 from monoroute.layers.routing import Routing, build_router
 
 SCOPE_ROUTER, SCOPE_UNITS, SCOPE_AUX = "monoroute::router", "monoroute::units", "monoroute::aux"
@@ -114,6 +119,7 @@ class RoutedFFN(nn.Module):
         router_detach: bool = False,
         query_norm: str = "none",
         revival_target: str = "score",
+        gated: bool = False,
     ) -> None:
         super().__init__()
         if not 1 <= k <= n_units:
@@ -168,6 +174,8 @@ class RoutedFFN(nn.Module):
         self.router_name = router
         self.w_in = nn.Parameter(torch.empty(n_units, d_model).uniform_(-1, 1) / math.sqrt(d_model))
         self.b_in = nn.Parameter(torch.zeros(n_units)) if bias else None
+        self.w_gate = nn.Parameter(torch.empty(n_units, d_model).uniform_(-1, 1) / math.sqrt(d_model)) if gated \
+            else None
         self.w_out = nn.Parameter(torch.randn(n_units, d_model) / math.sqrt(k * d_model))
         self.b_out = nn.Parameter(torch.zeros(d_model)) if out_bias else None
         self.hook_pre = HookPoint()
@@ -192,7 +200,7 @@ class RoutedFFN(nn.Module):
         # gradient, so they train the router (and the revived units' rows), never the trunk below.
         xr = xt.detach() if self.router_detach else xt
         with record_function(SCOPE_ROUTER):  # named scopes: `monoroute bench train --profile` splits a step by them
-            routing = self.router(xr, self.w_in, self.b_in)  # (T, k) ids and scores
+            routing = self.router(xr, *self.select_tables())  # (T, k) ids and scores
         idx = routing.indices
         gate_logits = routing.scores if self.gate == "sigmoid" else None
         offset = routing.pre_offset  # (T, k) a factored router's share of the pre-activation, or None
@@ -209,8 +217,29 @@ class RoutedFFN(nn.Module):
             y = y + self.b_out
         return y.view(*lead, self.d_model)
 
+    def select_tables(self) -> tuple[Tensor, Tensor | None]:
+        """The rows whose pre-activation selection reads: the gate's for gated units, else w_in and b_in."""
+        return (self.w_gate, None) if self.w_gate is not None else (self.w_in, self.b_in)
+
+    def gated_compute(self, xt: Tensor, idx: Tensor, gate_logits, lead) -> tuple[Tensor, Tensor, SparseActivations]:
+        """h = act(w_gate[i]·x) * (w_in[i]·x + b_i) [* sigmoid(score)], y = sum_i h_i w_out[i]."""
+        impl = resolve_impl(self.impl, xt.device)
+        g = impl.sampled_dot(xt, self.w_gate, idx, self.sparse_grad)  # (T, k) the gate's pre-activation
+        g = self.hook_pre(g.view(*lead, self.k)).reshape(-1, self.k)
+        u = impl.sampled_dot(xt, self.w_in, idx, self.sparse_grad)  # (T, k) the linear part
+        if self.b_in is not None:
+            u = u + self.b_in[idx]
+        h = unit_activation(g, gate_logits, self.activation) * u
+        acts = self.hook_post(SparseActivations(idx.view(*lead, self.k), h.view(*lead, self.k), self.n_units))
+        kk = acts.indices.shape[-1]
+        y = impl.weighted_gather_sum(acts.values.reshape(-1, kk), acts.indices.reshape(-1, kk), self.w_out,
+                                     self.sparse_grad)
+        return y, acts.values.reshape(-1, kk), acts
+
     def unit_compute(self, xt: Tensor, idx: Tensor, gate_logits, offset, lead) -> tuple[Tensor, Tensor, SparseActivations]:
         """The selected units' output (T, d), their activations h (T, k) and the hooked activations."""
+        if self.w_gate is not None:
+            return self.gated_compute(xt, idx, gate_logits, lead)
         if offset is None and not (self.hook_pre.active or self.hook_post.active):
             # No hook needs to see or change pre/h: the impl's fused op where it has one, whose
             # backward sorts idx once for both tables.
@@ -345,7 +374,8 @@ class RoutedFFN(nn.Module):
         if dead.numel() == 0 or xt.shape[0] == 0:
             return xt.new_zeros(())
         units = dead[torch.randperm(dead.numel(), device=dead.device)[: self.aux_units]]  # (U,)
-        scores = self.router.score_units(xt, units, self.w_in, self.b_in, self.sparse_grad, routing)  # (T, U)
+        w_sel, b_sel = self.select_tables()
+        scores = self.router.score_units(xt, units, w_sel, b_sel, self.sparse_grad, routing)  # (T, U)
         best_token = scores.detach().argmax(0)  # (U,) where each dead unit is closest to selection
         best_score = scores.gather(0, best_token.unsqueeze(0)).squeeze(0)  # (U,)
         rerank_exact = self.revival_target == "selection" and routing.candidate_pre is not None and \
@@ -359,9 +389,9 @@ class RoutedFFN(nn.Module):
             threshold = threshold.clamp(min=0)  # selected but not positive is still not firing
         loss = F.relu(threshold - best_score).mean()
         if not by_preact and (self.activation == "relu" or rerank_exact):
-            pre = (xt[best_token] * F.embedding(units, self.w_in, sparse=self.sparse_grad)).sum(-1)
-            if self.b_in is not None:
-                pre = pre + self.b_in[units]
+            pre = (xt[best_token] * F.embedding(units, w_sel, sparse=self.sparse_grad)).sum(-1)
+            if b_sel is not None:
+                pre = pre + b_sel[units]
             floor = routing.candidate_pre.detach().topk(self.k, dim=-1).values[:, -1][best_token] if rerank_exact \
                 else torch.zeros_like(pre)
             if self.activation == "relu":

@@ -114,7 +114,8 @@ class GPTConfig:
     # Llama family: RMSNorm ("rms", no bias), grouped-query attention (n_kv_head key/value heads, each
     # shared by n_head / n_kv_head query heads; None = n_head), a gated dense FFN
     # down(act(gate(x)) * up(x)) (SwiGLU with dense_activation "silu"), and q/k/v biases on their own
-    # (qkv_bias; None = bias: Qwen2 has them while its other layers have none).
+    # (qkv_bias; None = bias: Qwen2 has them while its other layers have none). With ffn_gated a routed
+    # layer's units are gated too (RoutedFFN gated=True: h = act(gate·x) * (w_in·x + b)).
     norm: str = "layer"
     n_kv_head: int | None = None
     ffn_gated: bool = False
@@ -196,9 +197,6 @@ class GPTConfig:
         kv = self.kv_heads
         if isinstance(kv, bool) or not isinstance(kv, int) or kv < 1 or self.n_head % kv:
             raise MonorouteError(f"n_kv_head must be a whole number dividing n_head={self.n_head}, got {kv!r}")
-        if self.ffn_gated and "routed" in self.ffn_kinds():
-            raise MonorouteError("ffn_gated is a dense FFN's (Llama's SwiGLU); routed gated units are not built yet "
-                                 "(issue 33): use ffn='dense'")
         if self.position not in POSITIONS:
             raise MonorouteError(f"unknown position {self.position!r}; choose one of {', '.join(POSITIONS)}")
         if self.position == "rotary":

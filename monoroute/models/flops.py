@@ -22,7 +22,7 @@ def flops_per_token(cfg: GPTConfig) -> dict[str, int]:
             counts["dense_ffn"] += (3 if cfg.ffn_gated else 2) * 2 * d * cfg.ffn_width  # gated: gate, up, down
         else:
             counts["router"] += router_flops(cfg)
-            counts["active_units"] += 2 * 2 * cfg.k * d  # k dot products in, k rows out
+            counts["active_units"] += (3 if cfg.ffn_gated else 2) * 2 * cfg.k * d  # k dots in (and gate), k rows out
             counts["dense_ffn"] += 2 * 2 * d * cfg.dense_beside  # the hybrid's slim dense FFN, if any
     counts["unembedding"] = 2 * d * cfg.vocab_size
     counts["total"] = sum(counts.values())

@@ -28,7 +28,7 @@ from torch.distributed.tensor import Shard
 from monoroute.errors import MonorouteError
 from monoroute.layers import RoutedFFN
 
-COLUMN_SHARDED = ("w_in", "w_out")
+COLUMN_SHARDED = ("w_in", "w_out", "w_gate")
 
 
 def shard_model(model: nn.Module, mesh: DeviceMesh | None = None) -> nn.Module:

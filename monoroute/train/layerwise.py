@@ -203,6 +203,8 @@ def init_from_data(ffn: RoutedFFN, x: Tensor, seed: int = 0) -> None:
     rows = torch.cat([k1.repeat_interleave(router.n_sub, 0), k2.repeat(router.n_sub, 1)], dim=1)  # (N, d)
     norm = ffn.w_in.norm(dim=1).mean()
     ffn.w_in.copy_((F.normalize(rows, dim=-1) * norm).to(device))
+    if ffn.w_gate is not None:  # gated units: the gate (what selection reads) starts on the same directions
+        ffn.w_gate.copy_(ffn.w_in)
     if ffn.b_in is not None:
         ffn.b_in.zero_()
 

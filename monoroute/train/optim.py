@@ -48,7 +48,7 @@ from torch.optim.adamw import adamw
 from monoroute.errors import MonorouteError
 from monoroute.layers import ProductKeyRouter, RoutedFFN
 
-UNIT_TABLES = ("w_in", "w_out", "b_in")
+UNIT_TABLES = ("w_in", "w_out", "b_in", "w_gate")
 
 
 def evaluate_closure(closure):

@@ -83,11 +83,15 @@ def student_config(teacher_cfg, out: str, overrides: dict, teacher_path: str, te
     sections = {"model": {**teacher_cfg.model.to_dict(), **UPCYCLE_ROUTING, "ffn": "routed", "out_bias": True},
                 "data": dict(vars(teacher_cfg.data)),
                 "train": {**vars(teacher_cfg.train), **STAGE2_DEFAULTS, "kl_coef": KL_COEF}}
+    if teacher_cfg.model.ffn_gated:  # a SwiGLU teacher: gated units with its activation on the gate
+        sections["model"]["activation"] = teacher_cfg.model.dense_activation
     given = set()
     for key, value in flatten_overrides(overrides):
         section, name = ALIASES.get(key) or field_owner(key)
         if section == "model" and name in ("d_model", "n_layer", "n_head", "block_size", "vocab_size", "bias",
-                                           "tie_weights", "ln_eps", "dense_activation"):
+                                           "tie_weights", "ln_eps", "dense_activation", "ffn_gated", "norm",
+                                           "n_kv_head", "position", "rotary_dims", "rotary_base",
+                                           "parallel_residual", "qkv_bias"):
             raise MonorouteError(f"{key} is the teacher's ({sections['model'][name]}); the student keeps the "
                                  f"teacher's shape outside its FFNs")
         if section == "model" and name == "ffn" and value != "routed":
