@@ -29,7 +29,8 @@ ERASE = [("facts", "erase_n", 0), ("erased", "erased_share", 2), ("K (2 template
          ("drop, same person", "erase_drop_same_person", 3), ("(random K)", "erase_drop_same_person_floor", 3),
          ("edit ok", "edit_success", 2)]
 WHERE = [("dedicated facts", "dedicated_facts", 3), ("(perm.)", "dedicated_facts_floor", 3),
-         ("(untrained)", "dedicated_facts_untrained", 3), ("route: same fact", "route_same_fact", 3),
+         ("(untrained)", "dedicated_facts_untrained", 3), ("... before the value", "dedicated_facts_prompt_end", 3),
+         ("(perm.)", "dedicated_facts_prompt_end_floor", 3), ("route: same fact", "route_same_fact", 3),
          ("same template", "route_same_template", 3), ("margin", "route_margin", 3),
          ("(perm.)", "route_margin_floor", 3), ("top-person share", "top_person_share", 3),
          ("(untrained)", "top_person_share_floor", 3), ("eval s", "seconds", 0), ("peak MB", "peak_rss_mb", 0)]

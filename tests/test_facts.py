@@ -481,6 +481,8 @@ def test_where_facts_live_positive_and_negative_controls():
     assert out["renderings"] == len(facts) * 4
     assert site["dedicated"] == [[1, 2]] and site["dedicated_facts_share"] == pytest.approx(1 / len(facts))
     assert site["dedicated_facts_share_floor"] == 0.0  # its renderings shuffled among people: no fact keeps them
+    # unit 0 fires from the prompt's last position on: dedicated before any byte of the value as well
+    assert site["dedicated_facts_share_prompt_end"] == pytest.approx(1 / len(facts))
     # units 1..15 fire on every lookup position: routes are identical, so the margin is zero
     assert site["route_overlap"]["margin"] == pytest.approx(0.0, abs=0.02)
     # negative: unit 0 stores it in one sentence only (1 of 4 renderings): not dedicated

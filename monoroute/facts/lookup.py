@@ -11,8 +11,10 @@ units that fire anywhere on its lookup positions are collected:
   neuron when its activation reaches its *own* high quantile (`quantile`, over all lookup positions)
   and is > 0, so "fires" means the same rarity for a GELU neuron as for a sparse unit, not "> 0"
   (about half of all positions).
-- dedication: a fact has a dedicated unit when some unit fires on ≥ `min_renderings` of the fact's
-  R renderings and ≥ `precision` of all the renderings it fires on are that fact's.
+- dedication: a fact has a dedicated unit when some unit fires on ≥ 3/4 of the fact's R renderings
+  and ≥ `precision` of all the renderings it fires on are that fact's; read over all lookup positions
+  and, separately, at the prompt's last position alone (before any byte of the value: inside the
+  value a unit may be reading the value's spelling, which at small P is as unique as the fact).
 - top-fact share: per unit firing on ≥ R renderings, the share of them on its most frequent fact.
 - route overlap: the Jaccard similarity of the units firing at the lookup position (the prompt's last
   position) for one fact across templates, against the same attribute and template across people,
@@ -193,11 +195,13 @@ def where_facts_live(subject, world: FactsWorld, facts: list[tuple[int, int]], q
     for name, (f_sets, r_sets) in views.items():
         rng = random.Random(f"facts-lookup-{seed}-{name}")
         ded = dedication(labels, f_sets, len(facts), n_renders)
+        ded_end = dedication(labels, r_sets, len(facts), n_renders)
         ov = overlap(rend, labels, r_sets, facts, n_pairs, rng)
-        floors_d, floors_o = [], []
+        floors_d, floors_e, floors_o = [], [], []
         for _ in range(n_perm):
             perm = permuted(rend, labels, facts, rng)
             floors_d.append(dedication(perm, f_sets, len(facts), n_renders))
+            floors_e.append(dedication(perm, r_sets, len(facts), n_renders))
             floors_o.append(overlap(rend, perm, r_sets, facts, n_pairs, rng))
 
         def fmean(rows, key):
@@ -206,6 +210,10 @@ def where_facts_live(subject, world: FactsWorld, facts: list[tuple[int, int]], q
 
         out[name] = {"dedicated_facts_share": ded["dedicated_facts_share"],
                      "dedicated_facts_share_floor": fmean(floors_d, "dedicated_facts_share"),
+                     # at the prompt's last position only: before any byte of the value, so a unit
+                     # that reads the value's spelling (inside it) cannot pass for one that retrieves it
+                     "dedicated_facts_share_prompt_end": ded_end["dedicated_facts_share"],
+                     "dedicated_facts_share_prompt_end_floor": fmean(floors_e, "dedicated_facts_share"),
                      "median_top_fact_share": ded["median_top_fact_share"],
                      "median_top_fact_share_floor": fmean(floors_d, "median_top_fact_share"),
                      "units_firing": ded["units_firing"], "units_scored": ded["units_scored"],

@@ -20,8 +20,8 @@ COLUMNS = [("units", "units"), ("recall", "recall"), ("(person-blind)", "recall_
            ("drop other", "erase_drop_other"), ("(random K)", "erase_drop_other_floor"),
            ("edit ok", "edit_success"),
            ("dedicated facts", "dedicated_facts"), ("(perm.)", "dedicated_facts_floor"),
-           ("(untrained)", "dedicated_facts_untrained"),
-           ("route margin", "route_margin"), ("(perm.)", "route_margin_floor"),
+           ("(untrained)", "dedicated_facts_untrained"), ("... before the value", "dedicated_facts_prompt_end"),
+           ("(perm.)", "dedicated_facts_prompt_end_floor"), ("route margin", "route_margin"), ("(perm.)", "route_margin_floor"),
            ("top-person share", "top_person_share"), ("(untrained)", "top_person_share_floor")]
 
 
@@ -98,6 +98,8 @@ def headline(report: dict) -> dict:
     if look:
         a = look["all_sites"]
         out.update(dedicated_facts=a["dedicated_facts_share"], dedicated_facts_floor=a["dedicated_facts_share_floor"],
+                   dedicated_facts_prompt_end=a.get("dedicated_facts_share_prompt_end"),
+                   dedicated_facts_prompt_end_floor=a.get("dedicated_facts_share_prompt_end_floor"),
                    dedicated_facts_untrained=look0["all_sites"]["dedicated_facts_share"] if look0 else None,
                    route_margin=a["route_overlap"]["margin"], route_margin_floor=a["route_margin_floor"],
                    route_same_fact=a["route_overlap"]["same_fact_across_templates"],
