@@ -762,7 +762,11 @@ def test_llama_upcycles_into_gated_units_end_to_end(llama_folder, tmp_path, caps
                                                  teacher_cfg.train.eval_batches)]
     assert teacher == pytest.approx(sum(losses) / len(losses), abs=1e-4)
     assert main(["eval", str(out), "--json"]) == 0
-    assert math.isfinite(json.loads(capsys.readouterr().out)["val_loss"])
+    result = json.loads(capsys.readouterr().out)
+    assert math.isfinite(result["val_loss"]) and 0 <= result["selection_recall"] <= 1  # against the gate's top-k
+    # SAELens cannot express gated units: one line, nothing written
+    assert main(["export", str(out), "--format", "saelens", "--out", str(tmp_path / "sl")]) == 2
+    assert "gated units" in error_line(capsys) and not (tmp_path / "sl").exists()
 
 
 def test_llama_family_refusals_are_one_error_line(llama_folder, tmp_path, capsys):

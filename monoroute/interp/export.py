@@ -293,8 +293,10 @@ def _tensors(**named) -> dict:
     return {name: t.detach().to("cpu").float().contiguous().clone() for name, t in named.items()}
 
 
-def topk_expressible(router: str, activation: str, gate: str = "none") -> str | None:
+def topk_expressible(router: str, activation: str, gate: str = "none", gated: bool = False) -> str | None:
     """Why a routed layer is not a TopK transcoder sae-lens can run, or None if it is one."""
+    if gated:
+        return "have gated units (act(w_gate·x) · (w_in·x + b)), which no SAELens TopK SAE can express"
     if router != "dense":
         return ("route with product keys, which no SAELens SAE can express (an SAE picks its k latents by top-k of "
                 "their own pre-activations x @ W_enc + b_enc; product keys pick them by a separate query over "
@@ -389,7 +391,7 @@ def _routed_items(run: Path, run_cfg, set_name, layer, device, notes, reasons) -
         reasons.append(where)
         return []
     names = ", ".join(map(str, routed))
-    why = topk_expressible(run_cfg.model.router, run_cfg.model.activation)
+    why = topk_expressible(run_cfg.model.router, run_cfg.model.activation, gated=run_cfg.model.ffn_gated)
     if why:
         if explicit:
             raise MonorouteError(f"routed layer(s) {names} of {run} {why}; drop --set routed_units, export them "
@@ -402,7 +404,7 @@ def _routed_items(run: Path, run_cfg, set_name, layer, device, notes, reasons) -
     for i in routed:
         ffn = loaded.model.blocks[i].mlp
         assert isinstance(ffn, RoutedFFN)
-        why = topk_expressible(ffn.router_name, ffn.activation, ffn.gate)
+        why = topk_expressible(ffn.router_name, ffn.activation, ffn.gate, ffn.w_gate is not None)
         if why:  # the config said dense/relu; the module disagrees: never export it anyway
             raise MonorouteError(f"routed layer {i} of {run} would {why}; it cannot be exported to SAELens")
         meta = sae_metadata(run, run_cfg, "routed_units", i, {

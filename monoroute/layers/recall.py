@@ -30,10 +30,11 @@ def selection_recall(layer: RoutedFFN, x: Tensor) -> dict:
     was_training = layer.router.training
     layer.router.eval()
     try:
-        chosen = layer.router(x, layer.w_in, layer.b_in).indices  # (T, k)
+        chosen = layer.router(x, *layer.select_tables()).indices  # (T, k)
     finally:
         layer.router.train(was_training)
-    return recall_of(chosen, all_preacts(x, layer.w_in, layer.b_in, layer.router), layer.k)
+    # gated units: the exact top-k of what selection reads, the gate's pre-activation
+    return recall_of(chosen, all_preacts(x, *layer.select_tables(), layer.router), layer.k)
 
 
 def recall_of(chosen: Tensor, pre: Tensor, k: int) -> dict:
