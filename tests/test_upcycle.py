@@ -598,12 +598,18 @@ def neox_folder(request, tmp_path_factory, hf_folder):
                                         use_parallel_residual=request.param == "parallel", bos_token_id=0,
                                         eos_token_id=0)
     model = transformers.GPTNeoXForCausalLM(config).eval()
-    with torch.no_grad():  # non-zero biases and norms, so a mis-mapped tensor shows in the logits
+    return save_perturbed(model, folder, hf_folder[0])
+
+
+def save_perturbed(model, folder, tokenizer_from):
+    """Biases and norm weights moved off their init (so a mis-mapped tensor shows in the logits), then
+    saved as save_pretrained writes it, with the GPT-2 fixture's tokenizer."""
+    with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("bias") or "layernorm" in name or "layer_norm" in name:
+            if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(folder, safe_serialization=True)
-    (folder / "tokenizer.json").write_text((hf_folder[0] / "tokenizer.json").read_text())
+    (folder / "tokenizer.json").write_text((tokenizer_from / "tokenizer.json").read_text())
     return folder, model
 
 
@@ -697,13 +703,7 @@ def llama_folder(request, tmp_path_factory, hf_folder):
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**sizes)).eval()
     else:
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**sizes)).eval()
-    with torch.no_grad():  # norms and q/k/v biases away from their init, so a mis-mapped tensor shows
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(folder, safe_serialization=True)
-    (folder / "tokenizer.json").write_text((hf_folder[0] / "tokenizer.json").read_text())
-    return folder, model
+    return save_perturbed(model, folder, hf_folder[0])
 
 
 def test_llama_family_logits_equal_transformers(llama_folder):

@@ -173,15 +173,29 @@ def gpt_config_from_hf(cfg: dict, folder: str | Path = "") -> GPTConfig:
     ).validate()
 
 
-def neox_state_dict(hf: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
-    """GPT-NeoX tensor names -> ours (the gpt_neox.* prefix of GPTNeoXForCausalLM is optional)."""
-    src = {(k[len("gpt_neox."):] if k.startswith("gpt_neox.") else k): v for k, v in hf.items()}
+def tensor_reader(hf: dict[str, torch.Tensor], prefix: str, family: str):
+    """take(name): the checkpoint's tensor `name`, with or without the model class's `prefix`."""
+    src = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in hf.items()}
 
     def take(name: str) -> torch.Tensor:
         if name not in src:
-            raise MonorouteError(f"HF checkpoint lacks tensor {name!r}; is it a GPT-NeoX-family model?")
+            raise MonorouteError(f"HF checkpoint lacks tensor {name!r}; is it a {family} model?")
         return src[name]
 
+    return take
+
+
+def output_head(hf: dict[str, torch.Tensor], out: dict, cfg: GPTConfig, name: str) -> torch.Tensor:
+    if cfg.tie_weights:
+        return out["wte.weight"]
+    if name not in hf:
+        raise MonorouteError(f"HF checkpoint has untied embeddings but no {name}")
+    return hf[name]
+
+
+def neox_state_dict(hf: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """GPT-NeoX tensor names -> ours (the gpt_neox.* prefix of GPTNeoXForCausalLM is optional)."""
+    take = tensor_reader(hf, "gpt_neox.", "GPT-NeoX")
     H, d = cfg.n_head, cfg.d_model
     out = {"wte.weight": take("embed_in.weight"), "ln_f.weight": take("final_layer_norm.weight"),
            "ln_f.bias": take("final_layer_norm.bias")}
@@ -195,25 +209,14 @@ def neox_state_dict(hf: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, to
         w, bias = take(h + "attention.query_key_value.weight"), take(h + "attention.query_key_value.bias")
         out[b + "attn.qkv.weight"] = w.view(H, 3, d // H, d).transpose(0, 1).reshape(3 * d, d)
         out[b + "attn.qkv.bias"] = bias.view(H, 3, d // H).transpose(0, 1).reshape(3 * d)
-    if cfg.tie_weights:
-        out["lm_head.weight"] = out["wte.weight"]
-    else:
-        if "embed_out.weight" not in hf:
-            raise MonorouteError("HF checkpoint has untied embeddings but no embed_out.weight")
-        out["lm_head.weight"] = hf["embed_out.weight"]
+    out["lm_head.weight"] = output_head(hf, out, cfg, "embed_out.weight")
     return out
 
 
 def llama_state_dict(hf: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
     """Llama / Qwen2 tensor names -> ours (the model.* prefix of LlamaForCausalLM is optional): q, k and v
     projections concatenated into qkv (k and v with n_kv_head heads), gate / up / down as ours."""
-    src = {(k[len("model."):] if k.startswith("model.") else k): v for k, v in hf.items()}
-
-    def take(name: str) -> torch.Tensor:
-        if name not in src:
-            raise MonorouteError(f"HF checkpoint lacks tensor {name!r}; is it a Llama-family model?")
-        return src[name]
-
+    take = tensor_reader(hf, "model.", "Llama-family")
     out = {"wte.weight": take("embed_tokens.weight"), "ln_f.weight": take("norm.weight")}
     for i in range(cfg.n_layer):
         h, b = f"layers.{i}.", f"blocks.{i}."
@@ -224,12 +227,7 @@ def llama_state_dict(hf: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, t
         out[b + "attn.qkv.weight"] = torch.cat([take(h + f"self_attn.{p}_proj.weight") for p in "qkv"])
         if cfg.layer_qkv_bias:
             out[b + "attn.qkv.bias"] = torch.cat([take(h + f"self_attn.{p}_proj.bias") for p in "qkv"])
-    if cfg.tie_weights:
-        out["lm_head.weight"] = out["wte.weight"]
-    else:
-        if "lm_head.weight" not in hf:
-            raise MonorouteError("HF checkpoint has untied embeddings but no lm_head.weight")
-        out["lm_head.weight"] = hf["lm_head.weight"]
+    out["lm_head.weight"] = output_head(hf, out, cfg, "lm_head.weight")
     return out
 
 
@@ -240,12 +238,10 @@ def hf_state_dict(hf: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torc
         return llama_state_dict(hf, cfg)
     if cfg.position == "rotary":
         return neox_state_dict(hf, cfg)
-    src = {(k[len("transformer."):] if k.startswith("transformer.") else k): v for k, v in hf.items()}
+    read = tensor_reader(hf, "transformer.", "GPT-2-family")
 
     def take(name: str, transpose: bool = False) -> torch.Tensor:
-        if name not in src:
-            raise MonorouteError(f"HF checkpoint lacks tensor {name!r}; is it a GPT-2-family model?")
-        t = src[name]
+        t = read(name)
         return t.t().contiguous() if transpose else t
 
     out = {"wte.weight": take("wte.weight"), "wpe.weight": take("wpe.weight"),
@@ -259,12 +255,7 @@ def hf_state_dict(hf: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torc
                              ("mlp.up", "mlp.c_fc"), ("mlp.down", "mlp.c_proj")):
             out[b + ours + ".weight"] = take(h + theirs + ".weight", transpose=True)
             out[b + ours + ".bias"] = take(h + theirs + ".bias")
-    if cfg.tie_weights:
-        out["lm_head.weight"] = out["wte.weight"]
-    else:
-        if "lm_head.weight" not in hf:
-            raise MonorouteError("HF checkpoint has untied embeddings but no lm_head.weight")
-        out["lm_head.weight"] = hf["lm_head.weight"]
+    out["lm_head.weight"] = output_head(hf, out, cfg, "lm_head.weight")
     return out
 
 
