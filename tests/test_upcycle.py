@@ -781,3 +781,30 @@ def test_llama_family_refusals_are_one_error_line(llama_folder, tmp_path, capsys
         assert main(["upcycle", "--from-hf", str(broken), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
         assert message in error_line(capsys)
         assert not (tmp_path / "o").exists()
+
+
+def test_llama_upcycle_resumes_after_a_kill_in_stage_1(llama_folder, tmp_path, monkeypatch):
+    """Gated units resume like any other: killed right after stage 1's step-2 checkpoint, `--resume`
+    finishes the run from there."""
+    import monoroute.train.checkpoint as C
+
+    folder, _ = llama_folder
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"def add{i}(a, b):\n    return a + b  # the cat sat on the mat\n" for i in range(2000)))
+    out = tmp_path / "routed"
+
+    class Killed(BaseException):
+        pass
+
+    def kill_after_stage1_save(stage, step):
+        if stage == "pointer_switched" and step == 2:
+            raise Killed
+
+    monkeypatch.setattr(C, "reached", kill_after_stage1_save)
+    with pytest.raises(Killed):
+        main(["upcycle", "--from-hf", str(folder), "--data", str(corpus), "--out", str(out), "--n-units", "256",
+              "--k", "8", "--distill-tokens", "2048", "--steps", "4", *FAST])
+    monkeypatch.undo()
+    assert main(["upcycle", "--resume", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "upcycle" / "stage1.json").read_text())["resumed_at"] == 2
+    assert weights(out)["blocks.0.mlp.w_gate"].shape == (256, 32)
