@@ -59,11 +59,14 @@ class Subject:
         with self.model.hooks(self.splice()):
             return self.model(idx)[0]
 
+    def ablated(self, ablation: dict[int, Tensor] | None):
+        """Context: the given units (site index -> unit ids) zeroed on every position."""
+        return attached([(self.sites[i], (lambda u: (lambda act: ablate(act, u)))(units))
+                         for i, units in (ablation or {}).items() if len(units)])
+
     def scores(self, encoded: list[Encoded], ablation: dict[int, Tensor] | None = None) -> list[Tensor]:
-        """Candidate scores per query, with the given units (site index -> unit ids) zeroed."""
-        fns = [(self.sites[i], (lambda u: (lambda act: ablate(act, u)))(units))
-               for i, units in (ablation or {}).items() if len(units)]
-        with torch.no_grad(), attached(fns):
+        """Candidate scores per query, with the given units zeroed."""
+        with torch.no_grad(), self.ablated(ablation):
             return score_queries(self.forward, encoded, self.device)
 
 
@@ -222,10 +225,8 @@ class Controls:
         return float(np.mean([self.value_logp[f] - lp for f, lp in zip(facts, after)]))
 
     def true_value_logp(self, facts, ablation) -> list[float]:
-        fns = [(self.subject.sites[i], (lambda u: (lambda act: ablate(act, u)))(units))
-               for i, units in (ablation or {}).items() if len(units)]
         seqs = [(self.enc(f).prompt + self.enc(f).candidates[self.enc(f).true], len(self.enc(f).prompt)) for f in facts]
-        with torch.no_grad(), attached(fns):
+        with torch.no_grad(), self.subject.ablated(ablation):
             return score_sequences(self.subject.forward, seqs, self.subject.device).double().tolist()
 
 
@@ -279,7 +280,7 @@ def erase(subject: Subject, world: FactsWorld, facts: list[tuple[int, int]], max
         select = [encode_query(subject.tokenizer, q) for q in select_q]
         if not all(correct(s, e.true) for e, s in zip(select, subject.scores(select))):
             continue
-        scoring = {fam: [e for e in (encode_query(subject.tokenizer, q) for q in qs)] for fam, qs in score_q.items()}
+        scoring = {fam: [encode_query(subject.tokenizer, q) for q in qs] for fam, qs in score_q.items()}
         known_scoring = {fam: [e for e, s in zip(encs, subject.scores(encs)) if correct(s, e.true)]
                          for fam, encs in scoring.items()}
         ranked = attribution(subject, select)

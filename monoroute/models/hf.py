@@ -75,7 +75,7 @@ LLAMA_SIZES = ("hidden_size", "vocab_size", "max_position_embeddings", "num_hidd
 
 
 def check_neox(cfg: dict, folder) -> dict:
-    rope = neox_rope(cfg)
+    rope = rope_parameters(cfg)
     if rope.get("rope_type", "default") != "default" or cfg.get("rope_scaling"):
         raise MonorouteError(f"--from-hf {folder}: rope scaling ({rope.get('rope_type') or cfg.get('rope_scaling')}) "
                              f"is not supported; only plain rotary positions")
@@ -89,7 +89,7 @@ def check_neox(cfg: dict, folder) -> dict:
 
 
 def check_llama(cfg: dict, folder) -> dict:
-    rope = neox_rope(cfg)
+    rope = rope_parameters(cfg)
     if rope.get("rope_type", "default") != "default" or cfg.get("rope_scaling"):
         raise MonorouteError(f"--from-hf {folder}: rope scaling ({rope.get('rope_type') or cfg.get('rope_scaling')}) "
                              f"is not supported; only plain rotary positions (Llama 1/2, SmolLM, TinyLlama, Qwen2)")
@@ -100,7 +100,7 @@ def check_llama(cfg: dict, folder) -> dict:
     if cfg.get("pretraining_tp", 1) != 1:
         raise MonorouteError(f"--from-hf {folder}: pretraining_tp={cfg.get('pretraining_tp')} is not supported")
     d, heads = cfg.get("hidden_size"), cfg.get("num_attention_heads")
-    if cfg.get("head_dim") not in (None,) and isinstance(d, int) and isinstance(heads, int) and heads \
+    if cfg.get("head_dim") is not None and isinstance(d, int) and isinstance(heads, int) and heads \
             and cfg["head_dim"] != d // heads:
         raise MonorouteError(f"--from-hf {folder}: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads "
                              f"({d // heads}) is not supported")
@@ -110,8 +110,9 @@ def check_llama(cfg: dict, folder) -> dict:
     return cfg
 
 
-def neox_rope(cfg: dict) -> dict:
-    """rope_theta and partial_rotary_factor, from transformers 5's rope_parameters or the older keys."""
+def rope_parameters(cfg: dict) -> dict:
+    """rope_theta and partial_rotary_factor (NeoX and Llama alike), from transformers 5's rope_parameters
+    or the older keys."""
     rope = dict(cfg.get("rope_parameters") or {})
     rope.setdefault("rope_theta", cfg.get("rotary_emb_base", cfg.get("rope_theta", 10000.0)))
     rope.setdefault("partial_rotary_factor", cfg.get("rotary_pct", cfg.get("partial_rotary_factor", 1.0)))
@@ -139,14 +140,14 @@ def gpt_config_from_hf(cfg: dict, folder: str | Path = "") -> GPTConfig:
             n_head=heads, d_model=d, dropout=0.0, bias=False, qkv_bias=cfg["model_type"] == "qwen2",
             tie_weights=bool(cfg.get("tie_word_embeddings", False)), ffn="dense", d_ff=cfg["intermediate_size"],
             dense_activation="silu", ffn_gated=True, ln_eps=cfg.get("rms_norm_eps", 1e-6), norm="rms",
-            n_kv_head=kv, position="rotary", rotary_base=float(neox_rope(cfg)["rope_theta"]),
+            n_kv_head=kv, position="rotary", rotary_base=float(rope_parameters(cfg)["rope_theta"]),
         ).validate()
     if cfg.get("model_type") == "gpt_neox":
         check_sizes(cfg, NEOX_SIZES, folder)
         d, heads = cfg["hidden_size"], cfg["num_attention_heads"]
         if d % heads:
             raise MonorouteError(f"--from-hf {folder}: hidden_size {d} is not divisible by num_attention_heads {heads}")
-        rope = neox_rope(cfg)
+        rope = rope_parameters(cfg)
         return GPTConfig(
             vocab_size=cfg["vocab_size"], block_size=cfg["max_position_embeddings"], n_layer=cfg["num_hidden_layers"],
             n_head=heads, d_model=d, dropout=0.0, bias=True, tie_weights=bool(cfg.get("tie_word_embeddings", False)),
