@@ -808,3 +808,43 @@ def test_llama_upcycle_resumes_after_a_kill_in_stage_1(llama_folder, tmp_path, m
     assert main(["upcycle", "--resume", str(out), "--no-progress"]) == 0
     assert json.loads((out / "upcycle" / "stage1.json").read_text())["resumed_at"] == 2
     assert weights(out)["blocks.0.mlp.w_gate"].shape == (256, 32)
+
+
+@pytest.mark.parametrize("shape", ["serial", "parallel", "rms_gated"])
+def test_layer_fits_and_the_transcoder_read_exactly_what_the_ffn_reads(shape):
+    """Stage 1 and the post-hoc transcoder fit x -> mlp_out, so x must be the FFN's own input: ln_2 of
+    resid_mid, or of resid_pre under GPT-NeoX's parallel residual (the FFN never sees the attention's
+    output there), through the model's own norm (RMSNorm for Llama). Negative control: the other hook's
+    ln_2 differs from the FFN's input."""
+    from monoroute.interp.baselines import TranscoderBaseline
+    from monoroute.train.distill import routed_layer_fitter
+    from monoroute.train.layerwise import layer_cache
+
+    extra = dict(parallel_residual=shape == "parallel", position="rotary" if shape != "serial" else "learned")
+    if shape == "rms_gated":
+        extra.update(norm="rms", ffn_gated=True, bias=False)
+    torch.manual_seed(0)
+    dense = GPT(GPTConfig(vocab_size=64, n_layer=2, n_head=2, d_model=16, block_size=12, ffn="dense", d_ff=24,
+                          **extra)).eval()
+    routed = GPT(GPTConfig(vocab_size=64, n_layer=2, n_head=2, d_model=16, block_size=12, ffn="routed",
+                           n_units=32, k=4, router="dense", **extra)).eval()
+    idx = torch.randint(0, 64, (2, 12))
+    seen = {}
+    hooks = [dense.blocks[i].mlp.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0].detach()))
+             for i in range(2)]
+    with torch.no_grad():
+        dense(idx)
+    for h in hooks:
+        h.remove()
+    fitter = routed_layer_fitter(dense, routed)
+    pairs = fitter.pairs(layer_cache(dense, idx, fitter.hooks))
+    transcoder = TranscoderBaseline.for_model(dense, 1, 32, 4)
+    x_tc = transcoder.input_of(layer_cache(dense, idx, [transcoder.input_hook]))
+    for i in range(2):
+        torch.testing.assert_close(pairs[i][0], seen[i].reshape(-1, 16), rtol=0, atol=1e-6)
+    torch.testing.assert_close(x_tc, seen[1].reshape(-1, 16), rtol=0, atol=1e-6)
+    other = "hook_resid_mid" if shape == "parallel" else "hook_resid_pre"
+    wrong = dense.blocks[1].ln_2(layer_cache(dense, idx, [f"blocks.1.{other}"])[f"blocks.1.{other}"]).reshape(-1, 16)
+    assert (wrong - seen[1].reshape(-1, 16)).abs().max() > 1e-2
+    saved = TranscoderBaseline.from_saved(transcoder.config(), transcoder.tensors())
+    assert saved.input_hook == transcoder.input_hook and type(saved.ln) is type(transcoder.ln)

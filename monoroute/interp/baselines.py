@@ -417,12 +417,15 @@ class TranscoderBaseline(Baseline):
     name = "transcoder"
 
     def __init__(self, layer: int, d_model: int, n_units: int, k: int, ln_bias: bool = True, ln_eps: float = 1e-5,
-                 aux_coef: float = 0.1, dead_window: int = DEAD_TOKENS) -> None:
+                 aux_coef: float = 0.1, dead_window: int = DEAD_TOKENS, norm: str = "layer",
+                 parallel: bool = False) -> None:
         from monoroute.layers import RoutedFFN
 
         super().__init__(layer, n_units, k)
         self.d_model = d_model
-        self.ln = nn.LayerNorm(d_model, eps=ln_eps, bias=ln_bias)
+        # the model's own ln_2 kind (Llama: RMSNorm) and where it reads (NeoX's parallel residual: resid_pre)
+        self.norm, self.parallel = norm, parallel
+        self.ln = nn.RMSNorm(d_model, eps=ln_eps) if norm == "rms" else nn.LayerNorm(d_model, eps=ln_eps, bias=ln_bias)
         self.ln.requires_grad_(False)
         self.ffn = RoutedFFN(d_model, n_units, k, router="dense", activation="relu", aux_coef=aux_coef,
                              dead_window=dead_window)
@@ -431,13 +434,16 @@ class TranscoderBaseline(Baseline):
     @classmethod
     def for_model(cls, model, layer: int, n_units: int, k: int, **kwargs) -> "TranscoderBaseline":
         ln = model.blocks[layer].ln_2
-        base = cls(layer, model.cfg.d_model, n_units, k, ln_bias=ln.bias is not None, ln_eps=ln.eps, **kwargs)
+        base = cls(layer, model.cfg.d_model, n_units, k, ln_bias=getattr(ln, "bias", None) is not None, ln_eps=ln.eps,
+                   norm=model.cfg.norm, parallel=model.cfg.parallel_residual, **kwargs)
         base.ln.load_state_dict(copy.deepcopy(ln.state_dict()))
         return base
 
     @property
     def input_hook(self) -> str:
-        return f"blocks.{self.layer}.hook_resid_mid"
+        from monoroute.train.layerwise import input_hook
+
+        return input_hook(self.layer, self.parallel)
 
     @property
     def target_hook(self) -> str:
@@ -457,7 +463,8 @@ class TranscoderBaseline(Baseline):
         return acts.indices.reshape(-1, self.k), acts.values.reshape(-1, self.k).float()
 
     def config(self) -> dict:
-        return dict(super().config(), d_model=self.d_model, ln_bias=self.ln.bias is not None, ln_eps=self.ln.eps,
+        return dict(super().config(), d_model=self.d_model, ln_bias=getattr(self.ln, "bias", None) is not None,
+                    ln_eps=self.ln.eps, norm=self.norm, parallel=self.parallel,
                     aux_coef=self.ffn.aux_coef, dead_window=self.ffn.dead_window, router="dense", activation="relu",
                     hook=self.input_hook, target_hook=self.target_hook)
 
@@ -467,7 +474,8 @@ class TranscoderBaseline(Baseline):
     @classmethod
     def from_saved(cls, config: dict, tensors: dict[str, Tensor]) -> "TranscoderBaseline":
         base = cls(config["layer"], config["d_model"], config["n_latents"], config["k"], config["ln_bias"],
-                   config["ln_eps"], config["aux_coef"], config["dead_window"])
+                   config["ln_eps"], config["aux_coef"], config["dead_window"], config.get("norm", "layer"),
+                   config.get("parallel", False))
         base.load_state_dict(tensors)
         return base
 
@@ -503,7 +511,7 @@ def train_transcoder(model, store, layer: int, n_units: int, k: int, tokens: int
     dev = resolve_device(device)
     start = time.perf_counter()
     base = init_transcoder(model, layer, n_units, k, seed, str(dev))
-    fitter = LayerFitter([layer], [base.ffn], [base.ln]).to(dev)
+    fitter = LayerFitter([layer], [base.ffn], [base.ln], parallel=base.parallel).to(dev)
     windows = max(1, batch // model.cfg.block_size)
     batch_at = lambda step: store.batch(step, windows, model.cfg.block_size, seed, split="train")[0]  # noqa: E731
     last = fit_layers(fitter, model, batch_at, steps, lr, seed=seed, progress=progress, desc="train transcoder")

@@ -351,7 +351,7 @@ def saelens_items(run: Path, set_name: str | None, layer: int | None, device: st
             if why:  # a format-1 transcoder is always dense/relu; refuse rather than export something else
                 raise MonorouteError(f"the transcoder baseline of {run} would {why}; it cannot be exported to SAELens")
             meta = sae_metadata(run, run_cfg, kind, base.layer, dict(
-                source, kind="transcoder", input=_ln_input(base.layer), note=TRANSCODER_NOTE))
+                source, kind="transcoder", input=_ln_input(base.layer, base.parallel), note=TRANSCODER_NOTE))
             cfg = topk_cfg(base.d_model, base.n_latents, base.k, False, False, meta)
             b_in = ffn.b_in if ffn.b_in is not None else ffn.w_in.new_zeros(ffn.n_units)
             # (d, N), (N,), (N, d), (d,): pre = x @ w_in.T + b_in is the dense router's score
@@ -371,10 +371,13 @@ def saelens_items(run: Path, set_name: str | None, layer: int | None, device: st
     return items
 
 
-def _ln_input(layer: int) -> str:
-    return (f"the FFN input ln_2(blocks.{layer}.hook_resid_mid), ln_2's weight and bias applied (TransformerLens "
+def _ln_input(layer: int, parallel: bool = False) -> str:
+    from monoroute.train.layerwise import input_hook
+
+    hook = input_hook(layer, parallel)  # resid_pre under GPT-NeoX's parallel residual
+    return (f"the FFN input ln_2({hook}), ln_2's weight and bias applied (TransformerLens "
             f"blocks.{layer}.ln2.hook_normalized with fold_ln=False); monoroute's GPT has no hook point there: "
-            f"apply model.blocks[{layer}].ln_2 to blocks.{layer}.hook_resid_mid")
+            f"apply model.blocks[{layer}].ln_2 to {hook}")
 
 
 def _routed_items(run: Path, run_cfg, set_name, layer, device, notes, reasons) -> list[SAELensItem]:
@@ -409,7 +412,7 @@ def _routed_items(run: Path, run_cfg, set_name, layer, device, notes, reasons) -
             raise MonorouteError(f"routed layer {i} of {run} would {why}; it cannot be exported to SAELens")
         meta = sae_metadata(run, run_cfg, "routed_units", i, {
             "source": f"checkpoint step {loaded.step}: blocks.{i}.mlp (w_in, b_in, w_out)", "step": loaded.step,
-            "kind": "routed_layer", "exact": True, "input": _ln_input(i),
+            "kind": "routed_layer", "exact": True, "input": _ln_input(i, loaded.model.cfg.parallel_residual),
             "latents_hook": f"blocks.{i}.mlp.hook_post",
             "note": TRANSCODER_NOTE + f" Its latents are the layer's own units (blocks.{i}.mlp.hook_post) and its "
                                       f"decode is the layer's output; b_dec is its output bias (0 without out_bias)."})

@@ -65,4 +65,5 @@ def routed_layer_fitter(dense, routed):
 
     layers = [i for i, b in enumerate(routed.blocks) if isinstance(b.mlp, RoutedFFN)]
     return LayerFitter(layers, [routed.blocks[i].mlp for i in layers],
-                       [copy.deepcopy(dense.blocks[i].ln_2) for i in layers]).to(next(routed.parameters()).device)
+                       [copy.deepcopy(dense.blocks[i].ln_2) for i in layers],
+                       parallel=dense.cfg.parallel_residual).to(next(routed.parameters()).device)

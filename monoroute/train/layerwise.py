@@ -8,8 +8,8 @@ One trainer serves both places that need it:
 - the post-hoc transcoder baseline of `monoroute analyze --transcoder` (`interp/baselines.py`):
   one layer, the dense router.
 
-For layer L the student maps the FFN's own input x = ln_2(resid_mid) (the teacher's ln_2, frozen)
-to its output y = hook_mlp_out. Activations are streamed: each step runs the teacher on one batch
+For layer L the student maps the FFN's own input x = ln_2(resid_mid) (the teacher's ln_2, frozen;
+resid_pre under GPT-NeoX's parallel residual) to its output y = hook_mlp_out. Activations are streamed: each step runs the teacher on one batch
 of TRAIN windows (`store.batch(step, ...)`, so the stream is a pure function of the seed and the
 step, and a resumed fit reads the batches it would have read), stopping the forward after the last
 fitted layer; nothing is dumped to memory or disk.
@@ -77,8 +77,10 @@ def layer_cache(model, idx: Tensor, names: list[str]) -> dict[str, Tensor]:
     return cache
 
 
-def input_hook(layer: int) -> str:
-    return f"blocks.{layer}.hook_resid_mid"
+def input_hook(layer: int, parallel: bool = False) -> str:
+    """Where the FFN's input comes from before ln_2: the attention's output added (resid_mid), or, with
+    GPT-NeoX's parallel residual, the block's own input (resid_pre), as `Block.forward` reads it."""
+    return f"blocks.{layer}.hook_resid_pre" if parallel else f"blocks.{layer}.hook_resid_mid"
 
 
 def target_hook(layer: int) -> str:
@@ -92,8 +94,9 @@ class LayerFitter(nn.Module):
     its own (`RoutedFFN(out_bias=False)`, as the transcoder baseline), else unused. Everything that
     changes during a fit is a parameter or buffer, so a fit is checkpointed as one module."""
 
-    def __init__(self, layers: list[int], ffns: list[RoutedFFN], lns: list[nn.LayerNorm]) -> None:
+    def __init__(self, layers: list[int], ffns: list[RoutedFFN], lns: list[nn.Module], parallel: bool = False) -> None:
         super().__init__()
+        self.parallel = parallel  # the teacher's parallel residual: x = ln_2(resid_pre)
         if not layers or len(layers) != len(ffns) or len(ffns) != len(lns):
             raise MonorouteError("a layer fit needs one student and one ln_2 per layer")
         self.layers = list(layers)
@@ -110,13 +113,14 @@ class LayerFitter(nn.Module):
 
     @property
     def hooks(self) -> list[str]:
-        return [h for layer in self.layers for h in (input_hook(layer), target_hook(layer))]
+        return [h for layer in self.layers for h in (input_hook(layer, self.parallel), target_hook(layer))]
 
     def pairs(self, cache: dict) -> list[tuple[Tensor, Tensor]]:
-        """[(x (T, d), y (T, d))] per layer from a teacher cache: x = ln_2(resid_mid), y = mlp_out."""
+        """[(x (T, d), y (T, d))] per layer from a teacher cache: x = ln_2(resid_mid) (resid_pre with the
+        parallel residual), y = mlp_out."""
         out = []
         for layer, ln in zip(self.layers, self.lns):
-            resid, y = cache[input_hook(layer)], cache[target_hook(layer)]
+            resid, y = cache[input_hook(layer, self.parallel)], cache[target_hook(layer)]
             out.append((ln(resid.reshape(-1, resid.shape[-1])), y.reshape(-1, y.shape[-1]).float()))
         return out
 

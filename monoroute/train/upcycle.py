@@ -6,7 +6,7 @@
 
 Stage 1, layer-local (`train/layerwise.py`): every dense FFN of the teacher gets a `RoutedFFN`
 student (with an output bias) fitted to reproduce the FFN's output from its input,
-ln_2(resid_mid) -> hook_mlp_out, the teacher frozen, activations streamed from the teacher's
+ln_2(resid_mid) -> hook_mlp_out (resid_pre under a parallel residual), the teacher frozen, activations streamed from the teacher's
 forward on TRAIN windows, all layers from one forward per batch, for `distill_tokens` tokens.
 
 Stage 2, end to end: the student (the teacher's embeddings, attention, LayerNorms and head, with
