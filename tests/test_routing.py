@@ -193,6 +193,47 @@ def test_rerank_selects_the_top_k_preact_among_the_top_c_by_score():
     torch.testing.assert_close(got.candidate_pre, preacts(x, lay.w_in, lay.b_in, got.candidates, "reference"))
 
 
+@pytest.mark.parametrize("heads", [1, 2])
+def test_grid_proposals_are_each_heads_top_g_subkeys_crossed_and_the_top_k_preact_among_them(heads):
+    """router_proposals='grid': each head proposes {a*n + b : a in its top g of half 1, b in its top g of
+    half 2}, g = ceil(sqrt(C / H)); the k with the largest pre-activation among their union run.
+    Against a float64 brute force. Negative control: the grid is not the exact top C by score."""
+    lay = layer("product_key", n_units=256, k=4, coupling="rerank", router_candidates=18, router_heads=heads,
+                router_proposals="grid")
+    g = math.ceil(math.sqrt(-(-18 // heads)))
+    assert lay.router.k_grid == g
+    x = torch.randn(30, 8, dtype=torch.double)
+    got = lay.router(x, lay.w_in, lay.b_in)
+    assert got.candidates.shape == (30, heads * g * g)
+    s1, s2 = lay.router.half_scores(x)  # (T, H, 16) each
+    pre = x @ lay.w_in.t() + lay.b_in
+    exact_differs = 0
+    for t in range(30):
+        proposed = set()
+        for h in range(heads):
+            rows, cols = s1[t, h].topk(g).indices.tolist(), s2[t, h].topk(g).indices.tolist()
+            proposed |= {a * 16 + b for a in rows for b in cols}
+        assert set(got.candidates[t].tolist()) == proposed
+        ids = sorted(proposed)
+        assert set(got.indices[t].tolist()) == {ids[i] for i in pre[t, ids].topk(4).indices.tolist()}
+        exact = set(lay.router.all_scores(x[t:t + 1])[0].topk(len(proposed)).indices.tolist())
+        exact_differs += exact != proposed
+    assert exact_differs > 0
+    torch.testing.assert_close(got.candidate_pre, preacts(x, lay.w_in, lay.b_in, got.candidates, "reference"))
+    lay.rank_loss(got).backward()  # the ranking loss reads the grid as it reads any proposals
+    assert lay.router.keys.grad.abs().sum() > 0
+
+
+def test_grid_proposals_count_their_own_candidates_in_the_flops():
+    from monoroute.models.flops import router_flops
+
+    base = dict(n_units=16384, k=32, d_model=128, router_candidates=256, coupling="rerank")
+    exact, grid = (router_flops(GPTConfig(**base, router_proposals=p)) for p in ("exact", "grid"))
+    assert grid == exact  # 16 x 16 = 256 candidates: the same pre-activations
+    three = router_flops(GPTConfig(**{**base, "router_candidates": 250}, router_proposals="grid"))
+    assert three - router_flops(GPTConfig(**{**base, "router_candidates": 250})) == 2 * (256 - 250) * 128
+
+
 def test_rank_loss_is_listwise_kl_and_trains_only_the_router():
     lay = layer("product_key", n_units=64, k=4, coupling="rerank", router_candidates=16, rank_coef=1.0)
     x = torch.randn(12, 8, dtype=torch.double)
@@ -223,6 +264,9 @@ def test_rank_loss_is_listwise_kl_and_trains_only_the_router():
     (dict(router="product_key", router_candidates=16), "rerank"),
     (dict(router="product_key", coupling="rerank", router_candidates=2), "between"),
     (dict(router="product_key", coupling="rerank", rank_coef=-1.0), "rank_coef"),
+    (dict(router="product_key", coupling="preact", router_proposals="grid"), "needs coupling='rerank'"),
+    (dict(router="cluster", router_proposals="grid"), "router_proposals"),
+    (dict(router="product_key", coupling="rerank", router_proposals="nearest"), "unknown router_proposals"),
 ])
 def test_bad_routing_settings_give_one_clear_error(kwargs, message):
     kwargs = {"k": 4, **kwargs}

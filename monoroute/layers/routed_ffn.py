@@ -120,6 +120,7 @@ class RoutedFFN(nn.Module):
         query_norm: str = "none",
         revival_target: str = "score",
         gated: bool = False,
+        router_proposals: str = "exact",
     ) -> None:
         super().__init__()
         if not 1 <= k <= n_units:
@@ -170,7 +171,8 @@ class RoutedFFN(nn.Module):
         select = coupling if coupling in ("preact", "rerank") else "score"
         self.router = build_router(router, d_model, n_units, k, d_key, router_heads, select, impl, router_balance,
                                    router_pools, router_candidates, router_clusters, router_probes, recluster_every,
-                                   cluster_balance, revive_where_probed, recluster_iters, query_norm)
+                                   cluster_balance, revive_where_probed, recluster_iters, query_norm,
+                                   router_proposals)
         self.router_name = router
         self.w_in = nn.Parameter(torch.empty(n_units, d_model).uniform_(-1, 1) / math.sqrt(d_model))
         self.b_in = nn.Parameter(torch.zeros(n_units)) if bias else None

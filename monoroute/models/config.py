@@ -70,6 +70,9 @@ class GPTConfig:
     # Candidate re-ranking (coupling="rerank", product keys): the keys propose router_candidates units,
     # the top k by exact pre-activation run, and a listwise ranking loss (weight rank_coef) teaches the keys.
     router_candidates: int | None = None
+    # How the keys propose them: "exact" (the top C sums) or "grid" (each head's top ceil(sqrt(C/H)) sub-keys
+    # per half crossed: PKM's candidate set, cheaper to search; ProductKeyRouter).
+    router_proposals: str = "exact"
     rank_coef: float = 0.1  # 1.0 let the ranking loss dominate the LM loss early (docs/routing.md)
     # router="cluster": a balanced clustered index over the unit rows themselves (routing.ClusterRouter):
     # router_clusters groups (None: sqrt(n_units)), router_probes of them searched per token, the

@@ -180,7 +180,7 @@ def build_ffn(cfg: GPTConfig, kind: str) -> nn.Module:
         router_probes=cfg.router_probes, recluster_every=cfg.recluster_every, cluster_balance=cfg.cluster_balance,
         revive_where_probed=cfg.revive_where_probed, recluster_iters=cfg.recluster_iters,
         router_detach=cfg.layer_router_detach, query_norm=cfg.layer_query_norm, revival_target=cfg.revival_target,
-        aux_units=cfg.aux_units, gated=cfg.ffn_gated,
+        aux_units=cfg.aux_units, gated=cfg.ffn_gated, router_proposals=cfg.router_proposals,
     )
 
 

@@ -37,12 +37,14 @@ def build_router(name: str, d_model: int, n_units: int, k: int, d_key: int | Non
                  select: str = "score", impl: str = "auto", balance: bool = False, pools: int = 1,
                  candidates: int | None = None, clusters: int | None = None, probes: int = 4,
                  recluster_every: int = 50, cluster_balance: float = 0.01, revive_where_probed: bool = False,
-                 recluster_iters: int = 3, query_norm: str = "none") -> nn.Module:
+                 recluster_iters: int = 3, query_norm: str = "none", proposals: str = "exact") -> nn.Module:
     if name != "multi_pool" and pools != 1:
         raise MonorouteError(f"router_pools={pools} needs router='multi_pool'")
     if query_norm != "none" and name not in ("product_key", "multi_pool"):
         raise MonorouteError(f"query_norm={query_norm!r} normalises a product-key query; router {name!r} has none "
                              f"(use query_norm='none')")
+    if proposals != "exact" and name != "product_key":
+        raise MonorouteError(f"router_proposals={proposals!r} needs router='product_key' with coupling='rerank'")
     if name == "cluster":
         if heads != 1 or select != "score" or balance or d_key is not None or candidates is not None:
             raise MonorouteError("router_heads, router_balance, d_key, router_candidates and coupling need "
@@ -63,5 +65,6 @@ def build_router(name: str, d_model: int, n_units: int, k: int, d_key: int | Non
                                  "already scores every unit by its own pre-activation")
         return DenseRouter(n_units, k)
     if name == "product_key":
-        return ProductKeyRouter(d_model, n_units, k, d_key, heads, select, impl, balance, candidates, query_norm)
+        return ProductKeyRouter(d_model, n_units, k, d_key, heads, select, impl, balance, candidates, query_norm,
+                                proposals)
     raise MonorouteError(f"unknown router {name!r}; choose one of {', '.join(ROUTERS)}")

@@ -47,13 +47,20 @@ class ProductKeyRouter(nn.Module):
     with the largest pre-activation run: a TopK MLP restricted to the C candidates, so the unit's
     own pre-activation decides, as in the exact reference. The keys then learn to propose what the
     pre-activation would pick through RoutedFFN's ranking loss (`rank_loss`), not through a gate.
+
+    proposals="grid" (re-ranking only): instead of the exact top C sums, each head proposes the
+    g x g grid of its top g = ceil(sqrt(C / H)) sub-keys per half (product-key memory's own
+    candidate set, Lample et al. 2019): two partial sorts of g instead of two full sorts, the pair
+    sums and a top-C over ~C·ln C of them. It contains the top g sums but not the exact top C (a pair
+    of ranks (0, g) is left out), which the pre-activation re-ranking and the ranking loss do not need.
     """
 
     SELECTS = ("score", "preact", "rerank")
+    PROPOSALS = ("exact", "grid")
 
     def __init__(self, d_model: int, n_units: int, k: int, d_key: int | None = None, heads: int = 1,
                  select: str = "score", impl: str = "auto", balance: bool = False,
-                 candidates: int | None = None, query_norm: str = "none") -> None:
+                 candidates: int | None = None, query_norm: str = "none", proposals: str = "exact") -> None:
         super().__init__()
         n_sub = math.isqrt(n_units)
         if n_sub * n_sub != n_units:
@@ -81,6 +88,12 @@ class ProductKeyRouter(nn.Module):
                                      f"fewer than k={k} proposals; use at least {k * heads} candidates or fewer heads")
         elif candidates is not None:
             raise MonorouteError("router_candidates needs coupling='rerank' (candidate re-ranking)")
+        if proposals not in self.PROPOSALS:
+            raise MonorouteError(f"unknown router_proposals {proposals!r}; choose one of {', '.join(self.PROPOSALS)}")
+        if proposals == "grid" and select != "rerank":
+            raise MonorouteError("router_proposals='grid' proposes candidates for re-ranking; it needs "
+                                 "coupling='rerank' (the other selections need the exact top-k by score)")
+        self.proposals = proposals
         self.n_units, self.n_sub, self.d_half, self.heads = n_units, n_sub, d_key // 2, heads
         self.select, self.impl, self.balance, self.candidates = select, impl, balance, candidates
         self.set_k(k)
@@ -104,6 +117,8 @@ class ProductKeyRouter(nn.Module):
         self.k_search = {"preact": min(2 * k, self.n_units), "rerank": rerank_per_head}.get(self.select, k)
         # k_sub^2 >= k_search candidates always: k_search <= n_sub gives k_search^2 >= k_search, else n_sub^2 = N.
         self.k_sub = min(self.k_search, self.n_sub)
+        # grid proposals: g sub-keys per half and head, g^2 >= C / H (all of them when g reaches n_sub)
+        self.k_grid = min(math.ceil(math.sqrt(rerank_per_head)), self.n_sub) if self.select == "rerank" else None
         device = self.cand_i.device if hasattr(self, "cand_i") else None
         cand_i, cand_j = pair_pattern(self.k_search, self.n_sub)
         self.register_buffer("cand_i", cand_i.to(device), persistent=False)  # (C,) rank in the first list
@@ -144,6 +159,13 @@ class ProductKeyRouter(nn.Module):
         return product_topk(s1, s2, self.k_search, self.cand_i, self.cand_j)
 
     @torch.no_grad()
+    def grid_heads(self, s1: Tensor, s2: Tensor) -> Tensor:
+        """Each head's g x g grid of its top-g sub-keys per half, as unit ids: (T, H, g^2)."""
+        a = s1.topk(self.k_grid, dim=-1, sorted=False).indices  # (T, H, g)
+        b = s2.topk(self.k_grid, dim=-1, sorted=False).indices
+        return (a.unsqueeze(-1) * self.n_sub + b.unsqueeze(-2)).flatten(-2)
+
+    @torch.no_grad()
     def search(self, s1: Tensor, s2: Tensor) -> tuple[Tensor, Tensor]:
         """The exact top-k_search units by max-over-heads score, no unit twice: (T, k_search) ids, scores."""
         units, values = (t.flatten(1) for t in self.search_heads(s1, s2))  # (T, H·k_search)
@@ -174,7 +196,8 @@ class ProductKeyRouter(nn.Module):
         if self.select == "rerank":
             # Each head proposes its own top C / H: their union (a unit proposed twice counted once)
             # is re-ranked by exact pre-activation.
-            cand = self.search_heads(s1, s2)[0].flatten(1)  # (T, C) proposals
+            proposed = self.grid_heads(s1, s2) if self.proposals == "grid" else self.search_heads(s1, s2)[0]
+            cand = proposed.flatten(1)  # (T, C) proposals (H·g^2 for the grid)
             with torch.no_grad():
                 pre = preacts(x, w_in, b_in, cand, self.impl)  # (T, C) exact pre-activations
                 repeat = repeated(cand) if self.heads > 1 else None
