@@ -345,7 +345,8 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("upcycle", help="a routed model from a trained dense one: layer-local fit, then distillation")
     p.add_argument("teacher", nargs="?", help="a dense run directory (or use --from-hf DIR)")
-    p.add_argument("--from-hf", metavar="DIR", help="a local GPT-2-family save_pretrained folder with tokenizer.json")
+    p.add_argument("--from-hf", metavar="DIR", help="a local save_pretrained folder (model_type gpt2, gpt_neox, "
+                                                    "llama or qwen2; model.safetensors and tokenizer.json)")
     p.add_argument("--out", help="the new routed run directory")
     p.add_argument("--resume", metavar="OUT", help="continue an upcycle that stopped (either stage)")
     p.add_argument("--distill-tokens", type=int, default=DISTILL_TOKENS,
