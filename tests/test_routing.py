@@ -337,3 +337,23 @@ def test_product_topk_is_the_exact_top_of_all_sums_and_matches_the_index_select_
     # few tokens (decoding) take the index_select form: the same answer
     few_units, few_values = product_topk(s1[:3], s2[:3], k_search, cand_i, cand_j)
     assert torch.equal(few_units, units[:3]) and torch.equal(few_values, values[:3])
+
+
+@pytest.mark.parametrize("n_units", [256, 225])  # n_sub 16 (shift and mask) and 15 (division)
+def test_product_key_unit_scores_and_score_units_match_the_dense_reference_in_value_and_gradient(n_units):
+    lay = layer("product_key", n_units=n_units, k=4, router_heads=2, coupling="none")
+    router = lay.router
+    units = torch.randperm(n_units)[:40]
+    a, b = router.split(units)
+    assert torch.equal(a, units // router.n_sub) and torch.equal(b, units % router.n_sub)
+    x = torch.randn(12, 8, dtype=torch.double)
+    dense = router.all_scores(x)  # (T, N) float64 reference: max over heads of every unit's score
+    got = router.score_units(x, units)
+    torch.testing.assert_close(got, dense[:, units])
+    per_token = units[torch.randint(0, 40, (12, 5))]  # different units on each token
+    s1, s2 = router.half_scores(x)
+    torch.testing.assert_close(router.unit_scores(s1, s2, per_token), dense.gather(1, per_token))
+    weights = torch.randn(12, 40, dtype=torch.double)
+    (g_got,) = torch.autograd.grad((got * weights).sum(), router.keys)
+    (g_ref,) = torch.autograd.grad((router.all_scores(x)[:, units] * weights).sum(), router.keys)
+    torch.testing.assert_close(g_got, g_ref)
