@@ -745,10 +745,13 @@ def test_llama_upcycles_into_gated_units_end_to_end(llama_folder, tmp_path, caps
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"def add{i}(a, b):\n    return a + b  # the cat sat on the mat\n" for i in range(4000)))
     out = tmp_path / "routed"
+    # 16 proposals: the default 256 would outweigh this tiny teacher's FFN (d 32)
     assert main(["upcycle", "--from-hf", str(folder), "--data", str(corpus), "--out", str(out), "--n-units", "256",
-                 "--k", "8", "--distill-tokens", "2048", "--steps", "4", *FAST]) == 0
+                 "--k", "8", "--router-candidates", "16", "--distill-tokens", "2048", "--steps", "4", *FAST]) == 0
     student = GPTConfig.from_dict(json.loads((out / "config.json").read_text())["run"]["model"])
     assert student.ffn_gated and student.activation == "silu" and student.norm == "rms"
+    # chosen by re-ranking: the keys propose, the k largest gate pre-activations run (the measured design)
+    assert student.layer_coupling == "rerank" and student.router_candidates == 16
     teacher_cfg = read_run_config(out / "teacher")
     assert flops_per_token(student)["active_units"] == 2 * 3 * 2 * 8 * 32  # 2 layers, 3 dots of d per unit
     assert flops_per_token(student)["total"] < flops_per_token(teacher_cfg.model)["total"]
@@ -848,3 +851,15 @@ def test_layer_fits_and_the_transcoder_read_exactly_what_the_ffn_reads(shape):
     assert (wrong - seen[1].reshape(-1, 16)).abs().max() > 1e-2
     saved = TranscoderBaseline.from_saved(transcoder.config(), transcoder.tensors())
     assert saved.input_hook == transcoder.input_hook and type(saved.ln) is type(transcoder.ln)
+
+
+def test_a_swiglu_teacher_gets_re_ranked_gated_units_unless_the_user_sets_the_coupling(llama_folder, tmp_path):
+    from monoroute.train.upcycle import GATED_CANDIDATES, convert_hf, student_config
+
+    _, tcfg = convert_hf(str(llama_folder[0]), {})
+    cfg = student_config(tcfg, str(tmp_path / "s"), {}, str(llama_folder[0]), "0" * 64)
+    assert cfg.model.layer_coupling == "rerank" and cfg.model.router_candidates == GATED_CANDIDATES == 256
+    cfg = student_config(tcfg, str(tmp_path / "s"), {"coupling": "none"}, str(llama_folder[0]), "0" * 64)
+    assert cfg.model.layer_coupling == "none" and cfg.model.router_candidates is None  # a valid config
+    cfg = student_config(tcfg, str(tmp_path / "s"), {"router_candidates": 64}, str(llama_folder[0]), "0" * 64)
+    assert cfg.model.layer_coupling == "rerank" and cfg.model.router_candidates == 64
