@@ -128,6 +128,7 @@ def _bn_worker(rank, port, path):
         (out * weights[mine]).sum().backward()
         torch.save({"out": out.detach(), "grad": part.grad, "mean": bn.running_mean, "var": bn.running_var},
                    os.path.join(path, f"rank{rank}.pt"))
+        dist.barrier()  # no teardown while the other rank may still finish the backward's all-reduce
     finally:
         dist.destroy_process_group()
 

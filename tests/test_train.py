@@ -266,6 +266,7 @@ def _firing_sync_worker(rank, port, steps, result_dir):
     torch.save({name: b.clone() for name, b in layer.named_buffers() if name in ("last_fired", "fire_count",
                                                                                  "tokens_seen")},
                f"{result_dir}/rank{rank}.pt")
+    dist.barrier()  # no teardown while the other rank may still finish the last all-reduce
     dist.destroy_process_group()
 
 

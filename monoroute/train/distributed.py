@@ -113,6 +113,15 @@ def ranks_in_sync(model: torch.nn.Module, info: DistInfo) -> bool:
     return bool((high - low).abs().item() <= 1e-9 * max(1.0, checksum.abs().item()))
 
 
+def finish(info: DistInfo) -> None:
+    """Wait for every rank before the process group goes: a rank that tears its gloo pairs down while
+    another is still finishing the last collective can abort that rank ("terminate called without an
+    active exception", seen in the two-rank tests). Only on the normal path: after an error on one rank
+    the others would wait here until the timeout."""
+    if info.world > 1 and dist.is_initialized():
+        dist.barrier()
+
+
 def shutdown(info: DistInfo) -> None:
     if info.world > 1 and dist.is_initialized():
         dist.destroy_process_group()

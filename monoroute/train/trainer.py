@@ -295,7 +295,9 @@ def train(cfg: RunConfig, resume: bool = False, until: int | None = None, overwr
     tc = cfg.train
     info = D.init_distributed(device_kind(tc.device))
     try:
-        return _train(cfg, info, resume, until, overwrite, show_progress)
+        summary = _train(cfg, info, resume, until, overwrite, show_progress)
+        D.finish(info)
+        return summary
     finally:
         D.shutdown(info)
 
