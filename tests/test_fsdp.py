@@ -4,13 +4,13 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from monoroute.errors import MonorouteError
 from monoroute.layers import RoutedFFN
 from monoroute.train.fsdp import shard_memory_table, shard_model
 from monoroute.train.optim import build_optimizer, clip_grad_norm_
+from ranks import done, spawn_ranks
 
 D, N, K, T, WORLD = 8, 16, 4, 6, 2
 
@@ -49,7 +49,7 @@ def inputs(rank):
     return torch.randn(T, D, generator=torch.Generator().manual_seed(100 + rank))
 
 
-def _worker(rank, port):
+def _worker(rank, port, path):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         reference = make_model()
@@ -78,9 +78,8 @@ def _worker(rank, port):
         ref_opt.step()
         for (name, p), ref_p in zip(sharded.named_parameters(), reference.parameters()):
             torch.testing.assert_close(p.full_tensor(), ref_p, msg=name)
-        # Neither rank tears its gloo pairs down while the other may still be finishing the last
-        # all-gather (suspected cause of a rare "terminate called without an active exception" abort).
-        dist.barrier()
+        done(path, rank)  # every check passed (tests/ranks.py)
+        dist.barrier()  # neither rank tears its gloo pairs down while the other may still be in the last all-gather
     finally:
         dist.destroy_process_group()
 
@@ -92,8 +91,8 @@ def free_port():
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo")
-def test_fsdp2_column_sharded_matches_unsharded():
-    mp.spawn(_worker, args=(free_port(),), nprocs=WORLD, join=True)
+def test_fsdp2_column_sharded_matches_unsharded(tmp_path):
+    spawn_ranks(_worker, (free_port(), str(tmp_path)), WORLD, str(tmp_path))
 
 
 def test_shard_model_rejects_indivisible_d():

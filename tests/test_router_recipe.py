@@ -10,12 +10,12 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from monoroute import GPT, GPTConfig, MonorouteError, RoutedFFN
 from monoroute.layers.routing import QueryBatchNorm, distinct_per_row, repeated, search_diagnostics, shared_ratio
 from monoroute.train.optim import build_optimizer, clip_grads, group_lr, table_parameters
+from ranks import done, spawn_ranks
 
 SMALL = dict(vocab_size=64, block_size=16, n_layer=2, n_head=2, d_model=16, ffn="routed", n_units=64, k=4,
              impl="reference", coupling="rerank", router_candidates=16, d_key=8)
@@ -128,6 +128,7 @@ def _bn_worker(rank, port, path):
         (out * weights[mine]).sum().backward()
         torch.save({"out": out.detach(), "grad": part.grad, "mean": bn.running_mean, "var": bn.running_var},
                    os.path.join(path, f"rank{rank}.pt"))
+        done(path, rank)
         dist.barrier()  # no teardown while the other rank may still finish the backward's all-reduce
     finally:
         dist.destroy_process_group()
@@ -141,7 +142,7 @@ def free_port() -> int:
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo")
 def test_query_batchnorm_across_two_gloo_ranks_equals_the_whole_batch(tmp_path):
-    mp.spawn(_bn_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    spawn_ranks(_bn_worker, (free_port(), str(tmp_path)), 2, str(tmp_path))
     torch.manual_seed(0)
     q = (torch.randn(20, 4, dtype=torch.double) * 2 + 1).requires_grad_()
     weights = torch.randn(20, 4, dtype=torch.double)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from monoroute.cli import main
+from ranks import done, spawn_ranks
 from monoroute.models import GPT
 
 FAST = ["--no-progress", "--device", "cpu", "--steps", "6", "--log-every", "1", "--eval-every", "3",
@@ -266,6 +267,7 @@ def _firing_sync_worker(rank, port, steps, result_dir):
     torch.save({name: b.clone() for name, b in layer.named_buffers() if name in ("last_fired", "fire_count",
                                                                                  "tokens_seen")},
                f"{result_dir}/rank{rank}.pt")
+    done(result_dir, rank)
     dist.barrier()  # no teardown while the other rank may still finish the last all-reduce
     dist.destroy_process_group()
 
@@ -273,12 +275,10 @@ def _firing_sync_worker(rank, port, steps, result_dir):
 def test_firing_statistics_are_merged_across_ranks(tmp_path):
     """Two gloo ranks see different tokens (6 and 10 per step); after each merge both hold exactly
     the statistics of one layer that saw both ranks' tokens of every step."""
-    import torch.multiprocessing as mp
-
     from monoroute.layers import RoutedFFN
 
     steps = 4
-    mp.spawn(_firing_sync_worker, args=(free_port(), steps, str(tmp_path)), nprocs=2)
+    spawn_ranks(_firing_sync_worker, (free_port(), steps, str(tmp_path)), 2, str(tmp_path))
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     torch.manual_seed(0)
     reference = RoutedFFN(8, 64, 2, aux_coef=0.0, impl="reference", dead_window=30).double().train()
