@@ -50,7 +50,9 @@ def router_flops(cfg: GPTConfig) -> int:
         flops += 2 * min(2 * cfg.k, cfg.n_units) * d  # pre-activations of the 2k candidates
     if cfg.layer_coupling == "rerank":
         c = cfg.router_candidates or 8 * cfg.k
-        if cfg.router_proposals == "grid":  # each head's g x g grid, g = ceil(sqrt(C / H)) <= n_sub
-            c = heads * min(math.ceil(math.sqrt(-(-c // heads))), n_sub) ** 2
+        if cfg.router_proposals == "grid":  # each head's g x g grid
+            from monoroute.layers.routing.product_key import grid_side
+
+            c = heads * grid_side(c, heads, n_sub) ** 2
         flops += 2 * c * d  # pre-activations of the C candidates
     return flops

@@ -50,9 +50,10 @@ class ProductKeyRouter(nn.Module):
 
     proposals="grid" (re-ranking only): instead of the exact top C sums, each head proposes the
     g x g grid of its top g = ceil(sqrt(C / H)) sub-keys per half (product-key memory's own
-    candidate set, Lample et al. 2019): two partial sorts of g instead of two full sorts, the pair
-    sums and a top-C over ~C·ln C of them. It contains the top g sums but not the exact top C (a pair
-    of ranks (0, g) is left out), which the pre-activation re-ranking and the ranking loss do not need.
+    candidate set, Lample et al. 2019): two partial sorts of g and one broadcast add, instead of two
+    full sorts, ~C·ln C pair sums and a top-C over them. It contains the top g sums but not the exact
+    top C (a pair of ranks (0, g) is left out), which the pre-activation re-ranking and the ranking
+    loss do not need.
     """
 
     SELECTS = ("score", "preact", "rerank")
@@ -118,7 +119,7 @@ class ProductKeyRouter(nn.Module):
         # k_sub^2 >= k_search candidates always: k_search <= n_sub gives k_search^2 >= k_search, else n_sub^2 = N.
         self.k_sub = min(self.k_search, self.n_sub)
         # grid proposals: g sub-keys per half and head, g^2 >= C / H (all of them when g reaches n_sub)
-        self.k_grid = min(math.ceil(math.sqrt(rerank_per_head)), self.n_sub) if self.select == "rerank" else None
+        self.k_grid = grid_side(self.candidates, self.heads, self.n_sub) if self.select == "rerank" else None
         device = self.cand_i.device if hasattr(self, "cand_i") else None
         cand_i, cand_j = pair_pattern(self.k_search, self.n_sub)
         self.register_buffer("cand_i", cand_i.to(device), persistent=False)  # (C,) rank in the first list
@@ -261,6 +262,11 @@ def balance_scores(s: Tensor, eps: float = 1e-6) -> Tensor:
     several columns. Still an exact top-k of a sum of per-half scores, so the product-key search holds."""
     mean = s.mean(-1, keepdim=True)
     return (s - mean) / (s.std(-1, keepdim=True) + eps)
+
+
+def grid_side(candidates: int, heads: int, n_sub: int) -> int:
+    """g of grid proposals: each head's g x g grid holds at least its C / H candidates (at most n_sub)."""
+    return min(math.ceil(math.sqrt(-(-candidates // heads))), n_sub)
 
 
 ROWS_FORM_MIN = 128  # token-heads from which product_topk builds the pair sums rank by rank
