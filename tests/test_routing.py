@@ -322,7 +322,7 @@ def test_product_topk_is_the_exact_top_of_all_sums_and_matches_the_index_select_
     torch.manual_seed(k_search + n_sub)
     s1, s2 = torch.randn(80, 2, n_sub, dtype=torch.float64), torch.randn(80, 2, n_sub, dtype=torch.float64)  # 160 rows: the rank-row form
     cand_i, cand_j = pair_pattern(k_search, n_sub)
-    units, values = product_topk(s1, s2, k_search, cand_i, cand_j)
+    units, values = product_topk(s1, s2, k_search, cand_i, cand_j, impl="torch")  # the compiled kernel: test_compiled.py
     # float64 brute force over all n_sub^2 sums: the same set of units, with their sums
     every = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # (..., n_sub^2), unit a * n_sub + b
     ref = every.topk(k_search, dim=-1)
@@ -335,7 +335,7 @@ def test_product_topk_is_the_exact_top_of_all_sums_and_matches_the_index_select_
                                                                                         sorted=False)
     assert torch.equal(values, old.values)
     # few tokens (decoding) take the index_select form: the same answer
-    few_units, few_values = product_topk(s1[:3], s2[:3], k_search, cand_i, cand_j)
+    few_units, few_values = product_topk(s1[:3], s2[:3], k_search, cand_i, cand_j, impl="torch")
     assert torch.equal(few_units, units[:3]) and torch.equal(few_values, values[:3])
 
 

@@ -323,8 +323,10 @@ class RoutedFFN(nn.Module):
         scores = self.router.unit_scores(s1, s2, routing.candidates)  # (T, C), with gradient to keys and query
         repeat = routing.candidate_repeat
         if repeat is None:
-            target = F.softmax((pre - pre.mean(-1, keepdim=True)) / (pre.std(-1, keepdim=True) + 1e-6), dim=-1)
-            return F.kl_div(F.log_softmax(scores, dim=-1), target, reduction="batchmean")
+            std, mean = torch.std_mean(pre, dim=-1, keepdim=True)
+            # The target as log-probabilities: the same KL without an element-wise log of the target.
+            log_target = F.log_softmax((pre - mean) / (std + 1e-6), dim=-1)
+            return F.kl_div(F.log_softmax(scores, dim=-1), log_target, reduction="batchmean", log_target=True)
         # A unit proposed by two heads counts once: its repeats get no target mass and no score mass.
         keep = (~repeat).to(pre.dtype)
         n = keep.sum(-1, keepdim=True)

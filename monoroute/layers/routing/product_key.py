@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from monoroute.errors import MonorouteError
+from monoroute.layers.compiled import cpu_kernels
 from monoroute.layers.routing.base import Routing, preacts, repeated
 from monoroute.layers.routing.diagnostics import search_diagnostics, shared_ratio
 from monoroute.layers.routing.query_norm import QUERY_NORMS, QueryBatchNorm
@@ -284,10 +285,31 @@ def pair_pattern(k_search: int, n_sub: int) -> tuple[Tensor, Tensor]:
     return cand_i[keep], cand_j[keep]
 
 
+SEARCH_IMPLS = ("auto", "torch", "compiled")
+
+
 @torch.no_grad()
-def product_topk(s1: Tensor, s2: Tensor, k_search: int, cand_i: Tensor, cand_j: Tensor) -> tuple[Tensor, Tensor]:
+def product_topk(s1: Tensor, s2: Tensor, k_search: int, cand_i: Tensor, cand_j: Tensor,
+                 impl: str = "auto") -> tuple[Tensor, Tensor]:
     """(..., n) scores of two halves -> the exact top-k_search of all n^2 sums s1[a] + s2[b]: unit ids
-    a·n + b and their sums, (..., k_search) each, from the `pair_pattern` candidates only."""
+    a·n + b and their sums, (..., k_search) each (in no particular order), from the `pair_pattern`
+    candidates only (cand_i, cand_j = pair_pattern(k_search, n)).
+
+    impl "auto": the compiled CPU kernel (layers/compiled.py) for float32/float64 CPU tensors where it
+    built, else the torch form below; "torch" always the torch form (the kernel's reference);
+    "compiled" the kernel or an error. Both give the same units and sums (a tie at the k-th sum may
+    be broken differently)."""
+    if impl not in SEARCH_IMPLS:
+        raise MonorouteError(f"unknown search impl {impl!r}; choose one of {', '.join(SEARCH_IMPLS)}")
+    if impl != "torch" and s1.device.type == "cpu" and s1.dtype in (torch.float32, torch.float64):
+        kernels = cpu_kernels()
+        if kernels is not None:
+            n_sub, lead = s1.shape[-1], s1.shape[:-1]
+            units, values = kernels.product_topk(s1.reshape(-1, n_sub), s2.reshape(-1, n_sub), k_search)
+            return units.view(*lead, k_search), values.view(*lead, k_search)
+    if impl == "compiled":
+        raise MonorouteError("the compiled CPU search kernel is unavailable here (a CPU float tensor, a C++ compiler "
+                             "and ninja are needed, and MONOROUTE_CPU_KERNELS must not be 0); use impl='auto'")
     n_sub = s1.shape[-1]
     k_sub = int(cand_i.max()) + 1
     top1 = s1.topk(k_sub, dim=-1)  # sorted: the candidate pattern is by rank

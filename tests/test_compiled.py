@@ -1,0 +1,112 @@
+"""The compiled CPU search kernel (layers/compiled.py, csrc/product_topk.cpp) against the torch form
+and a float64 brute force, ties included, and its fallback where it cannot build."""
+import warnings
+
+import pytest
+import torch
+
+from monoroute.errors import MonorouteError
+from monoroute.layers import compiled
+from monoroute.layers.routing.product_key import pair_pattern, product_topk
+
+needs_kernel = pytest.mark.skipif(compiled.cpu_kernels() is None, reason="no C++ compiler / ninja here")
+
+
+def brute_top(s1, s2, k):
+    """Brute force over all n^2 sums, in the scores' own dtype (each sum the same rounded add the search
+    does; float64 for the float64 cases): (..., k) values, sorted decreasing."""
+    every = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)
+    return every.topk(k, dim=-1).values
+
+
+def check_exact(units, values, s1, s2, k):
+    n = s1.shape[-1]
+    assert units.shape == values.shape == (*s1.shape[:-1], k) and units.dtype == torch.int64
+    # each unit id is a pair (a, b) whose sum is the value returned, computed as the torch form does
+    a, b = units // n, units % n
+    assert torch.equal(values, s1.gather(-1, a) + s2.gather(-1, b))
+    # no unit twice in a row, and the k values are the k largest of all n^2 sums
+    assert torch.equal(units.sort(-1).values.diff(dim=-1).gt(0), torch.ones_like(units[..., 1:], dtype=torch.bool))
+    assert torch.equal(values.sort(-1, descending=True).values, brute_top(s1, s2, k))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k, n", [(256, 128), (32, 128), (1, 4), (5, 4), (16, 4), (300, 20), (9, 3)])
+def test_compiled_search_is_the_exact_top_k_and_matches_the_torch_form(dtype, k, n):
+    torch.manual_seed(k * 7 + n)
+    s1, s2 = torch.randn(70, 2, n, dtype=dtype), torch.randn(70, 2, n, dtype=dtype)  # (T, heads, n)
+    cand_i, cand_j = pair_pattern(k, n)
+    units, values = product_topk(s1, s2, k, cand_i, cand_j, impl="compiled")
+    check_exact(units, values, s1, s2, k)
+    ref_units, ref_values = product_topk(s1, s2, k, cand_i, cand_j, impl="torch")
+    assert torch.equal(units.sort(-1).values, ref_units.sort(-1).values)
+    assert torch.equal(values.sort(-1).values, ref_values.sort(-1).values)
+    # one token at a time (decoding) gives the same set as the batch
+    one_units, _ = product_topk(s1[:1], s2[:1], k, cand_i, cand_j, impl="compiled")
+    assert torch.equal(one_units.sort(-1).values, units[:1].sort(-1).values)
+
+
+@needs_kernel
+def test_compiled_search_with_ties_returns_k_distinct_units_at_the_exact_top_values():
+    # scores in {0, 1, 2}: many sums tie at the k-th value, so which tied units are taken is free,
+    # but the k values (as a multiset) and the distinctness are not
+    torch.manual_seed(0)
+    s1, s2 = torch.randint(0, 3, (64, 16)).float(), torch.randint(0, 3, (64, 16)).float()
+    cand_i, cand_j = pair_pattern(40, 16)
+    units, values = product_topk(s1, s2, 40, cand_i, cand_j, impl="compiled")
+    check_exact(units, values, s1, s2, 40)
+    # negative control: a wrong answer (the k-th unit swapped for a unit outside the top) fails the check
+    bad = units.clone()
+    worst = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2).argmin(-1)
+    bad[:, -1] = worst
+    with pytest.raises(AssertionError):
+        check_exact(bad, s1.gather(-1, bad // 16) + s2.gather(-1, bad % 16), s1, s2, 40)
+
+
+@needs_kernel
+def test_a_router_selects_the_same_units_with_the_kernel_and_the_torch_search(monkeypatch):
+    from monoroute.layers.routed_ffn import RoutedFFN
+
+    torch.manual_seed(0)
+    lay = RoutedFFN(16, 256, 4, coupling="rerank", d_key=8, router_candidates=32, query_norm="batch")
+    x = torch.randn(50, 16)
+    with torch.no_grad():
+        chosen = lay.router(x, lay.w_in, lay.b_in)
+        monkeypatch.setenv(compiled.ENV, "0")  # the torch form
+        again = lay.router(x, lay.w_in, lay.b_in)
+    assert torch.equal(chosen.candidates.sort(-1).values, again.candidates.sort(-1).values)
+    assert torch.equal(chosen.indices.sort(-1).values, again.indices.sort(-1).values)
+
+
+def test_search_falls_back_to_torch_with_one_warning_when_the_kernel_cannot_build(monkeypatch):
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(compiled, "_module", None)
+    monkeypatch.setattr(compiled, "_tried", False)
+    monkeypatch.setattr(compiled, "NAME", "monoroute_cpu_kernels_never_built")
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions\nmore detail")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    s1, s2 = torch.randn(5, 16), torch.randn(5, 16)
+    cand_i, cand_j = pair_pattern(20, 16)
+    with pytest.warns(RuntimeWarning, match="could not be built \\(Ninja is required"):
+        units, values = product_topk(s1, s2, 20, cand_i, cand_j)
+    check_exact(units, values, s1, s2, 20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the second search neither retries the build nor warns
+        product_topk(s1, s2, 20, cand_i, cand_j)
+    with pytest.raises(MonorouteError, match="compiled CPU search kernel is unavailable"):
+        product_topk(s1, s2, 20, cand_i, cand_j, impl="compiled")
+
+
+def test_the_kernel_can_be_switched_off_and_a_bad_impl_is_named(monkeypatch):
+    monkeypatch.setenv(compiled.ENV, "0")
+    assert compiled.cpu_kernels() is None
+    s1, s2 = torch.randn(3, 8), torch.randn(3, 8)
+    cand_i, cand_j = pair_pattern(6, 8)
+    check_exact(*product_topk(s1, s2, 6, cand_i, cand_j), s1, s2, 6)  # the torch form
+    with pytest.raises(MonorouteError, match="unknown search impl 'fast'"):
+        product_topk(s1, s2, 6, cand_i, cand_j, impl="fast")
