@@ -7,7 +7,7 @@ import torch
 
 from monoroute.errors import MonorouteError
 from monoroute.layers import compiled
-from monoroute.layers.routing.product_key import pair_pattern, product_topk
+from monoroute.layers.routing.product_key import pair_pattern, product_topk, rerank_topk
 
 needs_kernel = pytest.mark.skipif(compiled.cpu_kernels() is None, reason="no C++ compiler / ninja here")
 
@@ -69,8 +69,8 @@ def test_a_router_selects_the_same_units_with_the_kernel_and_the_torch_search(mo
     from monoroute.layers.routed_ffn import RoutedFFN
 
     torch.manual_seed(0)
-    lay = RoutedFFN(16, 256, 4, coupling="rerank", d_key=8, router_candidates=32, query_norm="batch")
-    x = torch.randn(50, 16)
+    lay = RoutedFFN(16, 256, 4, coupling="rerank", d_key=8, router_candidates=32, query_norm="batch").double()
+    x = torch.randn(50, 16, dtype=torch.double)
     with torch.no_grad():
         chosen = lay.router(x, lay.w_in, lay.b_in)
         monkeypatch.setenv(compiled.ENV, "0")  # the torch form
@@ -84,7 +84,7 @@ def test_search_falls_back_to_torch_with_one_warning_when_the_kernel_cannot_buil
 
     monkeypatch.setattr(compiled, "_module", None)
     monkeypatch.setattr(compiled, "_tried", False)
-    monkeypatch.setattr(compiled, "NAME", "monoroute_cpu_kernels_never_built")
+    monkeypatch.setattr(compiled, "extension_name", lambda: "monoroute_cpu_kernels_never_built")
 
     def no_compiler(*args, **kwargs):
         raise RuntimeError("Ninja is required to load C++ extensions\nmore detail")
@@ -98,7 +98,7 @@ def test_search_falls_back_to_torch_with_one_warning_when_the_kernel_cannot_buil
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once: the second search neither retries the build nor warns
         product_topk(s1, s2, 20, cand_i, cand_j)
-    with pytest.raises(MonorouteError, match="compiled CPU search kernel is unavailable"):
+    with pytest.raises(MonorouteError, match="compiled CPU routing kernels are unavailable"):
         product_topk(s1, s2, 20, cand_i, cand_j, impl="compiled")
 
 
@@ -110,3 +110,37 @@ def test_the_kernel_can_be_switched_off_and_a_bad_impl_is_named(monkeypatch):
     check_exact(*product_topk(s1, s2, 6, cand_i, cand_j), s1, s2, 6)  # the torch form
     with pytest.raises(MonorouteError, match="unknown search impl 'fast'"):
         product_topk(s1, s2, 6, cand_i, cand_j, impl="fast")
+
+
+@needs_kernel
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compiled_rerank_gives_the_candidates_pre_activations_and_their_top_k(dtype, bias):
+    torch.manual_seed(1)
+    t, c, d, n, k = 60, 48, 24, 500, 7
+    x, w = torch.randn(t, d, dtype=dtype), torch.randn(n, d, dtype=dtype) / 5
+    b = torch.randn(n, dtype=dtype) if bias else None
+    cand = torch.rand(t, n).argsort(-1)[:, :c]  # distinct ids per row (a repeated id would tie with itself)
+    pre, pick = rerank_topk(x, w, b, cand, k, impl="compiled")
+    ref = (x.double().unsqueeze(1) * w.double()[cand]).sum(-1) + (b.double()[cand] if bias else 0)  # float64
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(pre.double(), ref, rtol=0, atol=tol)
+    assert pick.shape == (t, k) and (pick.sort(-1).values.diff(dim=-1) > 0).all()  # k distinct positions
+    chosen = ref.gather(-1, pick)
+    others = ref.masked_fill(torch.zeros_like(ref, dtype=torch.bool).scatter(-1, pick, True), float("-inf"))
+    assert (chosen.min(-1).values >= others.max(-1).values - 2 * tol).all()  # the k largest (to rounding)
+    torch_pre, torch_pick = rerank_topk(x, w, b, cand, k, impl="torch")
+    torch.testing.assert_close(pre, torch_pre, rtol=0, atol=tol)
+    if dtype == torch.float64:
+        assert torch.equal(pick.sort(-1).values, torch_pick.sort(-1).values)
+    # negative control: the k smallest are not the k largest
+    low = ref.topk(k, dim=-1, largest=False).values
+    assert not (low.min(-1).values >= others.max(-1).values - 2 * tol).all()
+
+
+@needs_kernel
+def test_compiled_rerank_refuses_a_candidate_outside_the_table():
+    x, w = torch.randn(3, 4), torch.randn(10, 4)
+    cand = torch.tensor([[0, 1, 2], [3, 4, 10], [5, 6, 7]])
+    with pytest.raises(RuntimeError, match="outside the table"):
+        rerank_topk(x, w, None, cand, 2, impl="compiled")

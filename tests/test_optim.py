@@ -171,6 +171,20 @@ def test_clip_mixed_grads_equals_dense():
             torch.testing.assert_close(a.grad.to_dense(), b.grad)
 
 
+def test_clip_leaves_gradients_bitwise_alone_below_the_norm_and_scales_them_above():
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.zeros(5, 3)) for _ in range(2)]
+    grads = [torch.randn(5, 3) for _ in range(2)]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    total = clip_grad_norm_(params, 1e3)  # far below: not touched at all
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
+    clip_grad_norm_(params, 0.5)  # above: scaled to norm 0.5 (the control that it does clip)
+    joint = torch.stack([p.grad.norm() for p in params]).norm()
+    torch.testing.assert_close(joint, torch.tensor(0.5), rtol=1e-5, atol=0)
+    assert total > 0.5
+
+
 @pytest.mark.parametrize("sparse_rows", [False, True])
 def test_table_lr_mult_scales_only_the_unit_tables(sparse_rows):
     """One AdamW step moves a parameter by ~lr (the first Adam step is lr·sign(g)), so with

@@ -252,6 +252,32 @@ def test_rank_loss_is_listwise_kl_and_trains_only_the_router():
     assert aligned < 1e-9 < flat
 
 
+def test_rank_loss_on_a_token_sample_is_the_loss_of_those_tokens_and_unbiased():
+    lay = layer("product_key", n_units=64, k=4, coupling="rerank", router_candidates=16, rank_coef=1.0)
+    x = torch.randn(40, 8, dtype=torch.double)
+    routing = lay.router(x, lay.w_in, lay.b_in)
+    full = lay.rank_loss(routing)
+    lay.rank_tokens = 10
+    torch.manual_seed(5)
+    sampled = lay.rank_loss(routing)
+    torch.manual_seed(5)
+    rows = torch.randperm(40)[:10]  # the draw the loss made
+    s1, s2 = routing.halves
+    subset = routing._replace(halves=(s1[rows], s2[rows]), candidates=routing.candidates[rows],
+                              candidate_pre=routing.candidate_pre[rows])
+    lay.rank_tokens = None
+    torch.testing.assert_close(sampled, lay.rank_loss(subset))
+    assert not torch.allclose(sampled, full)  # control: a sample of 10 of 40 is not the full loss
+    # unbiased: over many draws its mean is the full loss (the per-token losses' spread / sqrt(2,000) ~ 1 %)
+    lay.rank_tokens = 10
+    draws = torch.stack([lay.rank_loss(routing).detach() for _ in range(2000)])
+    torch.testing.assert_close(draws.mean(), full.detach(), rtol=0.03, atol=0)
+    lay.rank_tokens = 40  # a sample as large as the batch is the full loss, drawing nothing
+    torch.testing.assert_close(lay.rank_loss(routing), full)
+    with pytest.raises(MonorouteError, match="rank_tokens must be a whole number"):
+        RoutedFFN(8, 64, 4, coupling="rerank", rank_tokens=0)
+
+
 # --- config, FLOPs, refusals ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -339,9 +365,10 @@ def test_product_topk_is_the_exact_top_of_all_sums_and_matches_the_index_select_
     assert torch.equal(few_units, units[:3]) and torch.equal(few_values, values[:3])
 
 
+@pytest.mark.parametrize("heads", [1, 2])  # one head: no max over heads
 @pytest.mark.parametrize("n_units", [256, 225])  # n_sub 16 (shift and mask) and 15 (division)
-def test_product_key_unit_scores_and_score_units_match_the_dense_reference_in_value_and_gradient(n_units):
-    lay = layer("product_key", n_units=n_units, k=4, router_heads=2, coupling="none")
+def test_product_key_unit_scores_and_score_units_match_the_dense_reference_in_value_and_gradient(n_units, heads):
+    lay = layer("product_key", n_units=n_units, k=4, router_heads=heads, coupling="none")
     router = lay.router
     units = torch.randperm(n_units)[:40]
     a, b = router.split(units)
@@ -353,6 +380,10 @@ def test_product_key_unit_scores_and_score_units_match_the_dense_reference_in_va
     per_token = units[torch.randint(0, 40, (12, 5))]  # different units on each token
     s1, s2 = router.half_scores(x)
     torch.testing.assert_close(router.unit_scores(s1, s2, per_token), dense.gather(1, per_token))
+    w_tok = torch.randn(12, 5, dtype=torch.double)
+    (g_tok,) = torch.autograd.grad((router.unit_scores(s1, s2, per_token) * w_tok).sum(), router.keys)
+    (g_tok_ref,) = torch.autograd.grad((router.all_scores(x).gather(1, per_token) * w_tok).sum(), router.keys)
+    torch.testing.assert_close(g_tok, g_tok_ref)
     weights = torch.randn(12, 40, dtype=torch.double)
     (g_got,) = torch.autograd.grad((got * weights).sum(), router.keys)
     (g_ref,) = torch.autograd.grad((router.all_scores(x)[:, units] * weights).sum(), router.keys)

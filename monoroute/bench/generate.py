@@ -14,6 +14,7 @@ import statistics
 import time
 
 from monoroute.errors import MonorouteError
+from monoroute.layers.compiled import search_impl
 
 
 def _time(fn, repeats: int, device) -> float:
@@ -45,7 +46,8 @@ def run_generate_bench(preset: str = "cpu-small", batches: tuple[int, ...] = (1,
     if prompt < 1 or new < 1:
         raise MonorouteError(f"--prompt and --new must be >= 1, got {prompt} and {new}")
     out = {"preset": preset, "prompt": prompt, "new": new, "repeats": repeats, "device": device,
-           "threads": torch.get_num_threads(), "routed_settings": dict(routed or {}), "variants": {}}
+           "threads": torch.get_num_threads(), "search": search_impl(device), "routed_settings": dict(routed or {}),
+           "variants": {}}
     for variant in ("dense", "routed"):
         overrides = {"ffn": "dense"} if variant == "dense" else {**dict(routed or {}), "ffn": "routed"}
         cfg = build_run_config(preset, {**overrides, "out": "unused", "device": device}).model

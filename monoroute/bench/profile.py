@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from monoroute.errors import MonorouteError
+from monoroute.layers.compiled import search_impl
 
 CATEGORIES = ("router", "units", "aux", "trunk", "optimizer", "stats", "logging", "data", "other")
 LAYER_SCOPES = {"monoroute::router": "router", "monoroute::units": "units", "monoroute::aux": "aux"}
@@ -97,7 +98,8 @@ def run_profile(preset: str = "cpu-small", steps: int = 8, device: str = "cpu", 
         raise MonorouteError(f"--steps must be at least 4 (half are warm-up), got {steps}")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     out = {"preset": preset, "steps": steps, "measured_steps": steps // 2, "device": device,
-           "routed_settings": dict(routed or {}), "threads": torch.get_num_threads(), "variants": {}}
+           "routed_settings": dict(routed or {}), "threads": torch.get_num_threads(), "search": search_impl(device),
+           "variants": {}}
     with tempfile.TemporaryDirectory(prefix="monoroute-profile-") as tmp:
         for variant in ("dense", "routed"):
             log(f"profiling {variant}")

@@ -19,6 +19,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from monoroute.errors import MonorouteError
+from monoroute.layers.compiled import search_impl
 
 VARIANTS = ("dense", "routed", "routed_sparse_rows")
 
@@ -62,6 +63,7 @@ def run_train_bench(preset: str = "tiny", steps: int = 20, device: str = "cpu", 
     dense = results["dense"]["tokens_per_s"]
     return {
         "preset": preset, "steps": steps, "device": device, "routed_settings": dict(routed or {}), "variants": results,
+        "search": search_impl(device),  # the product-key search: the compiled CPU kernel or torch's
         "routed_vs_dense_tokens_per_s": results["routed"]["tokens_per_s"] / dense,
         "routed_sparse_rows_vs_dense_tokens_per_s": results["routed_sparse_rows"]["tokens_per_s"] / dense,
     }
@@ -70,6 +72,7 @@ def run_train_bench(preset: str = "tiny", steps: int = 20, device: str = "cpu", 
 def format_table(result: dict) -> str:
     settings = " ".join(f"{k}={v}" for k, v in result.get("routed_settings", {}).items())
     lines = [f"training throughput: preset={result['preset']} steps={result['steps']} device={result['device']}"
+             f" search={result.get('search', 'torch')}"
              + (f" routed: {settings}" if settings else ""),
              f"{'variant':>20} {'tokens/s':>10} {'val_loss':>9}"]
     for name, r in result["variants"].items():

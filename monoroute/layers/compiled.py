@@ -1,28 +1,35 @@
 """Compiled CPU kernels: a torch C++ extension built once, at first use, from `csrc/` (no network).
 
-What is compiled, and why: the product-key search (`csrc/product_topk.cpp`), the largest item of a
-routed training step on the CPU (docs/performance.md): torch's form runs two full sorts, a top-k over
-~1,200 rank-pair sums and four gathers over (T, ~1,200) tensors; the kernel does the same exact
-search fused per token (radix sorts, a bound that drops most pairs, a radix select), 2.4x faster at
-T 2,048 and 3.5x for one token (decoding). It is exact: the same unit set and sums as the torch
-form (tested, ties included, against it and a float64 brute force).
+What is compiled, and why (docs/performance.md): the router's two searches, the largest items of a
+routed training step on the CPU.
+- `product_topk`: the exact product-key search. torch's form runs two full sorts, a top-k over
+  ~1,200 rank-pair sums and four gathers over (T, ~1,200) tensors; the kernel does the same search
+  fused per token (radix sorts, a bound that drops most pairs, a radix select). Exact: the same unit
+  set and sums (tested, ties included, against the torch form and a brute force).
+- `rerank`: the C candidates' pre-activations (a SIMD dot per candidate row, read in place) and the
+  k largest, where torch runs `sparse_sampled_addmm` and `topk`. The same values up to float32
+  summation order (tested against float64).
 
-Build: `torch.utils.cpp_extension.load` with -O3 and OpenMP (rows run on torch's intra-op threads),
-cached in torch's extension directory (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), so
-the ~30 s compile happens once per machine and torch version. It needs a C++ compiler and ninja
-(a dependency). Where it cannot build, one warning says why and the torch form runs: same results,
-slower. MONOROUTE_CPU_KERNELS=0 turns the kernel off (the torch form always runs).
+Build: `torch.utils.cpp_extension.load` with -O3, -march=native and OpenMP (rows run on torch's
+intra-op threads), cached in torch's extension directory (TORCH_EXTENSIONS_DIR, default
+~/.cache/torch_extensions) under a name that includes a hash of this CPU's instruction-set flags, so
+a cache shared between different machines never runs code built for another CPU. The ~30-60 s
+compile happens once per machine and torch version. It needs a C++ compiler and ninja (a
+dependency). Where it cannot build, one warning says why and the torch forms run: same results,
+slower. MONOROUTE_CPU_KERNELS=0 turns the kernels off.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 import sys
 import warnings
 from pathlib import Path
 
 ENV = "MONOROUTE_CPU_KERNELS"
-NAME = "monoroute_cpu_kernels"
-SOURCES = (Path(__file__).parent / "csrc" / "product_topk.cpp",)
+SOURCES = (Path(__file__).parent / "csrc" / "routing.cpp",)
+FLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 _module = None
 _tried = False
@@ -32,8 +39,23 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def cpu_signature() -> str:
+    """8 hex digits naming this CPU's instruction sets (Linux: the `flags` line of /proc/cpuinfo)."""
+    text = platform.machine() + platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            text += next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def extension_name() -> str:
+    return f"monoroute_cpu_kernels_{cpu_signature()}"
+
+
 def cpu_kernels():
-    """The compiled module (its `product_topk`), or None where it is disabled or cannot build."""
+    """The compiled module (`product_topk`, `rerank`), or None where disabled or unable to build."""
     global _module, _tried
     if not enabled():
         return None
@@ -43,16 +65,30 @@ def cpu_kernels():
     try:
         from torch.utils import cpp_extension
 
-        built = Path(cpp_extension._get_build_directory(NAME, verbose=False)) / f"{NAME}.so"
+        name = extension_name()
+        built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
         if not built.exists():
-            print(f"monoroute: building the compiled CPU search kernel (once per machine, ~30 s; {ENV}=0 "
+            print(f"monoroute: building the compiled CPU routing kernels (once per machine, ~30-60 s; {ENV}=0 "
                   f"skips it)", file=sys.stderr, flush=True)
-        _module = cpp_extension.load(name=NAME, sources=[str(s) for s in SOURCES], extra_cflags=["-O3", "-fopenmp"],
+        _module = cpp_extension.load(name=name, sources=[str(s) for s in SOURCES], extra_cflags=FLAGS,
                                      extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as err:  # no compiler, no ninja, a read-only cache: the torch form runs instead
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        warnings.warn(f"monoroute: the compiled CPU search kernel could not be built ({first}); using the torch "
-                      f"search (same results, slower). Install a C++ compiler and ninja, or set {ENV}=0 to skip it",
+    except Exception as err:  # no compiler, no ninja, a read-only cache: the torch forms run instead
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]  # a build error: its command
+        warnings.warn(f"monoroute: the compiled CPU routing kernels could not be built ({first}); using torch's "
+                      f"(same results, slower). Install a C++ compiler and ninja, or set {ENV}=0 to skip them",
                       RuntimeWarning, stacklevel=2)
         _module = None
     return _module
+
+
+def search_impl(device: str = "cpu") -> str:
+    """Which router search runs on `device`: "compiled" (the kernels) or "torch" (benches report it)."""
+    return "compiled" if str(device).startswith("cpu") and cpu_kernels() is not None else "torch"
+
+
+def usable(*tensors) -> bool:
+    """True when the kernels can take these tensors: plain (not DTensor), strided, CPU, float32/float64."""
+    import torch
+
+    return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.layout == torch.strided and t.device.type == "cpu"
+               and t.dtype in (torch.float32, torch.float64) for t in tensors)

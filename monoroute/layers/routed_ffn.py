@@ -110,6 +110,7 @@ class RoutedFFN(nn.Module):
         agree_coef: float = 0.1,
         router_candidates: int | None = None,
         rank_coef: float = 1.0,
+        rank_tokens: int | None = None,
         router_clusters: int | None = None,
         router_probes: int = 4,
         recluster_every: int = 50,
@@ -166,7 +167,12 @@ class RoutedFFN(nn.Module):
         # sparse_grad: w_in/w_out get row-sparse COO gradients (touched rows only), for a row-sparse optimizer.
         self.sparse_grad = sparse_grad
         self.aux_coef, self.aux_units, self.l1_coef, self.dead_window = aux_coef, aux_units, l1_coef, dead_window
+        if rank_tokens is not None and (isinstance(rank_tokens, bool) or not isinstance(rank_tokens, int)
+                                        or rank_tokens < 1):
+            raise MonorouteError(f"rank_tokens must be a whole number >= 1 or null (every token), got {rank_tokens!r}; "
+                                 f"e.g. 512")
         self.coupling, self.agree_coef, self.rank_coef = coupling, agree_coef, rank_coef
+        self.rank_tokens = rank_tokens  # the ranking loss on at most this many tokens per forward (None: all)
         self.router_detach, self.revival_target = bool(router_detach), revival_target
         select = coupling if coupling in ("preact", "rerank") else "score"
         self.router = build_router(router, d_model, n_units, k, d_key, router_heads, select, impl, router_balance,
@@ -320,8 +326,14 @@ class RoutedFFN(nn.Module):
         if pre.numel() == 0:
             return pre.new_zeros(())
         s1, s2 = routing.halves
-        scores = self.router.unit_scores(s1, s2, routing.candidates)  # (T, C), with gradient to keys and query
-        repeat = routing.candidate_repeat
+        candidates, repeat = routing.candidates, routing.candidate_repeat
+        if self.rank_tokens is not None and pre.shape[0] > self.rank_tokens:
+            # A uniform sample of the tokens: the loss is a mean over tokens, so its expectation (and
+            # its gradient's) is the full loss's, at rank_tokens / T of the cost.
+            rows = torch.randperm(pre.shape[0], device=pre.device)[: self.rank_tokens]
+            pre, s1, s2, candidates = pre[rows], s1[rows], s2[rows], candidates[rows]
+            repeat = None if repeat is None else repeat[rows]
+        scores = self.router.unit_scores(s1, s2, candidates)  # (T, C), with gradient to keys and query
         if repeat is None:
             std, mean = torch.std_mean(pre, dim=-1, keepdim=True)
             # The target as log-probabilities: the same KL without an element-wise log of the target.

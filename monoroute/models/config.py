@@ -74,6 +74,9 @@ class GPTConfig:
     # per half crossed: PKM's candidate set, cheaper to search; ProductKeyRouter).
     router_proposals: str = "exact"
     rank_coef: float = 0.1  # 1.0 let the ranking loss dominate the LM loss early (docs/routing.md)
+    # The ranking loss on at most rank_tokens tokens of each forward, drawn at random (None: all): an
+    # unbiased estimate of the same loss at a fraction of its cost (docs/performance.md).
+    rank_tokens: int | None = None
     # router="cluster": a balanced clustered index over the unit rows themselves (routing.ClusterRouter):
     # router_clusters groups (None: sqrt(n_units)), router_probes of them searched per token, the
     # assignment rebuilt every recluster_every training forwards, probing balanced at rate cluster_balance.

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from monoroute.errors import MonorouteError
-from monoroute.layers.compiled import cpu_kernels
+from monoroute.layers.compiled import cpu_kernels, usable
 from monoroute.layers.routing.base import Routing, preacts, repeated
 from monoroute.layers.routing.diagnostics import search_diagnostics, shared_ratio
 from monoroute.layers.routing.query_norm import QUERY_NORMS, QueryBatchNorm
@@ -152,6 +152,9 @@ class ProductKeyRouter(nn.Module):
     def unit_scores(self, s1: Tensor, s2: Tensor, units: Tensor) -> Tensor:
         """(T, H, n_sub) halves, (T, m) unit ids -> (T, m) scores max_h s1[h, a] + s2[h, b], with
         gradient (to the best head). Gathering keeps the backward at O(T·H·m): no (T, N) tensor."""
+        if self.heads == 1:  # no max over heads (amax's backward builds a mask and a count of ties)
+            a, b = self.split(units)
+            return s1[:, 0].gather(-1, a) + s2[:, 0].gather(-1, b)
         a, b = (i.unsqueeze(1).expand(-1, self.heads, -1) for i in self.split(units))
         return (s1.gather(-1, a) + s2.gather(-1, b)).amax(1)
 
@@ -209,11 +212,15 @@ class ProductKeyRouter(nn.Module):
             proposed = self.grid_heads(s1, s2) if self.proposals == "grid" else self.search_heads(s1, s2)[0]
             cand = proposed.flatten(1)  # (T, C) proposals (H·g^2 for the grid)
             with torch.no_grad():
-                pre = preacts(x, w_in, b_in, cand, self.impl)  # (T, C) exact pre-activations
                 repeat = repeated(cand) if self.heads > 1 else None
-                top = (pre if repeat is None else pre.masked_fill(repeat, float("-inf"))).topk(self.k, dim=-1,
-                                                                                               sorted=False)
-            units = cand.gather(-1, top.indices)
+                if repeat is None:  # the k largest exact pre-activations (one fused kernel on the CPU)
+                    # the kernel unless the layer asks for the reference unit compute (tests)
+                    search = "auto" if self.impl in ("auto", "cpu") else "torch"
+                    pre, top = rerank_topk(x, w_in, b_in, cand, self.k, search, self.impl)
+                else:  # a unit proposed by two heads runs once
+                    pre = preacts(x, w_in, b_in, cand, self.impl)  # (T, C) exact pre-activations
+                    top = pre.masked_fill(repeat, float("-inf")).topk(self.k, dim=-1, sorted=False).indices
+            units = cand.gather(-1, top)
             self.record(cand, units)
             return Routing(units, self.unit_scores(s1, s2, units), (s1, s2), cand, pre, candidate_repeat=repeat)
         units, scores = self.search(s1, s2)  # selection only, no gradient
@@ -286,6 +293,32 @@ def pair_pattern(k_search: int, n_sub: int) -> tuple[Tensor, Tensor]:
 
 
 SEARCH_IMPLS = ("auto", "torch", "compiled")
+UNAVAILABLE = ("the compiled CPU routing kernels are unavailable here (plain CPU float tensors, a C++ compiler and "
+               "ninja are needed, and MONOROUTE_CPU_KERNELS must not be 0); use impl='auto'")
+
+
+@torch.no_grad()
+def rerank_topk(x: Tensor, w_in: Tensor, b_in: Tensor | None, cand: Tensor, k: int, impl: str = "auto",
+                unit_impl: str = "auto") -> tuple[Tensor, Tensor]:
+    """(T, d) inputs, (T, C) candidate ids -> their exact pre-activations (T, C) and the positions in
+    `cand` of the k largest per token (T, k), in no particular order.
+
+    impl "auto": the compiled CPU kernel where it built (one SIMD dot per candidate row and a radix
+    select, fused; float32 sums in another order than sparse_sampled_addmm's, so pre-activations agree
+    to rounding), else the torch form: `preacts` (sparse_sampled_addmm) and topk. "torch" always the
+    torch form (the kernel's reference; its pre-activations by the unit-compute impl `unit_impl`);
+    "compiled" the kernel or an error."""
+    if impl not in SEARCH_IMPLS:
+        raise MonorouteError(f"unknown search impl {impl!r}; choose one of {', '.join(SEARCH_IMPLS)}")
+    if impl != "torch" and usable(x, w_in, *([] if b_in is None else [b_in])) and x.dtype == w_in.dtype:
+        kernels = cpu_kernels()
+        if kernels is not None:
+            bias = w_in.new_empty(0) if b_in is None else b_in.detach()
+            return tuple(kernels.rerank(x.detach(), w_in.detach(), bias, cand, k))
+    if impl == "compiled":
+        raise MonorouteError(UNAVAILABLE)
+    pre = preacts(x, w_in, b_in, cand, unit_impl)  # (T, C) exact pre-activations
+    return pre, pre.topk(k, dim=-1, sorted=False).indices
 
 
 @torch.no_grad()
@@ -301,15 +334,14 @@ def product_topk(s1: Tensor, s2: Tensor, k_search: int, cand_i: Tensor, cand_j: 
     be broken differently)."""
     if impl not in SEARCH_IMPLS:
         raise MonorouteError(f"unknown search impl {impl!r}; choose one of {', '.join(SEARCH_IMPLS)}")
-    if impl != "torch" and s1.device.type == "cpu" and s1.dtype in (torch.float32, torch.float64):
+    if impl != "torch" and usable(s1, s2):
         kernels = cpu_kernels()
         if kernels is not None:
             n_sub, lead = s1.shape[-1], s1.shape[:-1]
             units, values = kernels.product_topk(s1.reshape(-1, n_sub), s2.reshape(-1, n_sub), k_search)
             return units.view(*lead, k_search), values.view(*lead, k_search)
     if impl == "compiled":
-        raise MonorouteError("the compiled CPU search kernel is unavailable here (a CPU float tensor, a C++ compiler "
-                             "and ninja are needed, and MONOROUTE_CPU_KERNELS must not be 0); use impl='auto'")
+        raise MonorouteError(UNAVAILABLE)
     n_sub = s1.shape[-1]
     k_sub = int(cand_i.max()) + 1
     top1 = s1.topk(k_sub, dim=-1)  # sorted: the candidate pattern is by rank
