@@ -144,3 +144,78 @@ def test_compiled_rerank_refuses_a_candidate_outside_the_table():
     cand = torch.tensor([[0, 1, 2], [3, 4, 10], [5, 6, 7]])
     with pytest.raises(RuntimeError, match="outside the table"):
         rerank_topk(x, w, None, cand, 2, impl="compiled")
+
+
+def trained_eval_layer(dtype, **kw):
+    """A small re-ranking layer in eval mode whose query BatchNorm holds non-trivial running statistics."""
+    from monoroute.layers.routed_ffn import RoutedFFN
+
+    torch.manual_seed(3)
+    lay = RoutedFFN(16, 256, 4, coupling="rerank", d_key=8, router_candidates=24, **kw).to(dtype)
+    lay.train()
+    for _ in range(3):
+        lay(torch.randn(64, 16, dtype=dtype) * 2 + 1)
+    return lay.eval()
+
+
+@needs_kernel
+@pytest.mark.parametrize("kw", [dict(query_norm="batch"), dict(query_norm="none", bias=False, out_bias=True)])
+def test_fused_inference_layer_matches_the_op_by_op_layer(kw):
+    lay = trained_eval_layer(torch.float64, **kw)
+    x = torch.randn(2, 30, 16, dtype=torch.float64)
+    with torch.no_grad():
+        assert lay.fused_inference(x.reshape(-1, 16)) is not None  # the fused path applies here
+        y = lay(x)
+        fused = lay.last_activations
+        lay.hook_post.fns.append(lambda acts, hook: None)  # an (inert) hook: the op-by-op path
+        assert lay.fused_inference(x.reshape(-1, 16)) is None
+        y_ref = lay(x)
+        ref = lay.last_activations
+        lay.hook_post.fns.clear()
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
+    order, order_ref = fused.indices.argsort(-1), ref.indices.argsort(-1)
+    assert torch.equal(fused.indices.gather(-1, order), ref.indices.gather(-1, order_ref))
+    torch.testing.assert_close(fused.values.gather(-1, order), ref.values.gather(-1, order_ref), rtol=0, atol=1e-12)
+    assert (fused.values >= 0).all() and (fused.values > 0).any()
+    if lay.b_in is not None:  # every candidate silenced: k is a cap, the selected units stay at 0, as op by op
+        with torch.no_grad():
+            lay.b_in -= 100.0
+            silent = lay(x)
+            assert (lay.last_activations.values == 0).all()
+            lay.hook_post.fns.append(lambda acts, hook: None)
+            torch.testing.assert_close(silent, lay(x), rtol=0, atol=1e-12)
+
+
+@needs_kernel
+def test_fused_inference_in_float32_agrees_to_rounding():
+    lay = trained_eval_layer(torch.float32, query_norm="batch")
+    x = torch.randn(200, 16)
+    with torch.no_grad():
+        y = lay(x)
+        units = lay.last_activations.indices.sort(-1).values
+        lay.hook_post.fns.append(lambda acts, hook: None)
+        y_ref = lay(x)
+        units_ref = lay.last_activations.indices.sort(-1).values
+    same = (units == units_ref).all(-1)
+    assert same.float().mean() > 0.95  # a near-tie in float32 may swap a unit
+    torch.testing.assert_close(y[same], y_ref[same], rtol=1e-4, atol=1e-5)
+
+
+def test_fused_inference_applies_only_where_nothing_needs_the_op_by_op_path():
+    from monoroute.layers.routed_ffn import RoutedFFN
+
+    lay = trained_eval_layer(torch.float32, query_norm="batch")
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        lay.train()
+        assert lay.fused_inference(x) is None  # training: aux losses, firing statistics, BatchNorm's batch
+        lay.eval()
+        lay.hook_pre.fns.append(lambda pre, hook: None)
+        assert lay.fused_inference(x) is None  # a hook reads or edits the pre-activations
+        lay.hook_pre.fns.clear()
+    assert lay.fused_inference(x) is None  # gradient enabled
+    torch.manual_seed(0)
+    two_heads = RoutedFFN(16, 256, 4, coupling="rerank", d_key=8, router_candidates=24, router_heads=2).eval()
+    preact = RoutedFFN(16, 256, 4, coupling="preact").eval()
+    with torch.no_grad():
+        assert two_heads.fused_inference(x) is None and preact.fused_inference(x) is None

@@ -204,6 +204,12 @@ class RoutedFFN(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         xt = x.reshape(-1, self.d_model)  # (T, d)
+        fused = self.fused_inference(xt)
+        if fused is not None:  # decoding and evaluation on the CPU: the whole layer in one compiled call
+            y, idx, h = fused
+            self.last_activations = SparseActivations(idx.view(*lead, self.k), h.view(*lead, self.k), self.n_units)
+            self.aux_loss = None
+            return (y if self.b_out is None else y + self.b_out).view(*lead, self.d_model)
         # router_detach: the router and the router-only losses read a copy of the input without
         # gradient, so they train the router (and the revived units' rows), never the trunk below.
         xr = xt.detach() if self.router_detach else xt
@@ -224,6 +230,16 @@ class RoutedFFN(nn.Module):
         if self.b_out is not None:
             y = y + self.b_out
         return y.view(*lead, self.d_model)
+
+    def fused_inference(self, xt: Tensor):
+        """(y, idx, h) from the router's fused inference kernel when nothing needs the op-by-op path
+        (no training, no gradient, no hook, ReLU units without a gate, the default re-ranking router),
+        else None. The same selection and output to rounding (tests/test_compiled.py)."""
+        if (self.training or torch.is_grad_enabled() or self.coupling != "rerank" or self.activation != "relu"
+                or self.gate != "none" or self.w_gate is not None or self.hook_pre.active or self.hook_post.active
+                or self.impl not in ("auto", "cpu") or not hasattr(self.router, "fused_layer")):
+            return None
+        return self.router.fused_layer(xt, self.w_in, self.b_in, self.w_out)
 
     def select_tables(self) -> tuple[Tensor, Tensor | None]:
         """The rows whose pre-activation selection reads: the gate's for gated units, else w_in and b_in."""

@@ -26,7 +26,12 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -188,6 +193,13 @@ struct SelectScratch {
   std::vector<int64_t> order;
 };
 
+// y += a * row (a pragma cannot sit inside AT_DISPATCH's macro argument, hence a function)
+template <typename scalar_t>
+inline void add_scaled(scalar_t* y, scalar_t a, const scalar_t* row, int64_t d) {
+#pragma omp simd
+  for (int64_t j = 0; j < d; ++j) y[j] += a * row[j];
+}
+
 // positions of the k largest of v[0..c) (ties: lower position first), written to out: float32 by an
 // MSD radix select on order-preserving keys
 void top_positions(const float* v, int64_t c, int64_t k, SelectScratch& scratch, int64_t* out) {
@@ -220,6 +232,26 @@ void top_positions(const double* v, int64_t c, int64_t k, SelectScratch& scratch
   std::copy(order.begin(), order.begin() + k, out);
 }
 
+// The pattern for (k, n), built once per process (decoding calls the search once per token and layer).
+const Pattern& pattern_for(int64_t k, int64_t n) {
+  static std::mutex lock;
+  static std::map<std::pair<int64_t, int64_t>, std::unique_ptr<Pattern>> cache;
+  std::lock_guard<std::mutex> guard(lock);
+  auto& slot = cache[{k, n}];
+  if (!slot) slot = std::make_unique<Pattern>(k, n);
+  return *slot;
+}
+
+// one search per row: float32 by radix, float64 by the standard library
+void search_rows(const float* s1, const float* s2, int64_t n, int64_t k, const Pattern& pat, int64_t begin,
+                 int64_t end, int64_t* ids, float* vals) {
+  topk_rows_f32(s1, s2, n, k, pat, begin, end, ids, vals);
+}
+void search_rows(const double* s1, const double* s2, int64_t n, int64_t k, const Pattern& pat, int64_t begin,
+                 int64_t end, int64_t* ids, double* vals) {
+  topk_rows_generic(s1, s2, n, k, pat, begin, end, ids, vals);
+}
+
 }  // namespace
 
 // s1, s2: (R, n) float32 / float64 on the CPU -> (R, k) int64 unit ids a*n + b and their sums.
@@ -232,24 +264,14 @@ std::vector<torch::Tensor> product_topk(torch::Tensor s1, torch::Tensor s2, int6
   auto a = s1.contiguous(), b = s2.contiguous();
   auto ids = torch::empty({rows, k}, a.options().dtype(torch::kInt64));
   auto vals = torch::empty({rows, k}, a.options());
-  const Pattern pat(k, n);
-  if (a.scalar_type() == torch::kFloat) {
-    const float* pa = a.data_ptr<float>();
-    const float* pb = b.data_ptr<float>();
+  const Pattern& pat = pattern_for(k, n);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "product_topk", [&] {
+    const scalar_t* pa = a.data_ptr<scalar_t>();
+    const scalar_t* pb = b.data_ptr<scalar_t>();
     int64_t* pi = ids.data_ptr<int64_t>();
-    float* pv = vals.data_ptr<float>();
-    at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) { topk_rows_f32(pa, pb, n, k, pat, begin, end, pi, pv); });
-  } else {
-    AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "product_topk", [&] {
-      const scalar_t* pa = a.data_ptr<scalar_t>();
-      const scalar_t* pb = b.data_ptr<scalar_t>();
-      int64_t* pi = ids.data_ptr<int64_t>();
-      scalar_t* pv = vals.data_ptr<scalar_t>();
-      at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
-        topk_rows_generic(pa, pb, n, k, pat, begin, end, pi, pv);
-      });
-    });
-  }
+    scalar_t* pv = vals.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) { search_rows(pa, pb, n, k, pat, begin, end, pi, pv); });
+  });
   return {ids, vals};
 }
 
@@ -304,7 +326,98 @@ std::vector<torch::Tensor> rerank(torch::Tensor x, torch::Tensor w, torch::Tenso
   return {pre, pick};
 }
 
+// The whole re-ranking layer at inference, per token (eval mode, no gradient, no hooks: what decoding
+// runs), in place of ~45 small torch ops whose fixed costs dominate at one token:
+//   q = Wq x; q = (q - mean) / sqrt(var + eps) (query BatchNorm's running statistics, if given);
+//   s1 = scale * cos(q1, K1), s2 = scale * cos(q2, K2); the exact top C of s1[a] + s2[b] (as product_topk);
+//   their pre-activations w_in[u]·x + b[u] and the k largest (as rerank); h = relu(pre);
+//   y = sum h_i w_out[u_i].
+// x (T, d), wq (D, d), bn_mean / bn_var (D,) or empty, keys (2, n, D/2), w_in / w_out (N, d), b_in (N,) or
+// empty -> y (T, d), units (T, k) int64, h (T, k).
+std::vector<torch::Tensor> rerank_infer(torch::Tensor x, torch::Tensor wq, torch::Tensor bn_mean, torch::Tensor bn_var,
+                                        double bn_eps, torch::Tensor keys, double scale, torch::Tensor w_in,
+                                        torch::Tensor b_in, torch::Tensor w_out, int64_t candidates, int64_t k) {
+  TORCH_CHECK(x.dim() == 2 && wq.dim() == 2 && wq.size(1) == x.size(1) && wq.size(0) % 2 == 0,
+              "rerank_infer: x (T, d), wq (D, d) with D even");
+  TORCH_CHECK(keys.dim() == 3 && keys.size(0) == 2 && keys.size(2) * 2 == wq.size(0), "rerank_infer: keys (2, n, D/2)");
+  const int64_t t_rows = x.size(0), d = x.size(1), dq = wq.size(0), half = dq / 2, n = keys.size(1);
+  const int64_t units_n = w_in.size(0);
+  TORCH_CHECK(units_n == n * n && w_in.sizes() == w_out.sizes() && w_in.size(1) == d, "rerank_infer: w_in, w_out (n^2, d)");
+  TORCH_CHECK(candidates >= 1 && candidates <= units_n && k >= 1 && k <= candidates, "rerank_infer: 1 <= k <= C <= N");
+  const bool has_bn = bn_mean.numel() > 0, has_bias = b_in.numel() > 0;
+  for (const auto& t : {wq, bn_mean, bn_var, keys, w_in, b_in, w_out})
+    TORCH_CHECK(t.numel() == 0 || (t.device().is_cpu() && t.scalar_type() == x.scalar_type()),
+                "rerank_infer: CPU tensors of one dtype");
+  auto xc = x.contiguous(), wqc = wq.contiguous(), kc = keys.contiguous(), wic = w_in.contiguous(),
+       woc = w_out.contiguous(), bc = b_in.contiguous(), mc = bn_mean.contiguous(), vc = bn_var.contiguous();
+  auto y = torch::zeros({t_rows, d}, xc.options());
+  auto units = torch::empty({t_rows, k}, xc.options().dtype(torch::kInt64));
+  auto h = torch::empty({t_rows, k}, xc.options());
+  const Pattern& pat = pattern_for(candidates, n);
+  AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "rerank_infer", [&] {
+    const scalar_t* px = xc.data_ptr<scalar_t>();
+    const scalar_t* pq = wqc.data_ptr<scalar_t>();
+    const scalar_t* pm = has_bn ? mc.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* pv = has_bn ? vc.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* pk = kc.data_ptr<scalar_t>();
+    const scalar_t* pwi = wic.data_ptr<scalar_t>();
+    const scalar_t* pb = has_bias ? bc.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* pwo = woc.data_ptr<scalar_t>();
+    scalar_t* py = y.data_ptr<scalar_t>();
+    int64_t* pu = units.data_ptr<int64_t>();
+    scalar_t* ph = h.data_ptr<scalar_t>();
+    // the sub-keys, each row L2-normalised (F.normalize: x / max(|x|, 1e-12)), once per call
+    std::vector<scalar_t> kn(2 * n * half);
+    for (int64_t r = 0; r < 2 * n; ++r) {
+      const scalar_t* row = pk + r * half;
+      const scalar_t norm = std::max<scalar_t>(std::sqrt(dot_row(row, row, half)), scalar_t(1e-12));
+      for (int64_t i = 0; i < half; ++i) kn[r * half + i] = row[i] / norm;
+    }
+    at::parallel_for(0, t_rows, 8, [&](int64_t begin, int64_t end) {
+      const int64_t rows = end - begin;
+      std::vector<scalar_t> q(dq), s1(rows * n), s2(rows * n), sums(rows * candidates), pre(candidates);
+      std::vector<int64_t> cand(rows * candidates), top(k);
+      SelectScratch scratch;
+      for (int64_t r = 0; r < rows; ++r) {
+        const scalar_t* xt = px + (begin + r) * d;
+        for (int64_t c = 0; c < dq; ++c) {
+          q[c] = dot_row(pq + c * d, xt, d);
+          if (has_bn) q[c] = (q[c] - pm[c]) / std::sqrt(pv[c] + static_cast<scalar_t>(bn_eps));
+        }
+        for (int side = 0; side < 2; ++side) {
+          const scalar_t* qh = q.data() + side * half;
+          const scalar_t norm = std::max<scalar_t>(std::sqrt(dot_row(qh, qh, half)), scalar_t(1e-12));
+          scalar_t* out = (side ? s2.data() : s1.data()) + r * n;
+          for (int64_t a = 0; a < n; ++a)
+            out[a] = static_cast<scalar_t>(scale) * (dot_row(qh, kn.data() + (side * n + a) * half, half) / norm);
+        }
+      }
+      search_rows(s1.data(), s2.data(), n, candidates, pat, 0, rows, cand.data(), sums.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t t = begin + r;
+        const scalar_t* xt = px + t * d;
+        const int64_t* ct = cand.data() + r * candidates;
+        for (int64_t p = 0; p < candidates; ++p)
+          pre[p] = dot_row(xt, pwi + ct[p] * d, d) + (pb ? pb[ct[p]] : scalar_t(0));
+        top_positions(pre.data(), candidates, k, scratch, top.data());
+        scalar_t* yt = py + t * d;
+        for (int64_t i = 0; i < k; ++i) {
+          const int64_t u = ct[top[i]];
+          const scalar_t hv = std::max<scalar_t>(pre[top[i]], scalar_t(0));
+          pu[t * k + i] = u;
+          ph[t * k + i] = hv;
+          if (hv != 0) {
+            add_scaled(yt, hv, pwo + u * d, d);
+          }
+        }
+      }
+    });
+  });
+  return {y, units, h};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("product_topk", &product_topk, "exact top-k of all pair sums s1[a] + s2[b], per row (CPU)");
+  m.def("rerank_infer", &rerank_infer, "the re-ranking layer at inference, fused per token (CPU)");
   m.def("rerank", &rerank, "candidates' pre-activations and the positions of the k largest, per row (CPU)");
 }

@@ -232,6 +232,31 @@ class ProductKeyRouter(nn.Module):
         return Routing(units, self.unit_scores(s1, s2, units), (s1, s2))
 
     @torch.no_grad()
+    def fused_layer(self, x: Tensor, w_in: Tensor, b_in: Tensor | None, w_out: Tensor):
+        """Inference only: the re-ranking layer with ReLU units, fused per token in the compiled CPU
+        kernel (query, BatchNorm's running statistics, cosine sub-key scores, the exact top C, their
+        pre-activations, the top k, y = sum relu(pre) w_out): (y (T, d), units (T, k), h (T, k)), or
+        None where it does not apply (then the layer runs op by op, with the same result to rounding).
+        It applies in eval mode to one query head, exact proposals, no score balancing and no
+        diagnostics, on plain CPU float tensors where the kernel built."""
+        if (self.training or self.select != "rerank" or self.heads != 1 or self.proposals != "exact" or self.balance
+                or self.diagnose or (self.query_norm is not None and self.query_norm.training)):
+            return None
+        bn = self.query_norm
+        tensors = [x, w_in, w_out, self.query.weight, self.keys] + ([] if b_in is None else [b_in]) + \
+            ([] if bn is None else [bn.running_mean, bn.running_var])
+        if not usable(*tensors) or len({t.dtype for t in tensors}) != 1:
+            return None
+        kernels = cpu_kernels()
+        if kernels is None:
+            return None
+        empty = x.new_empty(0)
+        return kernels.rerank_infer(
+            x, self.query.weight, empty if bn is None else bn.running_mean, empty if bn is None else bn.running_var,
+            bn.eps if bn is not None else 0.0, self.keys, float(self.log_scale.exp()), w_in,
+            empty if b_in is None else b_in, w_out, self.candidates, self.k)
+
+    @torch.no_grad()
     def record(self, proposed: Tensor, chosen: Tensor) -> None:
         """With `diagnose` set, add this forward's search statistics to `diagnostics` (see
         `search_diagnostics`), then clear the flag: it is asked for one forward at a time."""
