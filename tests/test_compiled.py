@@ -79,8 +79,10 @@ def test_a_router_selects_the_same_units_with_the_kernel_and_the_torch_search(mo
     assert torch.equal(chosen.indices.sort(-1).values, again.indices.sort(-1).values)
 
 
-def test_search_falls_back_to_torch_with_one_warning_when_the_kernel_cannot_build(monkeypatch):
+def test_search_falls_back_to_torch_with_one_warning_when_the_kernel_cannot_build(monkeypatch, tmp_path):
     from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # the failed build leaves nothing in the user's cache
 
     monkeypatch.setattr(compiled, "_module", None)
     monkeypatch.setattr(compiled, "_tried", False)
