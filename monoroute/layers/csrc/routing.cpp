@@ -43,6 +43,25 @@ inline uint32_t ordered(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+// MSD radix select over order-preserving keys: the k-th largest of key[0..c) (four passes of a 256-bin
+// histogram, no comparison sort); *ties is set to how many keys equal to it are among the k largest.
+// Taking every key > the result and the first *ties keys == it gives the k largest.
+uint32_t kth_largest_key(const uint32_t* key, int64_t c, int64_t k, int64_t* ties) {
+  uint32_t prefix = 0, mask = 0, hist[256];
+  int64_t need = k;  // how many of the keys matching the prefix must still be taken
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    std::memset(hist, 0, sizeof hist);
+    for (int64_t p = 0; p < c; ++p)
+      if ((key[p] & mask) == prefix) ++hist[(key[p] >> shift) & 255u];
+    int digit = 255;
+    for (; digit > 0 && static_cast<int64_t>(hist[digit]) < need; --digit) need -= hist[digit];
+    prefix |= static_cast<uint32_t>(digit) << shift;
+    mask |= 255u << shift;
+  }
+  *ties = need;
+  return prefix;
+}
+
 struct Pattern {  // rank pairs (i, j), (i+1)(j+1) <= k, i, j < k_sub; row-major
   int64_t k_sub = 0;
   std::vector<int32_t> width, pi, pj;
@@ -106,7 +125,6 @@ void topk_rows_f32(const float* s1, const float* s2, int64_t n, int64_t k, const
   std::vector<int32_t> o1(m), o2(m), pos_i(total), pos_j(total);
   std::vector<float> v1(m), v2(m), sums(total);
   std::vector<uint32_t> key(total);
-  uint32_t hist[256];
   for (int64_t r = begin; r < end; ++r) {
     sort_half(s1 + r * n, n, m, keys, o1, v1);
     sort_half(s2 + r * n, n, m, keys, o2, v2);
@@ -126,18 +144,8 @@ void topk_rows_f32(const float* s1, const float* s2, int64_t n, int64_t k, const
         pos_j[total_kept++] = j;
       }
     }
-    // MSD radix select: the k-th largest key, digit by digit.
-    uint32_t prefix = 0, mask = 0;
-    int64_t need = k;  // how many of the keys matching the prefix must still be taken
-    for (int shift = 24; shift >= 0; shift -= 8) {
-      std::memset(hist, 0, sizeof hist);
-      for (int64_t p = 0; p < total_kept; ++p)
-        if ((key[p] & mask) == prefix) ++hist[(key[p] >> shift) & 255u];
-      int digit = 255;
-      for (; digit > 0 && static_cast<int64_t>(hist[digit]) < need; --digit) need -= hist[digit];
-      prefix |= static_cast<uint32_t>(digit) << shift;
-      mask |= 255u << shift;
-    }
+    int64_t need;
+    const uint32_t prefix = kth_largest_key(key.data(), total_kept, k, &need);
     int64_t out = r * k;
     for (int64_t p = 0; p < total_kept; ++p) {
       if (key[p] > prefix || (key[p] == prefix && need-- > 0)) {
@@ -230,17 +238,8 @@ void top_positions(const float* v, int64_t c, int64_t k, SelectScratch& scratch,
   std::vector<uint32_t>& key = scratch.key;
   key.resize(c);
   for (int64_t p = 0; p < c; ++p) key[p] = ordered(v[p]);
-  uint32_t prefix = 0, mask = 0, hist[256];
-  int64_t need = k;
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    std::memset(hist, 0, sizeof hist);
-    for (int64_t p = 0; p < c; ++p)
-      if ((key[p] & mask) == prefix) ++hist[(key[p] >> shift) & 255u];
-    int digit = 255;
-    for (; digit > 0 && static_cast<int64_t>(hist[digit]) < need; --digit) need -= hist[digit];
-    prefix |= static_cast<uint32_t>(digit) << shift;
-    mask |= 255u << shift;
-  }
+  int64_t need;
+  const uint32_t prefix = kth_largest_key(key.data(), c, k, &need);
   int64_t o = 0;
   for (int64_t p = 0; p < c; ++p)
     if (key[p] > prefix || (key[p] == prefix && need-- > 0)) out[o++] = p;
