@@ -221,3 +221,15 @@ def test_fused_inference_applies_only_where_nothing_needs_the_op_by_op_path():
     preact = RoutedFFN(16, 256, 4, coupling="preact").eval()
     with torch.no_grad():
         assert two_heads.fused_inference(x) is None and preact.fused_inference(x) is None
+
+
+def test_the_build_name_follows_the_sources_and_the_cpu(monkeypatch, tmp_path):
+    (tmp_path / "a.cpp").write_text("int a;")
+    (tmp_path / "a.h").write_text("// header")
+    monkeypatch.setattr(compiled, "CSRC", tmp_path)
+    first = compiled.extension_name()
+    assert first == compiled.extension_name() and first.startswith("monoroute_cpu_kernels_")
+    (tmp_path / "a.h").write_text("// header, changed")  # a header alone changes the name: a rebuild
+    assert compiled.extension_name() != first
+    monkeypatch.setattr(compiled, "cpu_signature", lambda: "0000beef")  # another CPU: another build
+    assert "_0000beef_" in compiled.extension_name()

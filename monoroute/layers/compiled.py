@@ -13,7 +13,8 @@ routed training step on the CPU.
 Build: `torch.utils.cpp_extension.load` with -O3, -march=native and OpenMP (rows run on torch's
 intra-op threads), cached in torch's extension directory (TORCH_EXTENSIONS_DIR, default
 ~/.cache/torch_extensions) under a name that includes a hash of this CPU's instruction-set flags, so
-a cache shared between different machines never runs code built for another CPU. The ~30-60 s
+a cache shared between different machines never runs code built for another CPU, and a hash of the
+sources. The ~30-60 s
 compile happens once per machine and torch version. It needs a C++ compiler and ninja (a
 dependency). Where it cannot build, one warning says why and the torch forms run: same results,
 slower. MONOROUTE_CPU_KERNELS=0 turns the kernels off.
@@ -28,7 +29,8 @@ import warnings
 from pathlib import Path
 
 ENV = "MONOROUTE_CPU_KERNELS"
-SOURCES = (Path(__file__).parent / "csrc" / "routing.cpp",)
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "routing.cpp",)
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 _module = None
@@ -51,7 +53,10 @@ def cpu_signature() -> str:
 
 
 def extension_name() -> str:
-    return f"monoroute_cpu_kernels_{cpu_signature()}"
+    """The build's name: this CPU's signature and a hash of every file in csrc/ (torch rebuilds when a
+    listed source changes, but not when only a header it includes does)."""
+    sources = hashlib.sha1(b"".join(f.read_bytes() for f in sorted(CSRC.iterdir()) if f.is_file())).hexdigest()[:8]
+    return f"monoroute_cpu_kernels_{cpu_signature()}_{sources}"
 
 
 def cpu_kernels():
