@@ -9,13 +9,15 @@ routed training step on the CPU.
 - `rerank`: the C candidates' pre-activations (a SIMD dot per candidate row, read in place) and the
   k largest, where torch runs `sparse_sampled_addmm` and `topk`. The same values up to float32
   summation order (tested against float64).
+- `rerank_infer`: the whole default routed layer at inference (query, BatchNorm's running
+  statistics, sub-key cosines, both of the above, ReLU, the output sum) in one call, which
+  `RoutedFFN` takes in eval mode without gradient or hooks (decoding's ~45 small ops become one).
 
 Build: `torch.utils.cpp_extension.load` with -O3, -march=native and OpenMP (rows run on torch's
 intra-op threads), cached in torch's extension directory (TORCH_EXTENSIONS_DIR, default
-~/.cache/torch_extensions) under a name that includes a hash of this CPU's instruction-set flags, so
-a cache shared between different machines never runs code built for another CPU, and a hash of the
-sources. The ~30-60 s
-compile happens once per machine and torch version. It needs a C++ compiler and ninja (a
+~/.cache/torch_extensions) under a name that holds a hash of this CPU's instruction-set flags (a
+cache shared between machines never runs code built for another CPU) and of the sources. The
+~30-60 s compile happens once per machine, source and torch version. It needs a C++ compiler and ninja (a
 dependency). Where it cannot build, one warning says why and the torch forms run: same results,
 slower. MONOROUTE_CPU_KERNELS=0 turns the kernels off.
 """
