@@ -30,6 +30,8 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch
+
 ENV = "MONOROUTE_CPU_KERNELS"
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "routing.cpp",)
@@ -95,7 +97,13 @@ def search_impl(device: str = "cpu") -> str:
 
 def usable(*tensors) -> bool:
     """True when the kernels can take these tensors: plain (not DTensor), strided, CPU, float32/float64."""
-    import torch
-
     return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.layout == torch.strided and t.device.type == "cpu"
                and t.dtype in (torch.float32, torch.float64) for t in tensors)
+
+
+def kernels_for(*tensors):
+    """The compiled module where it is on, built, and takes these tensors (`usable`, all of one dtype,
+    as every kernel requires), else None: the one check before any kernel call."""
+    if not enabled() or not usable(*tensors) or len({t.dtype for t in tensors}) != 1:
+        return None
+    return cpu_kernels()

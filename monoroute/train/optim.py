@@ -109,13 +109,14 @@ class RowSparseAdamW(torch.optim.Optimizer):
         every_row = rows.numel() == n_rows  # rows are unique: then they are all of them, in order
         g = g.to(p.dtype).contiguous()
         # Three ways to the same update (AdamW is elementwise, so a row's result does not depend on
-        # which other rows run beside it): every row touched, the tensors in place; most rows touched
-        # (>= SNAPSHOT_FROM of them, as at cpu-small where 76-89 % are), the whole table in place with a
-        # zero gradient on the untouched rows, whose value and moments are saved before and put back
-        # after (one (16,384, 128) table, 89 % touched: 2.5 vs 6.6 ms; a cpu-small step's optimizer
-        # 23 -> 21 ms); few touched, the touched rows
-        # gathered into (R, ...) copies (advanced indexing: faster than index_select here), updated
-        # and copied back.
+        # which other rows run beside it):
+        # - every row touched: the tensors in place;
+        # - most rows touched (>= SNAPSHOT_FROM, as at cpu-small where 76-89 % are): the whole table in
+        #   place with a zero gradient on the untouched rows, whose value and moments are saved before
+        #   and put back after (one (16,384, 128) table, 89 % touched: 2.5 vs 6.6 ms; a cpu-small
+        #   step's optimizer 23 -> 21 ms);
+        # - few touched: the touched rows gathered into (R, ...) copies (advanced indexing: faster than
+        #   index_select here), updated and copied back.
         snapshot = not every_row and rows.numel() >= SNAPSHOT_FROM * n_rows
         if every_row or snapshot:
             param, exp_avg, exp_avg_sq = p, state["exp_avg"], state["exp_avg_sq"]

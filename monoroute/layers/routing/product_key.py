@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from monoroute.errors import MonorouteError
-from monoroute.layers.compiled import cpu_kernels, usable
+from monoroute.layers.compiled import kernels_for
 from monoroute.layers.routing.base import Routing, preacts, repeated
 from monoroute.layers.routing.diagnostics import search_diagnostics, shared_ratio
 from monoroute.layers.routing.query_norm import QUERY_NORMS, QueryBatchNorm
@@ -245,9 +245,7 @@ class ProductKeyRouter(nn.Module):
         bn = self.query_norm
         tensors = [x, w_in, w_out, self.query.weight, self.keys] + ([] if b_in is None else [b_in]) + \
             ([] if bn is None else [bn.running_mean, bn.running_var])
-        if not usable(*tensors) or len({t.dtype for t in tensors}) != 1:
-            return None
-        kernels = cpu_kernels()
+        kernels = kernels_for(*tensors)
         if kernels is None:
             return None
         empty = x.new_empty(0)
@@ -318,8 +316,19 @@ def pair_pattern(k_search: int, n_sub: int) -> tuple[Tensor, Tensor]:
 
 
 SEARCH_IMPLS = ("auto", "torch", "compiled")
-UNAVAILABLE = ("the compiled CPU routing kernels are unavailable here (plain CPU float tensors, a C++ compiler and "
-               "ninja are needed, and MONOROUTE_CPU_KERNELS must not be 0); use impl='auto'")
+
+
+def search_kernels(impl: str, *tensors: Tensor):
+    """The compiled kernels a search with `impl` uses on these tensors, or None for the torch form:
+    "auto" where they take them, "torch" never, "compiled" always (else one clear error)."""
+    if impl not in SEARCH_IMPLS:
+        raise MonorouteError(f"unknown search impl {impl!r}; choose one of {', '.join(SEARCH_IMPLS)}")
+    kernels = None if impl == "torch" else kernels_for(*tensors)
+    if kernels is None and impl == "compiled":
+        raise MonorouteError("the compiled CPU routing kernels are unavailable here (plain CPU float tensors of one "
+                             "dtype, a C++ compiler and ninja are needed, and MONOROUTE_CPU_KERNELS must not be 0); "
+                             "use impl='auto'")
+    return kernels
 
 
 @torch.no_grad()
@@ -333,15 +342,10 @@ def rerank_topk(x: Tensor, w_in: Tensor, b_in: Tensor | None, cand: Tensor, k: i
     to rounding), else the torch form: `preacts` (sparse_sampled_addmm) and topk. "torch" always the
     torch form (the kernel's reference; its pre-activations by the unit-compute impl `unit_impl`);
     "compiled" the kernel or an error."""
-    if impl not in SEARCH_IMPLS:
-        raise MonorouteError(f"unknown search impl {impl!r}; choose one of {', '.join(SEARCH_IMPLS)}")
-    if impl != "torch" and usable(x, w_in, *([] if b_in is None else [b_in])) and x.dtype == w_in.dtype:
-        kernels = cpu_kernels()
-        if kernels is not None:
-            bias = w_in.new_empty(0) if b_in is None else b_in.detach()
-            return tuple(kernels.rerank(x.detach(), w_in.detach(), bias, cand, k))
-    if impl == "compiled":
-        raise MonorouteError(UNAVAILABLE)
+    kernels = search_kernels(impl, x, w_in, *([] if b_in is None else [b_in]))
+    if kernels is not None:
+        bias = w_in.new_empty(0) if b_in is None else b_in.detach()
+        return tuple(kernels.rerank(x.detach(), w_in.detach(), bias, cand, k))
     pre = preacts(x, w_in, b_in, cand, unit_impl)  # (T, C) exact pre-activations
     return pre, pre.topk(k, dim=-1, sorted=False).indices
 
@@ -357,16 +361,11 @@ def product_topk(s1: Tensor, s2: Tensor, k_search: int, cand_i: Tensor, cand_j: 
     built, else the torch form below; "torch" always the torch form (the kernel's reference);
     "compiled" the kernel or an error. Both give the same units and sums (a tie at the k-th sum may
     be broken differently)."""
-    if impl not in SEARCH_IMPLS:
-        raise MonorouteError(f"unknown search impl {impl!r}; choose one of {', '.join(SEARCH_IMPLS)}")
-    if impl != "torch" and usable(s1, s2):
-        kernels = cpu_kernels()
-        if kernels is not None:
-            n_sub, lead = s1.shape[-1], s1.shape[:-1]
-            units, values = kernels.product_topk(s1.reshape(-1, n_sub), s2.reshape(-1, n_sub), k_search)
-            return units.view(*lead, k_search), values.view(*lead, k_search)
-    if impl == "compiled":
-        raise MonorouteError(UNAVAILABLE)
+    kernels = search_kernels(impl, s1, s2)
+    if kernels is not None:
+        n_sub, lead = s1.shape[-1], s1.shape[:-1]
+        units, values = kernels.product_topk(s1.reshape(-1, n_sub), s2.reshape(-1, n_sub), k_search)
+        return units.view(*lead, k_search), values.view(*lead, k_search)
     n_sub = s1.shape[-1]
     k_sub = int(cand_i.max()) + 1
     top1 = s1.topk(k_sub, dim=-1)  # sorted: the candidate pattern is by rank
