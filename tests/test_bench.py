@@ -109,6 +109,29 @@ def test_bench_train_set_reaches_the_routed_variants_only(capsys):
     assert result["routed_settings"] == {"router": "cluster"}
 
 
+def test_bench_train_common_reaches_every_variant_and_refuses_the_bench_own_keys(capsys):
+    assert main(["train", "--preset", "tiny", "--steps", "4", "--common", "d_model=16", "--common", "batch_size=2",
+                 "--set", "n_units=64", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {name: v["d_model"] for name, v in result["variants"].items()} == dict.fromkeys(result["variants"], 16)
+    assert {name: v["n_units"] for name, v in result["variants"].items()}["routed"] == 64
+    assert result["common_settings"] == {"d_model": 16, "batch_size": 2}
+    assert main(["train", "--preset", "tiny", "--steps", "4", "--common", "ffn=dense"]) == 2
+    assert "--common cannot set ffn" in capsys.readouterr().err
+
+
+def test_bench_generate_common_sets_both_variants_shape(capsys):
+    assert main(["generate", "--preset", "tiny", "--batch", "1", "--prompt", "2", "--new", "2", "--repeats", "1",
+                 "--common", "n_layer=1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    one_layer = {name: v["params"] for name, v in result["variants"].items()}
+    assert main(["generate", "--preset", "tiny", "--batch", "1", "--prompt", "2", "--new", "2", "--repeats", "1",
+                 "--json"]) == 0
+    two_layers = {name: v["params"] for name, v in json.loads(capsys.readouterr().out)["variants"].items()}
+    assert all(one_layer[name] < two_layers[name] for name in ("dense", "routed"))  # tiny has 2 layers
+    assert main(["generate", "--preset", "tiny", "--common", "ffn=routed"]) == 2
+
+
 # --- bench train --profile: the split of one step --------------------------------------------------------
 
 class _Range:
@@ -181,3 +204,16 @@ def test_bench_generate_times_routed_and_dense_with_a_kv_cache(capsys):
     assert set(result["routed_vs_dense_tokens_per_s"]) == {"1", "2"}
     assert main(["generate", "--preset", "tiny", "--prompt", "60", "--new", "10"]) == 2
     assert "exceeds the preset's context" in capsys.readouterr().err
+
+
+def test_generate_bench_times_the_variants_in_turn_after_one_warm_up_each():
+    import torch
+
+    from monoroute.bench.generate import _paired_times
+
+    calls = []
+    times = _paired_times({"dense": lambda: calls.append("d"), "routed": lambda: calls.append("r")}, 3,
+                          torch.device("cpu"))
+    assert "".join(calls) == "dr" + "dr" * 3  # warm-ups, then rounds of one call each, in turn
+    assert {name: len(t) for name, t in times.items()} == {"dense": 3, "routed": 3}
+    assert all(t >= 0 for ts in times.values() for t in ts)

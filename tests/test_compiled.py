@@ -140,6 +140,39 @@ def test_compiled_rerank_gives_the_candidates_pre_activations_and_their_top_k(dt
     assert not (low.min(-1).values >= others.max(-1).values - 2 * tol).all()
 
 
+def crafted_values(case: str, c: int) -> torch.Tensor:
+    """float32 values that stress the radix select: shared leading bytes, ties, signs, one value."""
+    g = torch.Generator().manual_seed(5)
+    if case == "all_equal":
+        return torch.full((c,), 0.375)
+    if case == "last_byte_only":  # 1.0 plus 0..c-1 ulps: every key shares its top three bytes
+        return torch.nextafter(torch.ones(1), torch.full((1,), 2.0)).sub(1).mul(torch.randperm(c, generator=g)).add(1)
+    if case == "signs_and_zeros":  # negatives, +0 and -0, and a wide spread of exponents
+        v = torch.randn(c, generator=g) * torch.logspace(-20, 20, c)[torch.randperm(c, generator=g)]
+        v[:8] = torch.tensor([0.0, -0.0, 0.0, -0.0, -1e-30, 1e-30, -3.0, 3.0])
+        return v
+    if case == "ties_at_the_kth":  # a few distinct values, many copies of each
+        return torch.randint(0, 4, (c,), generator=g).float() - 1.5
+    raise ValueError(case)
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", ["all_equal", "last_byte_only", "signs_and_zeros", "ties_at_the_kth"])
+@pytest.mark.parametrize("c, k", [(256, 32), (300, 1), (40, 40), (1000, 257)])
+def test_compiled_selection_takes_the_k_largest_of_crafted_float32_values(case, c, k):
+    # d 1, x = 1, no bias: each candidate's pre-activation is its value exactly, so the pick must hold
+    # the k largest values (as a multiset; which of tied values is free) at k distinct positions
+    v = crafted_values(case, c)
+    w = v.unsqueeze(1)
+    cand = torch.arange(c).unsqueeze(0)
+    pre, pick = rerank_topk(torch.ones(1, 1), w, None, cand, k, impl="compiled")
+    assert torch.equal(pre[0], v)
+    assert pick.shape == (1, k) and pick[0].unique().numel() == k
+    assert torch.equal(v[pick[0]].sort().values, v.topk(k).values.sort().values)
+    if case != "all_equal" and k < c:  # negative control: the k smallest are a different multiset
+        assert not torch.equal(v.topk(k, largest=False).values.sort().values, v.topk(k).values.sort().values)
+
+
 @needs_kernel
 def test_compiled_rerank_refuses_a_candidate_outside_the_table():
     x, w = torch.randn(3, 4), torch.randn(10, 4)

@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from monoroute.errors import MonorouteError
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -59,16 +60,19 @@ def run_train(args) -> int:
     from monoroute.cli import parse_set
 
     routed = dict(parse_set(item) for item in args.set)  # routed variants only, e.g. router=cluster
+    common = dict(parse_set(item) for item in args.common)  # every variant, e.g. batch_size=4
     if args.profile:
         from monoroute.bench.profile import format_table, run_profile
 
+        if common:
+            raise MonorouteError("--common is for the throughput bench; --profile runs the preset as it is")
         with contextlib.redirect_stdout(sys.stderr):
             result = run_profile(args.preset, args.steps, args.device, log=_stderr, routed=routed)
     else:
         from monoroute.bench.train import format_table, run_train_bench
 
         with contextlib.redirect_stdout(sys.stderr):  # the trainer's own prints must not mix into --json
-            result = run_train_bench(args.preset, args.steps, args.device, log=_stderr, routed=routed)
+            result = run_train_bench(args.preset, args.steps, args.device, log=_stderr, routed=routed, common=common)
     _emit(result, format_table(result), args.json)
     return 0
 
@@ -107,8 +111,9 @@ def run_generate(args) -> int:
     from monoroute.cli import parse_set
 
     routed = dict(parse_set(item) for item in args.set)
+    common = dict(parse_set(item) for item in args.common)
     result = run_generate_bench(args.preset, args.batch, args.prompt, args.new, args.repeats, args.device,
-                                log=_stderr, routed=routed)
+                                log=_stderr, routed=routed, common=common)
     _emit(result, format_table(result), args.json)
     return 0
 
@@ -148,6 +153,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a model setting for the routed variants (e.g. router=cluster); dense is the preset's")
+    p.add_argument("--common", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting for every variant, dense included (e.g. batch_size=2, block_size=256, "
+                        "tokenizer=byte: a large preset sized for a CPU)")
     p.add_argument("--profile", action="store_true",
                    help="split one step of dense 4·d and the routed design into router, units, aux losses, trunk, "
                         "optimizer, stats, logging, data (ms and share; profiler on)")
@@ -159,10 +167,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch", type=_ints, default=(1, 16), help="batch sizes, comma-separated (default 1,16)")
     p.add_argument("--prompt", type=int, default=16, help="prompt tokens (default 16)")
     p.add_argument("--new", type=int, default=64, help="generated tokens (default 64)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="paired rounds of dense and routed (default 5)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a model setting for the routed variant (e.g. dense_beside=0)")
+    p.add_argument("--common", action="append", default=[], metavar="KEY=VALUE",
+                   help="a model setting for both variants (e.g. n_layer=4: a large preset's shape, fewer layers)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_generate)
 

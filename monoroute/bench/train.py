@@ -35,22 +35,31 @@ def variant_overrides(variant: str) -> dict:
     return {"ffn": "routed", "sparse_rows": True, **({"sparse_grad": True} if has_sparse_grad else {})}
 
 
+# what the bench itself sets for every variant: --common may not change them
+BENCH_KEYS = ("ffn", "steps", "out", "device", "log_every", "eval_every", "ckpt_every", "sparse_rows", "sparse_grad")
+
+
 def run_train_bench(preset: str = "tiny", steps: int = 20, device: str = "cpu", log=print,
-                    routed: dict | None = None) -> dict:
+                    routed: dict | None = None, common: dict | None = None) -> dict:
     """tokens/s of each variant; `routed` holds extra settings for the two routed variants (the
-    router under test), so routed / dense is one run's ratio for any routed design."""
+    router under test), so routed / dense is one run's ratio for any routed design; `common` holds
+    settings for every variant (a large preset's batch or context cut to a CPU's size)."""
     from monoroute.train.config import build_run_config
     from monoroute.train.trainer import train
 
     if steps < 4:
         raise MonorouteError(f"--steps must be at least 4 (half are warm-up), got {steps}")
+    common = dict(common or {})
+    clash = sorted(set(common) & set(BENCH_KEYS))
+    if clash:
+        raise MonorouteError(f"--common cannot set {', '.join(clash)}: the bench sets it for each variant")
     results = {}
     with tempfile.TemporaryDirectory(prefix="monoroute-bench-") as tmp:
         for variant in VARIANTS:
             log(f"training {variant}")
             extra = {} if variant == "dense" else dict(routed or {})
             cfg = build_run_config(preset, {
-                **extra, **variant_overrides(variant), "steps": steps, "out": str(Path(tmp) / variant), "device": device,
+                **common, **extra, **variant_overrides(variant), "steps": steps, "out": str(Path(tmp) / variant), "device": device,
                 "log_every": steps // 2, "eval_every": steps, "ckpt_every": steps,
             })
             summary = train(cfg, show_progress=False)
@@ -62,7 +71,8 @@ def run_train_bench(preset: str = "tiny", steps: int = 20, device: str = "cpu", 
             }
     dense = results["dense"]["tokens_per_s"]
     return {
-        "preset": preset, "steps": steps, "device": device, "routed_settings": dict(routed or {}), "variants": results,
+        "preset": preset, "steps": steps, "device": device, "routed_settings": dict(routed or {}),
+        "common_settings": common, "variants": results,
         "search": search_impl(device),  # the product-key search: the compiled CPU kernel or torch's
         "routed_vs_dense_tokens_per_s": results["routed"]["tokens_per_s"] / dense,
         "routed_sparse_rows_vs_dense_tokens_per_s": results["routed_sparse_rows"]["tokens_per_s"] / dense,
@@ -71,8 +81,9 @@ def run_train_bench(preset: str = "tiny", steps: int = 20, device: str = "cpu", 
 
 def format_table(result: dict) -> str:
     settings = " ".join(f"{k}={v}" for k, v in result.get("routed_settings", {}).items())
+    common = " ".join(f"{k}={v}" for k, v in result.get("common_settings", {}).items())
     lines = [f"training throughput: preset={result['preset']} steps={result['steps']} device={result['device']}"
-             f" search={result.get('search', 'torch')}"
+             f" search={result.get('search', 'torch')}" + (f" all: {common}" if common else "")
              + (f" routed: {settings}" if settings else ""),
              f"{'variant':>20} {'tokens/s':>10} {'val_loss':>9}"]
     for name, r in result["variants"].items():

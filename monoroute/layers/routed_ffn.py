@@ -204,12 +204,13 @@ class RoutedFFN(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         xt = x.reshape(-1, self.d_model)  # (T, d)
-        fused = self.fused_inference(xt)
+        fused = None if self.training or torch.is_grad_enabled() else self.fused_inference(xt)
         if fused is not None:  # decoding and evaluation on the CPU: the whole layer in one compiled call
             y, idx, h = fused
-            self.last_activations = SparseActivations(idx.view(*lead, self.k), h.view(*lead, self.k), self.n_units)
+            self.last_activations = SparseActivations(idx.view(*lead, -1), h.view(*lead, -1), self.n_units)
             self.aux_loss = None
-            return (y if self.b_out is None else y + self.b_out).view(*lead, self.d_model)
+            b_out = self._parameters.get("b_out")  # None: no output bias (a plain attribute)
+            return (y if b_out is None else y + b_out).view(x.shape)
         # router_detach: the router and the router-only losses read a copy of the input without
         # gradient, so they train the router (and the revived units' rows), never the trunk below.
         xr = xt.detach() if self.router_detach else xt
@@ -236,10 +237,15 @@ class RoutedFFN(nn.Module):
         (no training, no gradient, no hook, ReLU units without a gate, the default re-ranking router),
         else None. The same selection and output to rounding (tests/test_compiled.py)."""
         if (self.training or torch.is_grad_enabled() or self.coupling != "rerank" or self.activation != "relu"
-                or self.gate != "none" or self.w_gate is not None or self.hook_pre.active or self.hook_post.active
-                or self.impl not in ("auto", "cpu") or not hasattr(self.router, "fused_layer")):
+                or self.gate != "none" or self.impl not in ("auto", "cpu")):
             return None
-        return self.router.fused_layer(xt, self.w_in, self.b_in, self.w_out)
+        # read from the module's dicts: decoding calls this per layer and token (see ProductKeyRouter.fused_layer)
+        params, modules = self._parameters, self._modules
+        router = modules["router"]
+        if (params.get("w_gate") is not None or modules["hook_pre"].fns or modules["hook_post"].fns
+                or not hasattr(router, "fused_layer")):
+            return None
+        return router.fused_layer(xt, params["w_in"], params.get("b_in"), params["w_out"])
 
     def select_tables(self) -> tuple[Tensor, Tensor | None]:
         """The rows whose pre-activation selection reads: the gate's for gated units, else w_in and b_in."""
