@@ -117,9 +117,10 @@ def test_the_kernel_can_be_switched_off_and_a_bad_impl_is_named(monkeypatch):
 @needs_kernel
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_compiled_rerank_gives_the_candidates_pre_activations_and_their_top_k(dtype, bias):
+@pytest.mark.parametrize("d", [24, 300])  # short rows one at a time, long rows (>= 256) four at a time
+def test_compiled_rerank_gives_the_candidates_pre_activations_and_their_top_k(dtype, bias, d):
     torch.manual_seed(1)
-    t, c, d, n, k = 60, 48, 24, 500, 7
+    t, c, n, k = 60, 47, 500, 7  # C not a multiple of four: the four-row path's remainder runs too
     x, w = torch.randn(t, d, dtype=dtype), torch.randn(n, d, dtype=dtype) / 5
     b = torch.randn(n, dtype=dtype) if bias else None
     cand = torch.rand(t, n).argsort(-1)[:, :c]  # distinct ids per row (a repeated id would tie with itself)
