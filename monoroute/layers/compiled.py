@@ -99,15 +99,11 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)  # not DTensor or another subclass
 _FLOATS = (torch.float32, torch.float64)
 
 
-def usable(*tensors) -> bool:
-    """True when the kernels can take these tensors: plain (not DTensor), strided, CPU, float32/float64."""
-    return all(type(t) in _PLAIN and t.is_cpu and t.layout is torch.strided and t.dtype in _FLOATS for t in tensors)
-
-
 def kernels_for(*tensors):
-    """The compiled module where it is on, built, and takes these tensors (`usable`, all of one dtype,
-    as every kernel requires), else None: the one check before any kernel call. Written for a decoding
-    step's budget (~2 us for a layer's eight tensors; each attribute read is a Python call)."""
+    """The compiled module where it is on, built, and takes these tensors (plain: not DTensor; strided,
+    CPU, float32 / float64, all of one dtype, as every kernel requires), else None: the one check before
+    any kernel call. Written for a decoding step's budget (~2 us for a layer's eight tensors; each
+    attribute read is a Python call)."""
     if not tensors or not enabled():
         return None
     dtype = tensors[0].dtype

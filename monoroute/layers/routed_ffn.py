@@ -204,7 +204,7 @@ class RoutedFFN(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         xt = x.reshape(-1, self.d_model)  # (T, d)
-        fused = None if self.training or torch.is_grad_enabled() else self.fused_inference(xt)
+        fused = self.fused_inference(xt)
         if fused is not None:  # decoding and evaluation on the CPU: the whole layer in one compiled call
             y, idx, h = fused
             self.last_activations = SparseActivations(idx.view(*lead, -1), h.view(*lead, -1), self.n_units)
