@@ -130,6 +130,11 @@ def test_bench_generate_common_sets_both_variants_shape(capsys):
     two_layers = {name: v["params"] for name, v in json.loads(capsys.readouterr().out)["variants"].items()}
     assert all(one_layer[name] < two_layers[name] for name in ("dense", "routed"))  # tiny has 2 layers
     assert main(["generate", "--preset", "tiny", "--common", "ffn=routed"]) == 2
+    assert "--common cannot set ffn" in capsys.readouterr().err
+    assert main(["generate", "--preset", "tiny", "--repeats", "0"]) == 2
+    assert "--repeats must be >= 1, got 16, 64 and 0" in capsys.readouterr().err
+    assert main(["train", "--preset", "tiny", "--steps", "4", "--profile", "--common", "batch_size=2"]) == 2
+    assert "--common is for the throughput bench" in capsys.readouterr().err
 
 
 # --- bench train --profile: the split of one step --------------------------------------------------------
