@@ -175,6 +175,21 @@ def test_compiled_selection_takes_the_k_largest_of_crafted_float32_values(case, 
 
 
 @needs_kernel
+@pytest.mark.parametrize("case", ["all_equal", "last_byte_only", "signs_and_zeros", "ties_at_the_kth"])
+@pytest.mark.parametrize("k, n", [(256, 128), (40, 16)])
+def test_compiled_search_on_crafted_float32_scores(case, k, n):
+    # The search keeps only pair sums above a bound it raises by bisection, then selects among them: with
+    # sums that share their leading bytes, tie in blocks, span 40 decades or are all one value, the k it
+    # returns must still be k distinct units holding the k largest of all n^2 sums.
+    g = torch.Generator().manual_seed(n)
+    base = crafted_values(case, n)
+    s1 = torch.stack([base[torch.randperm(n, generator=g)] for _ in range(6)])
+    s2 = torch.stack([base[torch.randperm(n, generator=g)] * 0.5 for _ in range(6)])
+    cand_i, cand_j = pair_pattern(k, n)
+    check_exact(*product_topk(s1, s2, k, cand_i, cand_j, impl="compiled"), s1, s2, k)
+
+
+@needs_kernel
 def test_compiled_rerank_refuses_a_candidate_outside_the_table():
     x, w = torch.randn(3, 4), torch.randn(10, 4)
     cand = torch.tensor([[0, 1, 2], [3, 4, 10], [5, 6, 7]])
@@ -267,3 +282,54 @@ def test_the_build_name_follows_the_sources_and_the_cpu(monkeypatch, tmp_path):
     assert compiled.extension_name() != first
     monkeypatch.setattr(compiled, "cpu_signature", lambda: "0000beef")  # another CPU: another build
     assert "_0000beef_" in compiled.extension_name()
+    same_torch = compiled.extension_name()
+    monkeypatch.setattr(torch, "__version__", "0.0.1")  # another torch: another build (its ABI)
+    assert compiled.extension_name() != same_torch
+
+
+def test_a_stale_lock_file_is_removed_and_a_fresh_one_kept(tmp_path):
+    import os
+    import time
+
+    lock = tmp_path / "lock"
+    assert not compiled.clear_stale_lock(tmp_path)  # no lock: nothing to do
+    lock.touch()
+    assert not compiled.clear_stale_lock(tmp_path) and lock.exists()  # a build may be running: wait for it
+    old = time.time() - compiled.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="stale lock"):
+        assert compiled.clear_stale_lock(tmp_path)
+    assert not lock.exists()
+
+
+@needs_kernel
+def test_an_existing_build_loads_without_waiting_on_a_lock_left_behind(monkeypatch, tmp_path):
+    # A process killed while torch's loader held the build directory's lock left the lock file behind;
+    # torch's loader then waits for it forever. The build exists, so it is imported without the lock.
+    import shutil
+    import threading
+
+    name = compiled.extension_name()
+    built = compiled.cpu_kernels().__file__
+    (tmp_path / name).mkdir()
+    shutil.copy(built, tmp_path / name / f"{name}.so")
+    (tmp_path / name / "lock").touch()  # fresh: not old enough to be removed
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(compiled, "_module", None)
+    monkeypatch.setattr(compiled, "_tried", False)
+    from torch.utils import cpp_extension
+
+    def torch_loader(*args, **kwargs):  # would take the lock (and wait on it)
+        raise AssertionError("torch's loader ran")
+
+    monkeypatch.setattr(cpp_extension, "load", torch_loader)
+    got = {}
+    worker = threading.Thread(target=lambda: got.setdefault("module", compiled.cpu_kernels()), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "cpu_kernels() waited on the lock file"
+    assert got["module"] is not None and hasattr(got["module"], "rerank_infer")
+    assert (tmp_path / name / "lock").exists()  # a fresh lock is not touched
+    # negative control: a file that is not the extension does not import, so the loader would build
+    (tmp_path / "junk.so").write_bytes(b"not a library")
+    assert compiled.import_built(name, tmp_path / "junk.so") is None

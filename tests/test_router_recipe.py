@@ -315,6 +315,19 @@ def test_search_diagnostics_on_a_hand_built_batch():
     assert distinct_per_row(torch.tensor([[5, 5, 5], [1, 2, 3]])).tolist() == [1, 3]
 
 
+def test_distinct_per_row_by_table_matches_the_sort():
+    # The table form (values known to lie in [0, size)) against the sort form on random rows with many
+    # repeats, a row of one value and a row of all distinct values.
+    g = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 16, (64, 40), generator=g)
+    values[0] = 7
+    values[1, :16] = torch.arange(16)
+    values[1, 16:] = 3
+    by_sort, by_table = distinct_per_row(values), distinct_per_row(values, 16)
+    assert torch.equal(by_sort, by_table)
+    assert by_table[0] == 1 and by_table[1] == 16 and 1 < by_table[2:].float().mean() < 16
+
+
 def test_shared_ratio_known_answers():
     # One head, 1-d: tokens 2 and 0 -> mean 1, spread 1; tokens 1 and -1 -> mean 0.
     assert shared_ratio(torch.tensor([[[2.0]], [[0.0]]])) == pytest.approx(1.0)

@@ -20,6 +20,12 @@ cache shared between machines never runs code built for another CPU) and of the 
 ~30-60 s compile happens once per machine, source and torch version. It needs a C++ compiler and ninja (a
 dependency). Where it cannot build, one warning says why and the torch forms run: same results,
 slower. MONOROUTE_CPU_KERNELS=0 turns the kernels off.
+
+Loading: a build that exists is imported directly (its name already pins the sources and the CPU), not
+through `cpp_extension.load`, which takes a lock file in the build directory and runs ninja on every
+load. A process killed while it held that lock (Ctrl-C, a job killed at start-up) left the lock
+behind, and torch then waits for it forever: every later run hung silently. A lock older than
+`STALE_LOCK_S` (no build takes that long) is removed, with a warning, before a build.
 """
 from __future__ import annotations
 
@@ -36,6 +42,8 @@ ENV = "MONOROUTE_CPU_KERNELS"
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "routing.cpp",)
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+STALE_LOCK_S = 600.0  # a lock file older than this is a killed process's, not a build in progress
 
 _module = None
 _tried = False
@@ -57,9 +65,11 @@ def cpu_signature() -> str:
 
 
 def extension_name() -> str:
-    """The build's name: this CPU's signature and a hash of every file in csrc/ (torch rebuilds when a
-    listed source changes, but not when only a header it includes does)."""
-    sources = hashlib.sha1(b"".join(f.read_bytes() for f in sorted(CSRC.iterdir()) if f.is_file())).hexdigest()[:8]
+    """The build's name: this CPU's signature and a hash of every file in csrc/ and of torch's version (a
+    build that exists under this name is imported as it is, so the name must change whenever the sources,
+    their headers or the torch they were built against do)."""
+    text = b"".join(f.read_bytes() for f in sorted(CSRC.iterdir()) if f.is_file()) + torch.__version__.encode()
+    sources = hashlib.sha1(text).hexdigest()[:8]
     return f"monoroute_cpu_kernels_{cpu_signature()}_{sources}"
 
 
@@ -75,12 +85,16 @@ def cpu_kernels():
         from torch.utils import cpp_extension
 
         name = extension_name()
-        built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
-        if not built.exists():
-            print(f"monoroute: building the compiled CPU routing kernels (once per machine, ~30-60 s; {ENV}=0 "
-                  f"skips it)", file=sys.stderr, flush=True)
-        _module = cpp_extension.load(name=name, sources=[str(s) for s in SOURCES], extra_cflags=FLAGS,
-                                     extra_ldflags=["-fopenmp"], verbose=False)
+        build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+        built = build_dir / f"{name}.so"
+        _module = import_built(name, built) if built.exists() else None
+        if _module is None:
+            clear_stale_lock(build_dir)
+            if not built.exists():
+                print(f"monoroute: building the compiled CPU routing kernels (once per machine, ~30-60 s; {ENV}=0 "
+                      f"skips it)", file=sys.stderr, flush=True)
+            _module = cpp_extension.load(name=name, sources=[str(s) for s in SOURCES], extra_cflags=FLAGS,
+                                         extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as err:  # no compiler, no ninja, a read-only cache: the torch forms run instead
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]  # a build error: its command
         warnings.warn(f"monoroute: the compiled CPU routing kernels could not be built ({first}); using torch's "
@@ -88,6 +102,38 @@ def cpu_kernels():
                       RuntimeWarning, stacklevel=2)
         _module = None
     return _module
+
+
+def import_built(name: str, path: Path):
+    """The extension module built at `path`, imported without torch's lock and ninja run; None if it
+    does not import (a build cut short), and then `cpu_kernels` builds it through torch."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except (ImportError, OSError):
+        return None
+    return module if all(hasattr(module, f) for f in ("product_topk", "rerank", "rerank_infer")) else None
+
+
+def clear_stale_lock(build_dir: Path, max_age_s: float = STALE_LOCK_S) -> bool:
+    """Remove the build directory's lock file if it is older than `max_age_s` (torch would wait on it
+    forever); True if one was removed."""
+    import time
+
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return False
+    if age < max_age_s:
+        return False
+    lock.unlink(missing_ok=True)
+    warnings.warn(f"monoroute: removed a stale lock file ({lock}, {age / 60:.0f} min old) left by a process killed "
+                  f"while it loaded the compiled kernels", RuntimeWarning, stacklevel=3)
+    return True
 
 
 def search_impl(device: str = "cpu") -> str:

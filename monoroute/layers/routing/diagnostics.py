@@ -30,12 +30,18 @@ def search_diagnostics(proposed: Tensor, chosen: Tensor, n_units: int, n_sub: in
 
     out = {"proposed_share": share(proposed), "chosen_share": share(chosen)}
     if n_sub is not None and proposed.numel():
-        counts = [distinct_per_row(half) for half in (proposed // n_sub, proposed % n_sub)]
+        counts = [distinct_per_row(half, n_sub) for half in (proposed // n_sub, proposed % n_sub)]
         out["distinct_rows"] = (sum(counts) / 2).float().mean().item()
     return out
 
 
-def distinct_per_row(values: Tensor) -> Tensor:
-    """(T, P) -> (T,) the number of distinct values in each row."""
+def distinct_per_row(values: Tensor, size: int | None = None) -> Tensor:
+    """(T, P) -> (T,) the number of distinct values in each row. Given `size` (every value in [0, size)),
+    by marking each row's values in a (T, size) table instead of sorting the rows: the trainer asks for
+    this on its logging steps, where sorting (2,048, 256) ids twice per layer took ~45 ms of a
+    cpu-small step."""
+    if size is not None and values.numel():
+        seen = torch.zeros(values.shape[0], size, dtype=torch.bool, device=values.device)
+        return seen.scatter_(1, values, True).sum(-1)
     ordered = values.sort(dim=-1).values
     return 1 + (ordered[:, 1:] != ordered[:, :-1]).sum(-1)
