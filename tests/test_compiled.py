@@ -302,6 +302,26 @@ def test_a_stale_lock_file_is_removed_and_a_fresh_one_kept(tmp_path):
     assert not lock.exists()
 
 
+def test_a_build_waits_for_another_builds_lock_and_not_for_a_stale_one(tmp_path, capsys):
+    import os
+    import threading
+    import time
+
+    lock = tmp_path / "lock"
+    lock.touch()  # another process is building: its lock goes when it finishes
+    threading.Timer(0.3, lock.unlink).start()
+    start = time.monotonic()
+    compiled.wait_for_lock(tmp_path, poll_s=0.05)
+    assert 0.25 < time.monotonic() - start < 10 and "waiting for another process" in capsys.readouterr().err
+    lock.touch()  # a killed process's lock: old, so removed at once instead of waited on forever
+    old = time.time() - compiled.STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="stale lock"):
+        compiled.wait_for_lock(tmp_path, poll_s=0.05)
+    assert not lock.exists()
+    compiled.wait_for_lock(tmp_path)  # no lock: returns
+
+
 @needs_kernel
 def test_an_existing_build_loads_without_waiting_on_a_lock_left_behind(monkeypatch, tmp_path):
     # A process killed while torch's loader held the build directory's lock left the lock file behind;

@@ -21,11 +21,12 @@ cache shared between machines never runs code built for another CPU) and of the 
 dependency). Where it cannot build, one warning says why and the torch forms run: same results,
 slower. MONOROUTE_CPU_KERNELS=0 turns the kernels off.
 
-Loading: a build that exists is imported directly (its name already pins the sources and the CPU), not
-through `cpp_extension.load`, which takes a lock file in the build directory and runs ninja on every
-load. A process killed while it held that lock (Ctrl-C, a job killed at start-up) left the lock
-behind, and torch then waits for it forever: every later run hung silently. A lock older than
-`STALE_LOCK_S` (no build takes that long) is removed, with a warning, before a build.
+Loading: a build that exists is imported directly (its name pins the sources, the CPU and torch's
+version), not through `cpp_extension.load`, which takes a lock file in the build directory and runs
+ninja on every load. A process killed while it held that lock (Ctrl-C, a job killed at start-up) left
+the lock behind, and torch then waits for it forever: every later run hung silently. Before a build,
+a lock is waited on here instead, with a message, until it goes or is older than `STALE_LOCK_S` (no
+build takes that long), when it is removed with a warning.
 """
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ def cpu_kernels():
         built = build_dir / f"{name}.so"
         _module = import_built(name, built) if built.exists() else None
         if _module is None:
-            clear_stale_lock(build_dir)
+            wait_for_lock(build_dir)
             if not built.exists():
                 print(f"monoroute: building the compiled CPU routing kernels (once per machine, ~30-60 s; {ENV}=0 "
                       f"skips it)", file=sys.stderr, flush=True)
@@ -134,6 +135,21 @@ def clear_stale_lock(build_dir: Path, max_age_s: float = STALE_LOCK_S) -> bool:
     warnings.warn(f"monoroute: removed a stale lock file ({lock}, {age / 60:.0f} min old) left by a process killed "
                   f"while it loaded the compiled kernels", RuntimeWarning, stacklevel=3)
     return True
+
+
+def wait_for_lock(build_dir: Path, max_age_s: float = STALE_LOCK_S, poll_s: float = 1.0) -> None:
+    """Return once the build directory holds no lock file: another process's build finished, or its
+    lock grew older than `max_age_s` and was removed (torch's own wait has no limit)."""
+    import time
+
+    announced = False
+    while (build_dir / "lock").exists() and not clear_stale_lock(build_dir, max_age_s):
+        if not announced:
+            print(f"monoroute: waiting for another process building the compiled kernels ({build_dir / 'lock'}; a lock "
+                  f"older than {max_age_s / 60:.0f} min is taken for a killed process's and removed)",
+                  file=sys.stderr, flush=True)
+            announced = True
+        time.sleep(poll_s)
 
 
 def search_impl(device: str = "cpu") -> str:
