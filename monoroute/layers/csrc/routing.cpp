@@ -48,8 +48,9 @@ inline uint32_t ordered(float f) {
 // The k-th largest of key[0..c) (order-preserving keys; 1 <= k <= c) by a radix select over the keys' own
 // range: each pass buckets the remaining keys by the top 8 bits of (key - min), keeps only the bucket that
 // holds the k-th largest (copied to tmp) and goes on inside it, until a bucket holds one value. Keys that
-// lie close together (a row's best pair sums, the candidates' pre-activations) share their high bits, so
-// this takes ~2 passes over c where a fixed four-byte select takes four (c 256, k 32: 1.23 -> 0.62 us).
+// lie close together (a row's best pair sums, the candidates' pre-activations) spread over a bucket each,
+// so after the first level (min and max, histogram, keep: three passes over c) only a few keys remain, where
+// a fixed four-byte select makes four histogram passes over all c (c 256, k 32: 1.23 -> 0.62 us).
 // *ties is set to how many keys equal to the result are among the k largest: taking every key > the
 // result and the first *ties keys == it gives the k largest.
 uint32_t kth_largest_key(const uint32_t* key, int64_t c, int64_t k, int64_t* ties, std::vector<uint32_t>& tmp) {
@@ -145,10 +146,11 @@ void sort_half(const float* x, int64_t n, int64_t m, std::vector<uint64_t>& keys
   }
 }
 
-// A lower bound of the k-th largest pattern sum raised by bisection: tau is one while >= k pattern pairs sum to
-// >= tau (counted along the staircase of the sorted lists, stopping at k). The staircase bound keeps ~2.6 k
-// pairs at k 256, n 128; four steps keep ~1.2 k, so the pairs written and selected halve (search 6.0 ->
-// 5.0 us per row). The same float sums as the pairs' own, so every pair of the top k stays >= the bound.
+// A lower bound of the k-th largest pattern sum, raised by bisection: a value tau is a lower bound exactly
+// when >= k pattern pairs sum to >= tau, which is counted along the staircase of the sorted lists
+// (stopping at k). The staircase bound keeps ~2.6 k pairs at k 256, n 128; four steps keep ~1.2 k, so the
+// pairs written and selected halve (search 6.0 -> 5.0 us per row). The counts use the pairs' own float
+// sums, so every pair of the top k stays >= the bound.
 constexpr int kBoundSteps = 4;
 
 float raise_bound(const float* v1, const float* v2, const Pattern& pat, int64_t k, float bound) {
