@@ -34,6 +34,7 @@ import hashlib
 import os
 import platform
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -122,8 +123,6 @@ def import_built(name: str, path: Path):
 def clear_stale_lock(build_dir: Path, max_age_s: float = STALE_LOCK_S) -> bool:
     """Remove the build directory's lock file if it is older than `max_age_s` (torch would wait on it
     forever); True if one was removed."""
-    import time
-
     lock = build_dir / "lock"
     try:
         age = time.time() - lock.stat().st_mtime
@@ -140,8 +139,6 @@ def clear_stale_lock(build_dir: Path, max_age_s: float = STALE_LOCK_S) -> bool:
 def wait_for_lock(build_dir: Path, max_age_s: float = STALE_LOCK_S, poll_s: float = 1.0) -> None:
     """Return once the build directory holds no lock file: another process's build finished, or its
     lock grew older than `max_age_s` and was removed (torch's own wait has no limit)."""
-    import time
-
     announced = False
     while (build_dir / "lock").exists() and not clear_stale_lock(build_dir, max_age_s):
         if not announced:
