@@ -154,7 +154,7 @@ void sort_half(const float* x, int64_t n, int64_t m, std::vector<uint64_t>& keys
 constexpr int kBoundSteps = 4;
 
 float raise_bound(const float* v1, const float* v2, const Pattern& pat, int64_t k, float bound) {
-  float hi = v1[0] + v2[0];  // the largest sum: fewer than k pairs lie above it, or all of them equal it
+  float hi = v1[0] + v2[0];  // the largest sum: no bound above it is needed
   for (int step = 0; step < kBoundSteps; ++step) {
     const float mid = bound + (hi - bound) * 0.5f;
     if (!(mid > bound && mid < hi)) break;  // no float strictly between (or a NaN)
